@@ -1,0 +1,59 @@
+"""The cheapest sampling baseline: softmax attention estimated from uniformly sampled keys.
+
+Row i of attention is a ratio of two sums over the allowed keys j in P_i (all keys, or the causal prefix):
+
+    out_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij),     s_ij = S q_i . k_j.
+
+Sampling l indices j_1..j_l uniformly from P_i (with replacement) and scaling both sums by |P_i| / l gives
+unbiased estimates of numerator and denominator; their ratio is the self-normalised (importance sampling)
+estimator, consistent but biased for finite l. It is what any smarter method has to beat.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import AttentionMethod
+from .registry import register
+from .validation import check_int
+
+
+def allowed_key_counts(n_queries: int, n_keys: int, causal: bool, device) -> torch.Tensor:
+    """|P_i| for each query i: Nk, or i + 1 + (Nk - Nq) under the causal convention."""
+    if not causal:
+        return torch.full((n_queries,), n_keys, device=device, dtype=torch.long)
+    return torch.arange(n_queries, device=device) + 1 + (n_keys - n_queries)
+
+
+@register("uniform")
+class UniformSamplingAttention(AttentionMethod):
+    """Self-normalised estimate of softmax attention from ``num_samples`` uniform key samples per query.
+
+    Cost O(Nq * num_samples * D). Options: ``num_samples`` (>= 1), ``seed``.
+    """
+
+    randomized = True
+
+    def __init__(self, num_samples: int = 64, seed: int | None = None, check_finite: bool = True):
+        super().__init__(seed=seed, check_finite=check_finite)
+        self.num_samples = check_int(num_samples, "num_samples", "uniform", minimum=1)
+
+    def attend(self, q, k, v, causal, scale):
+        b, h, nq, d = q.shape
+        counts = allowed_key_counts(nq, k.shape[2], causal, q.device)
+        u = torch.rand(b, h, nq, self.num_samples, generator=self.generator(q.device), device=q.device)
+        idx = (u * counts.view(1, 1, nq, 1)).long().clamp_max(counts.view(1, 1, nq, 1) - 1)
+        flat = idx.reshape(b, h, nq * self.num_samples)
+        k_s = torch.gather(k, 2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(b, h, nq, self.num_samples, d)
+        v_s = torch.gather(v, 2, flat.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1])).view(
+            b, h, nq, self.num_samples, v.shape[-1])
+        scores = torch.einsum("bhqd,bhqsd->bhqs", q, k_s) * scale
+        # The |P_i|/l factor cancels in the ratio; softmax over the samples is the self-normalised estimate.
+        weights = torch.softmax(scores, dim=-1)
+        return torch.einsum("bhqs,bhqsv->bhqv", weights, v_s)
+
+    @classmethod
+    def budgets(cls, n_keys):
+        root = int(math.sqrt(n_keys))
+        return [{"num_samples": m} for m in sorted({max(1, root // 2), root, 4 * root})]

@@ -1,0 +1,111 @@
+"""Timing and memory of attention methods, and the helper that runs many methods on one input.
+
+Times are medians of several runs after warm-up, with CUDA synchronisation when the tensors live on a GPU.
+Peak memory is the CUDA allocator's maximum on GPU; on CPU it is the rise of the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs on Linux), which includes allocator noise of a few MiB.
+Speed ratios are always taken against ``exact`` measured in the same run, on the same input.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import metrics
+from .attention import attention_weights
+from .registry import get_attention
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    median_s: float
+    times_s: list[float] = field(default_factory=list)
+
+
+def time_callable(fn, *, warmup: int = 1, repeats: int = 5, device="cpu") -> Timing:
+    """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the median and all times."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_callable: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), times)
+
+
+def _read_status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_bytes(fn, device="cpu") -> tuple[object, int | None]:
+    """Run ``fn()`` once; return (its result, the peak memory it added in bytes, or None if unmeasurable)."""
+    if torch.device(device).type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        _sync(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return fn(), None
+    before = _read_status_kib("VmRSS")
+    result = fn()
+    after = _read_status_kib("VmHWM")
+    if before is None or after is None:
+        return result, None
+    return result, max(0, after - before) * 1024
+
+
+def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool = False, scale=None,
+                     repeats: int = 3, warmup: int = 1, measure_memory: bool = True) -> list[dict]:
+    """Run each (name, options) on one input; return one row per method.
+
+    Row keys: method, options, time_s (median), ratio_to_exact (time / exact's time in this run), rel_fro,
+    rel_spec (output errors vs exact), max_abs, kl (of attention rows, when the method exposes
+    ``attention_matrix``, else None), peak_mem_bytes. ``exact`` is always run first as the reference.
+    """
+    device = q.device
+    exact = get_attention("exact")
+    with torch.no_grad():
+        reference = exact(q, k, v, causal=causal, scale=scale)
+        exact_time = time_callable(lambda: exact(q, k, v, causal=causal, scale=scale),
+                                   warmup=warmup, repeats=repeats, device=device).median_s
+        exact_weights = None
+        rows = []
+        for name, options in [("exact", {})] + [m for m in methods if m[0] != "exact"]:
+            attn = get_attention(name, **options).to(device)
+            call = lambda: attn(q, k, v, causal=causal, scale=scale)
+            timing = exact_time if name == "exact" else time_callable(
+                call, warmup=warmup, repeats=repeats, device=device).median_s
+            out, mem = peak_memory_bytes(call, device) if measure_memory else (call(), None)
+            kl = None
+            if hasattr(attn, "attention_matrix"):
+                if exact_weights is None:
+                    exact_weights = attention_weights(q, k, causal=causal, scale=scale)
+                kl = metrics.kl_divergence_rows(exact_weights, attn.attention_matrix(q, k, causal=causal, scale=scale))
+            rows.append(dict(method=name, options=options, time_s=timing, ratio_to_exact=timing / exact_time,
+                             rel_fro=metrics.relative_frobenius_error(out, reference),
+                             rel_spec=metrics.relative_spectral_error(out, reference),
+                             max_abs=metrics.max_abs_error(out, reference), kl=kl, peak_mem_bytes=mem))
+    return rows

@@ -1,0 +1,133 @@
+"""Inputs shared by every experiment: tiny Shakespeare, GloVe-format word vectors, and synthetic q/k/v.
+
+The synthetic generators make inputs whose structure is known, so tests can state what a method must do:
+- ``gaussian``: i.i.d. N(0, 1) entries;
+- ``clustered``: keys (and queries) drawn around a few random centres, as real attention keys often are;
+- ``planted``: one key per query is a scaled copy of that query, so it is the arg-max of its row;
+- every kind takes ``sharpness``: queries are multiplied by it, so the softmax is peaked (> 1) or flat (< 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE_PATH = REPO_ROOT / "nanoGPT" / "data" / "shakespeare_char" / "input.txt"
+SYNTHETIC_KINDS = ("gaussian", "clustered", "planted")
+
+
+def load_shakespeare(path: str | Path = SHAKESPEARE_PATH) -> str:
+    """The tiny Shakespeare corpus (Karpathy's char-rnn data, 1,115,394 characters) shipped in the repo."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_shakespeare: no file at {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def load_glove(path: str | Path, max_words: int | None = None,
+               dtype: torch.dtype = torch.float64) -> tuple[list[str], torch.Tensor]:
+    """Read word vectors in GloVe text format: one ``word v1 v2 ... vd`` per line.
+
+    An optional word2vec-style header ``<count> <dim>`` on the first line is recognised and checked. Every
+    line must have the same dimension; a malformed line raises a ValueError naming its line number.
+    Returns (words, vectors of shape (n_words, d)).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_glove: no file at {path}")
+    if max_words is not None and max_words < 1:
+        raise ValueError(f"load_glove: max_words must be >= 1 or None, got {max_words}")
+    words, rows, dim, header_count = [], [], None, None
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.rstrip("\n").rstrip().split(" ")
+            if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                header_count, dim = int(parts[0]), int(parts[1])
+                continue
+            if not parts or parts == [""]:
+                raise ValueError(f"load_glove: {path}:{line_no}: empty line")
+            word, values = parts[0], parts[1:]
+            if dim is None:
+                dim = len(values)
+                if dim == 0:
+                    raise ValueError(f"load_glove: {path}:{line_no}: word {word!r} has no vector")
+            if len(values) != dim:
+                raise ValueError(f"load_glove: {path}:{line_no}: expected {dim} values after the word, "
+                                 f"got {len(values)}")
+            try:
+                rows.append([float(x) for x in values])
+            except ValueError as err:
+                raise ValueError(f"load_glove: {path}:{line_no}: not a number ({err})") from None
+            words.append(word)
+            if max_words is not None and len(words) >= max_words:
+                break
+    if not words:
+        raise ValueError(f"load_glove: {path} holds no vectors")
+    if header_count is not None and max_words is None and header_count != len(words):
+        raise ValueError(f"load_glove: header of {path} announces {header_count} words, found {len(words)}")
+    return words, torch.tensor(rows, dtype=dtype)
+
+
+@dataclass
+class QKV:
+    """A batch of attention inputs with a name saying where it came from."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    source: str
+
+
+def synthetic_qkv(kind: str, batch: int = 1, heads: int = 1, n_queries: int = 256, n_keys: int | None = None,
+                  head_dim: int = 64, value_dim: int | None = None, sharpness: float = 1.0, seed: int = 0,
+                  n_clusters: int = 16, cluster_spread: float = 0.3, planted_scale: float = 3.0,
+                  dtype: torch.dtype = torch.float32, device="cpu") -> QKV:
+    """Synthetic q, k, v of shapes (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv); see the module docstring.
+
+    For ``planted``, key ``planted_index(i)`` = ``planted_scale * sqrt(D) * q_i / |q_i|`` for query i (queries
+    unit-norm times sqrt(D)), so q_i . k_planted = planted_scale * D is far above q_i . k_j ~ sqrt(D) for
+    random keys; needs Nk >= Nq.
+    """
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"synthetic_qkv: unknown kind {kind!r}; expected one of {SYNTHETIC_KINDS}")
+    n_keys = n_queries if n_keys is None else n_keys
+    value_dim = head_dim if value_dim is None else value_dim
+    for name, val in (("batch", batch), ("heads", heads), ("n_queries", n_queries), ("n_keys", n_keys),
+                      ("head_dim", head_dim), ("value_dim", value_dim)):
+        if val < 1:
+            raise ValueError(f"synthetic_qkv: {name} must be >= 1, got {val}")
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, heads)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    if kind == "gaussian":
+        q, k = randn(*shape, n_queries, head_dim), randn(*shape, n_keys, head_dim)
+    elif kind == "clustered":
+        if n_clusters < 1:
+            raise ValueError(f"synthetic_qkv: n_clusters must be >= 1, got {n_clusters}")
+        centres = randn(*shape, n_clusters, head_dim)
+        pick_k = torch.randint(n_clusters, (*shape, n_keys), generator=gen)
+        pick_q = torch.randint(n_clusters, (*shape, n_queries), generator=gen)
+        gather = lambda idx: torch.gather(centres, 2, idx.unsqueeze(-1).expand(-1, -1, -1, head_dim))
+        k = gather(pick_k) + cluster_spread * randn(*shape, n_keys, head_dim)
+        q = gather(pick_q) + cluster_spread * randn(*shape, n_queries, head_dim)
+    else:
+        if n_keys < n_queries:
+            raise ValueError(f"synthetic_qkv: planted needs n_keys >= n_queries, got {n_keys} < {n_queries}")
+        q = randn(*shape, n_queries, head_dim)
+        q = q / q.norm(dim=-1, keepdim=True) * head_dim ** 0.5
+        k = randn(*shape, n_keys, head_dim)
+        k[:, :, planted_indices(n_queries, n_keys)] = planted_scale * q
+    v = randn(*shape, n_keys, value_dim)
+    q = q * sharpness
+    return QKV(q.to(dtype=dtype, device=device), k.to(dtype=dtype, device=device),
+               v.to(dtype=dtype, device=device), source=f"{kind}(sharpness={sharpness}, seed={seed})")
+
+
+def planted_indices(n_queries: int, n_keys: int) -> torch.Tensor:
+    """Index of the planted key of each query: query i's own causal position i + (Nk - Nq), so that the
+    planted key is visible under causal attention too."""
+    return torch.arange(n_queries) + (n_keys - n_queries)

@@ -1,0 +1,70 @@
+"""The method registry: every attention method is reachable by name (DESIGN.md, "The one contract").
+
+    @register("knn")
+    class KNNAttention(AttentionMethod): ...
+
+    attn = get_attention("knn", k=32, seed=0)   # an nn.Module: attn(q, k, v, causal=False, scale=None)
+    available()                                 # ['exact', 'kdeformer', 'knn', ...]
+
+The method packages register themselves when imported; the registry imports them on first use, so that
+``common`` alone is enough to reach every method.
+"""
+from __future__ import annotations
+
+import importlib
+
+_REGISTRY: dict[str, type] = {}
+
+# Packages whose import registers methods. Order is the order of `available()` ties; names sort anyway.
+METHOD_PACKAGES = ("common.baselines", "knn_attention", "kdeformer", "srf_attention", "tree_attention")
+_loaded = False
+
+
+def register(name: str):
+    """Class decorator: make an ``AttentionMethod`` subclass reachable as ``get_attention(name)``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+
+    def decorator(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"register: the name {name!r} is already taken by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _load_method_packages() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for package in METHOD_PACKAGES:
+        if importlib.util.find_spec(package) is not None:
+            importlib.import_module(package)
+
+
+def available() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _load_method_packages()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    """The registered class of ``name``; unknown names raise a ValueError listing the known ones."""
+    _load_method_packages()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get_attention(name: str, **options):
+    """Build the method ``name`` with ``options``; an unknown option raises a ValueError naming it."""
+    cls = method_class(name)
+    accepted = cls.option_names()
+    unknown = [o for o in options if o not in accepted]
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"accepted: {', '.join(accepted) or '(none)'}")
+    return cls(**options)

@@ -1,0 +1,85 @@
+"""Input checking shared by every attention method (DESIGN.md, "The one contract").
+
+Every method calls :func:`check_qkv` once at its entry, so that a wrong shape, dtype, device or a
+non-finite value gives the same clear message whichever method the user picked.
+
+Causal convention when Nq != Nk (the "bottom-right" alignment of a KV cache): the Nq queries are
+the *last* Nq positions of the Nk-long sequence, so query i may read key j iff j <= i + (Nk - Nq).
+This needs Nq <= Nk.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, method: str = "attention", check_finite: bool = True) -> None:
+    """Raise ``ValueError``/``TypeError`` naming ``method`` and the argument if the inputs break the contract.
+
+    q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv); same floating dtype and device; Nq, Nk >= 1;
+    causal needs Nq <= Nk; scale, when given, is a positive finite number.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{method}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{method}: {name} must have shape (B, H, N, D) (rank 4), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{method}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{method}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype} "
+                        "(cast them yourself; nothing is cast silently)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{method}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{method}: batch and head dims must match exactly (no broadcasting), got "
+                         f"q {tuple(q.shape[:2])}, k {tuple(k.shape[:2])}, v {tuple(v.shape[:2])}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{method}: q and k must have the same head dim D, got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{method}: k and v must have the same sequence length Nk, got {k.shape[2]} and {v.shape[2]}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"{method}: empty sequence: Nq={q.shape[2]}, Nk={k.shape[2]}; both must be >= 1")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{method}: head dims must be >= 1, got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"{method}: causal=True needs Nq <= Nk (queries are the last Nq positions), "
+                         f"got Nq={q.shape[2]} > Nk={k.shape[2]}")
+    if scale is not None:
+        check_scale(scale, method)
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{method}: {name} contains non-finite values (nan or inf)")
+
+
+def check_scale(scale, method: str = "attention") -> float:
+    """Return ``scale`` as a float if it is a positive finite real number, else raise naming it."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{method}: scale must be a positive float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{method}: scale must be a positive finite float, got {scale}")
+    return float(scale)
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax temperature: ``scale`` if given, else 1/sqrt(D) as in Vaswani et al. (2017), eq. 1."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def check_int(value, name: str, method: str, *, minimum: int | None = None) -> int:
+    """Check an integer option (bools refused) against an optional lower bound; return it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{method}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{method}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(value, name: str, method: str, choices) -> str:
+    """Check that ``value`` is one of ``choices``; the error lists them."""
+    if value not in choices:
+        raise ValueError(f"{method}: unknown {name} {value!r}; expected one of {sorted(choices)}")
+    return value

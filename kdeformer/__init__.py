@@ -1,0 +1,1 @@
+"""KDEformer (Zandieh et al., ICML 2023) and its baselines; modules land with issue 4."""

@@ -1,0 +1,1 @@
+"""kNN attention (Haris, "kNN Attention Demystified"); modules land with issue 3."""

@@ -1,0 +1,1 @@
+"""A compact GPT whose attention is chosen by name from common's registry."""

@@ -1,0 +1,1 @@
+"""Simplex random feature attention (Reid et al., ICML 2023)."""

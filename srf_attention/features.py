@@ -1,0 +1,111 @@
+"""Random projection matrices for random-feature attention (Reid et al., "Simplex Random Features", ICML 2023).
+
+A random feature estimator of the softmax kernel draws m vectors w_1..w_m (the rows of a matrix W of shape
+(nb_features, head_dim)). Three couplings are offered:
+
+- ``gaussian_random_matrix``: i.i.d. N(0, I_d) rows (Rahimi & Recht 2007; FAVOR+ with iid features).
+- ``orthogonal_random_matrix`` (ORF, Yu et al. 2016; Choromanski et al. 2021): within each block of d rows the
+  directions are exactly orthogonal, the norms independent chi_d draws, so each row is still N(0, I_d).
+- ``simplex_random_matrix`` (SimRF, Reid et al. 2023, Sec. 3, eq. 9): within each block the d directions are the
+  vertices of a regular simplex centred at the origin, pairwise cosine -1/(d-1), rotated by one Haar-random
+  orthogonal matrix, with chi_d norms. The negative correlation lowers the MSE of the positive random feature
+  kernel estimate below ORF's (their Theorem 3.3).
+
+When nb_features > d, independent blocks are stacked and the last one is cut to size. ``norm='chi'`` draws
+row norms from chi_d (unbiased kernel estimates); ``norm='fixed'`` sets every norm to sqrt(d), the Performer
+code's ``scaling=1`` variant (a little lower variance, no longer exactly unbiased).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FEATURE_TYPES = ("simplex", "orthogonal", "iid")
+NORMS = ("chi", "fixed")
+
+
+def _check(nb_features: int, head_dim: int, norm: str, name: str) -> None:
+    for arg, value in (("nb_features", nb_features), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be an int >= 1, got {value!r}")
+    if norm not in NORMS:
+        raise ValueError(f"{name}: unknown norm {norm!r}; expected one of {NORMS}")
+
+
+def _row_norms(n: int, d: int, norm: str, generator, dtype, device) -> torch.Tensor:
+    if norm == "fixed":
+        return torch.full((n,), math.sqrt(d), dtype=dtype, device=device)
+    # chi_d = the length of a d-dimensional standard Gaussian vector
+    return torch.randn(n, d, generator=generator, dtype=dtype, device=device).norm(dim=1)
+
+
+def haar_orthogonal(d: int, generator=None, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """A Haar-distributed random orthogonal d x d matrix (QR of a Gaussian matrix with the sign fix of
+    Mezzadri 2007, so that the distribution is exactly uniform)."""
+    g = torch.randn(d, d, generator=generator, dtype=dtype, device=device)
+    qm, r = torch.linalg.qr(g)
+    return qm * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def simplex_directions(d: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """d unit vectors in R^d with pairwise inner product -1/(d-1): the vertices of a regular simplex.
+
+    Built as the normalised rows of the centring matrix I - 11^T/d: row i is e_i - 1/d, with squared norm
+    1 - 1/d and inner product -1/d with any other row, so the cosine is -1/(d-1). For d = 1 the single
+    direction is +1.
+    """
+    if d == 1:
+        return torch.ones(1, 1, dtype=dtype, device=device)
+    s = torch.eye(d, dtype=dtype, device=device) - 1.0 / d
+    return s / s.norm(dim=1, keepdim=True)
+
+
+def _stack_blocks(block_fn, nb_features: int, d: int) -> torch.Tensor:
+    blocks, rows = [], 0
+    while rows < nb_features:
+        blocks.append(block_fn())
+        rows += d
+    return torch.cat(blocks, dim=0)[:nb_features]
+
+
+def gaussian_random_matrix(nb_features: int, head_dim: int, generator=None, dtype=torch.float32,
+                           device="cpu", norm: str = "chi") -> torch.Tensor:
+    """(nb_features, head_dim) matrix of i.i.d. N(0, 1) entries (``norm='fixed'`` rescales rows to sqrt(d))."""
+    _check(nb_features, head_dim, norm, "gaussian_random_matrix")
+    w = torch.randn(nb_features, head_dim, generator=generator, dtype=torch.float64, device=device)
+    if norm == "fixed":
+        w = w / w.norm(dim=1, keepdim=True) * math.sqrt(head_dim)
+    return w.to(dtype)
+
+
+def orthogonal_random_matrix(nb_features: int, head_dim: int, generator=None, dtype=torch.float32,
+                             device="cpu", norm: str = "chi") -> torch.Tensor:
+    """(nb_features, head_dim) ORF matrix: blocks of d exactly orthogonal directions with chi_d norms."""
+    _check(nb_features, head_dim, norm, "orthogonal_random_matrix")
+    d = head_dim
+    directions = _stack_blocks(lambda: haar_orthogonal(d, generator, device=device), nb_features, d)
+    norms = _row_norms(nb_features, d, norm, generator, torch.float64, device)
+    return (directions * norms.unsqueeze(1)).to(dtype)
+
+
+def simplex_random_matrix(nb_features: int, head_dim: int, generator=None, dtype=torch.float32,
+                          device="cpu", norm: str = "chi") -> torch.Tensor:
+    """(nb_features, head_dim) SimRF matrix (Reid et al. 2023, eq. 9): per block, the regular-simplex directions
+    rotated by an independent Haar orthogonal matrix, times chi_d norms."""
+    _check(nb_features, head_dim, norm, "simplex_random_matrix")
+    d = head_dim
+    base = simplex_directions(d, device=device)
+    directions = _stack_blocks(lambda: base @ haar_orthogonal(d, generator, device=device), nb_features, d)
+    norms = _row_norms(nb_features, d, norm, generator, torch.float64, device)
+    return (directions * norms.unsqueeze(1)).to(dtype)
+
+
+def random_matrix(feature_type: str, nb_features: int, head_dim: int, generator=None, dtype=torch.float32,
+                  device="cpu", norm: str = "chi") -> torch.Tensor:
+    """Dispatch on ``feature_type`` in ('simplex', 'orthogonal', 'iid')."""
+    makers = {"simplex": simplex_random_matrix, "orthogonal": orthogonal_random_matrix,
+              "iid": gaussian_random_matrix}
+    if feature_type not in makers:
+        raise ValueError(f"random_matrix: unknown feature_type {feature_type!r}; expected one of {FEATURE_TYPES}")
+    return makers[feature_type](nb_features, head_dim, generator=generator, dtype=dtype, device=device, norm=norm)

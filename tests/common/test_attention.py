@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from common.attention import causal_mask
+from common.data import planted_indices, synthetic_qkv
+
+
+def test_hand_computed_two_keys():
+    # one query, two keys: scores s*(q.k) = (1, 0) with scale 1 -> weights (e/(1+e), 1/(1+e))
+    q = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]], dtype=torch.float64)
+    v = torch.tensor([[[[2.0], [4.0]]]], dtype=torch.float64)
+    w = math.e / (1 + math.e)
+    expected = w * 2.0 + (1 - w) * 4.0
+    for fn in (common.softmax_attention, common.get_attention("exact")):
+        assert fn(q, k, v, scale=1.0).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_uniform_scores_give_mean_of_values():
+    q = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    k = torch.randn(1, 1, 5, 4, dtype=torch.float64)
+    v = torch.randn(1, 1, 5, 2, dtype=torch.float64)
+    out = common.softmax_attention(q, k, v)
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand(1, 1, 3, 2))
+    causal = common.softmax_attention(q, k[:, :, :3], v[:, :, :3], causal=True)
+    cummean = v[:, :, :3].cumsum(2) / torch.arange(1, 4, dtype=torch.float64).view(1, 1, 3, 1)
+    torch.testing.assert_close(causal, cummean)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(17, 17), (5, 23)])
+def test_reference_agrees_with_sdpa_float64(causal, nq, nk):
+    x = synthetic_qkv("gaussian", 2, 3, nq, nk, 8, value_dim=5, dtype=torch.float64, seed=1)
+    ref = common.softmax_attention(x.q, x.k, x.v, causal=causal, scale=0.3)
+    out = common.get_attention("exact")(x.q, x.k, x.v, causal=causal, scale=0.3)
+    assert (ref - out).abs().max().item() < 1e-6
+    if nq == nk:
+        sdpa = F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=causal, scale=0.3)
+        assert (ref - sdpa).abs().max().item() < 1e-6
+
+
+def test_causal_mask_bottom_right_and_no_future_reads():
+    m = causal_mask(2, 4)
+    assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+    x = synthetic_qkv("gaussian", 1, 2, 10, 10, 4, dtype=torch.float64)
+    out = common.softmax_attention(x.q, x.k, x.v, causal=True)
+    k2, v2 = x.k.clone(), x.v.clone()
+    k2[:, :, 6:] += 100.0
+    v2[:, :, 6:] -= 50.0
+    out2 = common.softmax_attention(x.q, k2, v2, causal=True)
+    torch.testing.assert_close(out[:, :, :6], out2[:, :, :6])
+
+
+def test_attention_weights_rows_and_planted_argmax():
+    x = synthetic_qkv("planted", 1, 2, 12, 20, 16, dtype=torch.float64)
+    w = common.attention_weights(x.q, x.k)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 12, dtype=torch.float64))
+    assert torch.equal(w.argmax(-1)[0, 0], planted_indices(12, 20))
+    assert torch.equal(common.attention_weights(x.q, x.k, causal=True).argmax(-1)[0, 1], planted_indices(12, 20))
+
+
+def test_default_scale_is_inverse_sqrt_d():
+    x = synthetic_qkv("gaussian", 1, 1, 4, 6, 9, dtype=torch.float64)
+    torch.testing.assert_close(common.softmax_attention(x.q, x.k, x.v),
+                               common.softmax_attention(x.q, x.k, x.v, scale=1 / 3))
+
+
+def test_kv_cache_step_equals_causal_forward():
+    x = synthetic_qkv("gaussian", 2, 2, 9, 9, 4, dtype=torch.float64)
+    attn = common.get_attention("exact")
+    state = attn.init_state()
+    outs = [attn.step(x.q[:, :, :4], x.k[:, :, :4], x.v[:, :, :4], state)]
+    for t in range(4, 9):
+        outs.append(attn.step(x.q[:, :, t:t + 1], x.k[:, :, t:t + 1], x.v[:, :, t:t + 1], state))
+    assert len(state) == 9
+    torch.testing.assert_close(torch.cat(outs, 2), attn(x.q, x.k, x.v, causal=True))
+    with pytest.raises(ValueError, match="KVCache"):
+        state.append(torch.zeros(2, 2, 1, 5, dtype=torch.float64), torch.zeros(2, 2, 1, 4, dtype=torch.float64))
+
+
+def test_exact_gradients_match_reference():
+    x = synthetic_qkv("gaussian", 1, 2, 6, 6, 4, dtype=torch.float64)
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    assert torch.autograd.gradcheck(lambda a, b, c: common.get_attention("exact")(a, b, c, causal=True), (q, k, v))

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from common import data
+
+
+def test_shakespeare_ships_with_repo():
+    text = data.load_shakespeare()
+    assert len(text) == 1115394 and text.startswith("First Citizen:")
+
+
+def test_glove_reader_plain_and_header(tmp_path):
+    f = tmp_path / "vec.txt"
+    f.write_text("the 0.1 0.2 0.3\nof -1 2 3.5\n")
+    words, vecs = data.load_glove(f)
+    assert words == ["the", "of"] and vecs.shape == (2, 3) and vecs.dtype == torch.float64
+    assert vecs[1, 2].item() == 3.5
+    g = tmp_path / "w2v.txt"
+    g.write_text("2 3\nthe 0.1 0.2 0.3\nof -1 2 3.5\n")
+    assert torch.equal(data.load_glove(g)[1], vecs)
+    assert data.load_glove(f, max_words=1)[0] == ["the"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("the 0.1 0.2\nof 1 2 3\n", r":2: expected 2 values after the word, got 3"),
+    ("the 0.1 0.2\nof 1 x\n", r":2: not a number"),
+    ("the 0.1 0.2\n\nof 1 2\n", r":2: empty line"),
+    ("3 2\nthe 0.1 0.2\n", "announces 3 words, found 1"),
+])
+def test_glove_reader_bad_lines(tmp_path, content, message):
+    f = tmp_path / "bad.txt"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        data.load_glove(f)
+
+
+def test_glove_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        data.load_glove(tmp_path / "none.txt")
+
+
+def test_synthetic_shapes_determinism_and_structure():
+    a = data.synthetic_qkv("clustered", 2, 3, 40, 50, 8, value_dim=4, seed=5)
+    b = data.synthetic_qkv("clustered", 2, 3, 40, 50, 8, value_dim=4, seed=5)
+    assert a.q.shape == (2, 3, 40, 8) and a.k.shape == (2, 3, 50, 8) and a.v.shape == (2, 3, 50, 4)
+    assert torch.equal(a.k, b.k)
+    # clustered keys: nearest-neighbour distances much smaller than between random gaussian keys
+    g = data.synthetic_qkv("gaussian", 1, 1, 40, 200, 8, seed=5)
+    c = data.synthetic_qkv("clustered", 1, 1, 40, 200, 8, seed=5)
+    nn_dist = lambda k: torch.cdist(k[0, 0], k[0, 0]).fill_diagonal_(float("inf")).min(1).values.mean()
+    assert nn_dist(c.k) < 0.5 * nn_dist(g.k)
+
+
+def test_planted_key_is_argmax_and_sharpness_peaks():
+    x = data.synthetic_qkv("planted", 1, 2, 30, 40, 16, dtype=torch.float64)
+    scores = x.q @ x.k.transpose(-1, -2)
+    assert torch.equal(scores.argmax(-1)[0, 1], data.planted_indices(30, 40))
+    flat = data.synthetic_qkv("gaussian", 1, 1, 30, 30, 16, sharpness=0.01)
+    peaked = data.synthetic_qkv("gaussian", 1, 1, 30, 30, 16, sharpness=10.0)
+    entropy = lambda x: -(lambda w: (w * w.clamp_min(1e-30).log()).sum(-1).mean())(
+        torch.softmax(x.q @ x.k.transpose(-1, -2) / 4, -1))
+    assert entropy(peaked) < 1.0 < entropy(flat)
+
+
+def test_synthetic_bad_arguments():
+    with pytest.raises(ValueError, match="unknown kind"):
+        data.synthetic_qkv("nope")
+    with pytest.raises(ValueError, match="n_keys >= n_queries"):
+        data.synthetic_qkv("planted", n_queries=10, n_keys=5)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        data.synthetic_qkv("gaussian", head_dim=0)
