@@ -32,6 +32,22 @@ def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
     return j <= i + (n_keys - n_queries)
 
 
+def allowed_key_counts(n_queries: int, n_keys: int, causal: bool, device=None) -> torch.Tensor:
+    """|P_i|, the number of keys query i may read: Nk, or i + 1 + (Nk - Nq) under the causal convention."""
+    if not causal:
+        return torch.full((n_queries,), n_keys, device=device, dtype=torch.long)
+    return torch.arange(n_queries, device=device) + 1 + (n_keys - n_queries)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, H, N, D) picked by a long index (B, H, *S) -> (B, H, *S, D), e.g. sampled keys per query."""
+    b, h, _, d = x.shape
+    if index.shape[:2] != (b, h):
+        raise ValueError(f"gather_rows: index must start with the (B, H) = {(b, h)} of x, got {tuple(index.shape)}")
+    flat = index.reshape(b, h, -1)
+    return torch.gather(x, 2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(*index.shape, d)
+
+
 def attention_scores(q: torch.Tensor, k: torch.Tensor, causal: bool = False,
                      scale: float | None = None) -> torch.Tensor:
     """Scaled, masked scores S * Q K^T + M of shape (B, H, Nq, Nk); masked entries are -inf."""

@@ -14,16 +14,9 @@ import math
 
 import torch
 
-from .attention import AttentionMethod
+from .attention import AttentionMethod, allowed_key_counts, gather_rows
 from .registry import register
 from .validation import check_int
-
-
-def allowed_key_counts(n_queries: int, n_keys: int, causal: bool, device) -> torch.Tensor:
-    """|P_i| for each query i: Nk, or i + 1 + (Nk - Nq) under the causal convention."""
-    if not causal:
-        return torch.full((n_queries,), n_keys, device=device, dtype=torch.long)
-    return torch.arange(n_queries, device=device) + 1 + (n_keys - n_queries)
 
 
 @register("uniform")
@@ -40,14 +33,11 @@ class UniformSamplingAttention(AttentionMethod):
         self.num_samples = check_int(num_samples, "num_samples", "uniform", minimum=1)
 
     def attend(self, q, k, v, causal, scale):
-        b, h, nq, d = q.shape
+        b, h, nq, _ = q.shape
         counts = allowed_key_counts(nq, k.shape[2], causal, q.device)
         u = torch.rand(b, h, nq, self.num_samples, generator=self.generator(q.device), device=q.device)
         idx = (u * counts.view(1, 1, nq, 1)).long().clamp_max(counts.view(1, 1, nq, 1) - 1)
-        flat = idx.reshape(b, h, nq * self.num_samples)
-        k_s = torch.gather(k, 2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(b, h, nq, self.num_samples, d)
-        v_s = torch.gather(v, 2, flat.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1])).view(
-            b, h, nq, self.num_samples, v.shape[-1])
+        k_s, v_s = gather_rows(k, idx), gather_rows(v, idx)
         scores = torch.einsum("bhqd,bhqsd->bhqs", q, k_s) * scale
         # The |P_i|/l factor cancels in the ratio; softmax over the samples is the self-normalised estimate.
         weights = torch.softmax(scores, dim=-1)

@@ -86,3 +86,15 @@ def test_exact_gradients_match_reference():
     x = synthetic_qkv("gaussian", 1, 2, 6, 6, 4, dtype=torch.float64)
     q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
     assert torch.autograd.gradcheck(lambda a, b, c: common.get_attention("exact")(a, b, c, causal=True), (q, k, v))
+
+
+def test_gather_rows_and_allowed_counts():
+    from common.attention import allowed_key_counts, gather_rows
+    x = torch.arange(2 * 3 * 5 * 2, dtype=torch.float32).view(2, 3, 5, 2)
+    idx = torch.tensor([4, 0]).view(1, 1, 2).expand(2, 3, 2)
+    g = gather_rows(x, idx)
+    assert g.shape == (2, 3, 2, 2) and torch.equal(g[1, 2, 0], x[1, 2, 4]) and torch.equal(g[0, 1, 1], x[0, 1, 0])
+    with pytest.raises(ValueError, match="gather_rows"):
+        gather_rows(x, torch.zeros(1, 3, 2, dtype=torch.long))
+    assert allowed_key_counts(3, 5, True).tolist() == [3, 4, 5]
+    assert allowed_key_counts(3, 5, False).tolist() == [5, 5, 5]
