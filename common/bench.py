@@ -78,12 +78,13 @@ def peak_memory_bytes(fn, device="cpu") -> tuple[object, int | None]:
 
 
 def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool = False, scale=None,
-                     repeats: int = 3, warmup: int = 1, measure_memory: bool = True) -> list[dict]:
+                     repeats: int = 3, warmup: int = 1, measure_memory: bool = True, on_row=None) -> list[dict]:
     """Run each (name, options) on one input; return one row per method.
 
     Row keys: method, options, time_s (median), ratio_to_exact (time / exact's time in this run), rel_fro,
     rel_spec (output errors vs exact), max_abs, kl (of attention rows, when the method exposes
     ``attention_matrix``, else None), peak_mem_bytes. ``exact`` is always run first as the reference.
+    ``on_row(row)`` is called after each row (e.g. to advance a progress bar).
     """
     device = q.device
     exact = get_attention("exact")
@@ -108,4 +109,6 @@ def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool =
                              rel_fro=metrics.relative_frobenius_error(out, reference),
                              rel_spec=metrics.relative_spectral_error(out, reference),
                              max_abs=metrics.max_abs_error(out, reference), kl=kl, peak_mem_bytes=mem))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows

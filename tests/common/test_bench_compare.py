@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import common
@@ -26,7 +27,8 @@ def test_evaluate_methods_exact_first_and_zero_error():
 
 
 def test_compare_grid_every_method_appears(tmp_path):
-    rows = compare.main(["--quick", "--heads", "1", "--head-dim", "8", "--out", str(tmp_path)])
+    rows = compare.main(["--n", "64", "128", "--repeats", "1", "--inputs", "gaussian", "clustered", "--heads", "1",
+                         "--head-dim", "8", "--out", str(tmp_path), "--no-progress"])
     methods = {r["method"] for r in rows}
     assert methods == set(common.available())
     for r in rows:
@@ -34,4 +36,19 @@ def test_compare_grid_every_method_appears(tmp_path):
         if r["method"] == "exact":
             assert r["rel_fro"] == 0.0
     assert (tmp_path / "compare.csv").read_text().startswith("input,n,causal")
+    assert {(r["n"], r["causal"]) for r in rows} == {(64, False), (64, True), (128, False), (128, True)}
     assert (tmp_path / "compare_pareto.png").stat().st_size > 1000
+    assert (tmp_path / "compare_scaling.png").stat().st_size > 1000
+
+
+def test_compare_glove_input_and_bad_arguments(tmp_path):
+    f = tmp_path / "g.txt"
+    f.write_text("".join(f"w{i} " + " ".join(str((i * 7 + j) % 5 - 2) for j in range(4)) + "\n" for i in range(40)))
+    x = compare.make_input("glove", 16, heads=1, head_dim=4, seed=0, glove=f, dtype=torch.float32, device="cpu")
+    assert x.q.shape == (1, 1, 16, 4) and torch.equal(x.q, x.k) and not torch.equal(x.k, x.v)
+    with pytest.raises(ValueError, match="need 2n = 64"):
+        compare.make_input("glove", 32, heads=1, head_dim=4, seed=0, glove=f, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="needs --glove PATH"):
+        compare.make_input("glove", 16, heads=1, head_dim=4, seed=0, glove=None, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="unknown method"):
+        compare.comparison_grid(["gaussian"], [64], [False], ["nope"])
