@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -77,6 +78,11 @@ def make_input(kind: str, n: int, *, heads: int, head_dim: int, seed: int, glove
             raise ValueError("compare: input 'glove' needs --glove PATH (a GloVe-format text file)")
         return glove_qkv(glove, n, dtype=dtype, device=device)
     raise ValueError(f"compare: unknown input {kind!r}; expected one of {INPUTS}")
+
+
+def default_inputs() -> list[str]:
+    """The synthetic inputs, plus real Shakespeare q/k/v when the nanoGPT package that makes them is present."""
+    return ["gaussian", "clustered"] + (["shakespeare"] if importlib.util.find_spec("nanoGPT.quick_model") else [])
 
 
 def comparison_grid(inputs, ns, causal_modes, methods=None) -> list[tuple]:
@@ -200,7 +206,8 @@ def plot_scaling(rows: list[dict], path: Path, causal: bool = False) -> Path:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Compare every registered attention method against exact.")
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
-    parser.add_argument("--inputs", nargs="+", default=["gaussian", "clustered", "shakespeare"], choices=INPUTS)
+    parser.add_argument("--inputs", nargs="+", default=default_inputs(), choices=INPUTS,
+                        help="default: gaussian, clustered, and shakespeare once nanoGPT.quick_model exists")
     parser.add_argument("--glove", type=Path, default=None, help="GloVe-format file; adds the 'glove' input")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of registered methods (default: all)")
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
