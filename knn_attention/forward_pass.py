@@ -1,0 +1,135 @@
+"""Fast kNN attention, registered as ``knn`` (Haris 2024, Sec. 4, Alg. 2).
+
+Each query i retrieves its top set S_i (``index.py``; k keys, k = ceil(sqrt(Nk)) by default as in the paper's
+analysis), then one of three estimators of o_i = E_{j ~ softmax(s_i)}[v_j] runs:
+
+(a) ``topk``: softmax over S_i only, renormalised: the classic kNN attention of Roy et al. (2021). Biased: the
+    tail's mass is dropped.
+(b) ``topk_uniform_tail``: the exact sums over S_i plus l keys sampled uniformly from the tail T_i = P_i \\ S_i,
+    scaled by |T_i| / l (= (n - k) / l non-causally), for numerator and denominator alike:
+        N_i = sum_{S_i} e^{s_ij} v_j + |T_i|/l sum_s e^{s_i j_s} v_{j_s},   D_i likewise with v = 1,   o_i = N_i / D_i.
+    N_i and D_i are unbiased; the ratio is consistent.
+(c) ``gumbel``: l exact samples of softmax(s_i) by lazy Gumbel sampling, o_i = (1/l) sum_s v_{j_s}: unbiased.
+
+Causal attention: query i may only read keys j <= i + Nk - Nq. The index is searched with ``causal_oversample``
+x k neighbours, hits in the future are masked out, the query's own position is added (so S_i is never empty),
+and tail samples are drawn from P_i \\ S_i only, so no future key ever enters the output (tested by perturbing
+future keys).
+
+Gradients: ``gradient='autograd'`` differentiates the estimator (a) or (b) through the gathered keys (indices are
+held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators (``backward_pass.py``); the
+``gumbel`` estimator only has the latter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.attention import AttentionMethod, allowed_key_counts, gather_rows
+from common.registry import register
+from common.validation import check_choice, check_int
+
+from .backward_pass import SampledGradientAttention
+from .index import EXACT_INDEX_TYPES, IndexOptions, SearchTimes, top_k_indices
+from .softmax_expectation import (expectation_estimate, lazy_gumbel_sample, retrieved_set,
+                                  sample_tail_uniform)
+
+ESTIMATORS = ("topk", "topk_uniform_tail", "gumbel")
+GRADIENTS = ("autograd", "sampled")
+# Query chunk size is chosen so that a chunk's gathered keys hold about this many numbers.
+_CHUNK_ELEMENTS = 2 ** 24
+
+
+def default_budget(n_keys: int) -> int:
+    """k = l = ceil(sqrt(n)), the paper's choice that balances retrieval and sampling (Haris 2024, Thm. 4.2)."""
+    return max(1, math.ceil(math.sqrt(n_keys)))
+
+
+@register("knn")
+class KNNAttention(AttentionMethod):
+    """kNN attention with a faiss top-k set and one of three estimators (see the module docstring).
+
+    Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
+    index ('flat' | 'ivf' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_oversample,
+    gradient ('autograd' | 'sampled'), seed. ``last_times`` holds the index build / search seconds of the last call.
+    """
+
+    randomized = True
+
+    def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str = "topk_uniform_tail",
+                 index: str = "flat", nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32,
+                 ef_search: int = 64, causal_oversample: int = 2, gradient: str | None = None,
+                 seed: int | None = None, check_finite: bool = True):
+        super().__init__(seed=seed, check_finite=check_finite)
+        self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
+        self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
+        self.estimator = check_choice(estimator, "estimator", "knn", ESTIMATORS)
+        self.index = index
+        self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search)
+        self.causal_oversample = check_int(causal_oversample, "causal_oversample", "knn", minimum=1)
+        self.gradient = check_choice(gradient or ("sampled" if estimator == "gumbel" else "autograd"),
+                                     "gradient", "knn", GRADIENTS)
+        if self.estimator == "gumbel" and self.gradient == "autograd":
+            raise ValueError("knn: estimator='gumbel' has no autograd gradient (samples are discrete); "
+                             "use gradient='sampled'")
+        needs_exact = self.estimator == "gumbel" or self.gradient == "sampled"
+        if needs_exact and index not in EXACT_INDEX_TYPES:
+            raise ValueError(f"knn: lazy Gumbel sampling (estimator='gumbel' or gradient='sampled') needs an exact "
+                             f"top-k index, one of {EXACT_INDEX_TYPES}, got index={index!r}: with an approximate "
+                             "index the tail bound is not guaranteed and samples would not follow the softmax")
+        self.last_times = SearchTimes()
+
+    # --- the three estimators on a chunk of queries ---------------------------------------------------
+    def _retrieve(self, q, k, counts, causal, top_k, scale):
+        want = min(k.shape[2], top_k * (self.causal_oversample if causal else 1))
+        return retrieved_set(q, k, top_k_indices(q, k, want, self.index_options, self.last_times), counts, scale,
+                             include_last=causal)
+
+    def _estimate(self, q, k, v, counts, causal, top_k, num, scale):
+        top = self._retrieve(q, k, counts, causal, top_k, scale)
+        gen = self.generator(q.device)
+        if self.estimator == "gumbel":
+            return expectation_estimate(v, lazy_gumbel_sample(q, k, top, num, scale, gen)[0])
+        v_top = gather_rows(v, top.indices)
+        if self.estimator == "topk":
+            return torch.einsum("bhqk,bhqkv->bhqv", torch.softmax(top.scores, -1), v_top)
+        tail_idx = sample_tail_uniform(top, num, gen)
+        tail_scores = torch.einsum("bhqd,bhqsd->bhqs", q, gather_rows(k, tail_idx)) * scale
+        # log(|T_i| / l) added to the tail scores is the (n - k)/l weight; -inf drops an empty tail.
+        log_w = torch.log(top.tail_size.to(q.dtype) / num).unsqueeze(-1)
+        logits = torch.cat([top.scores, tail_scores + log_w], dim=-1)
+        values = torch.cat([v_top, gather_rows(v, tail_idx)], dim=3)
+        return torch.einsum("bhqk,bhqkv->bhqv", torch.softmax(logits, -1), values)
+
+    def _samples(self, q, k, counts, causal, top_k, num, scale):
+        top = self._retrieve(q, k, counts, causal, top_k, scale)
+        return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device))[0]
+
+    def attend(self, q, k, v, causal, scale):
+        nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+        top_k = default_budget(nk) if self.k is None else self.k
+        if top_k > nk:
+            raise ValueError(f"knn: k={top_k} is larger than the number of keys Nk={nk}")
+        num = default_budget(nk) if self.num_samples is None else self.num_samples
+        self.last_times = SearchTimes()
+        counts = allowed_key_counts(nq, nk, causal, q.device)
+        chunk = max(1, _CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * (top_k * self.causal_oversample + num) * d))
+        outs = []
+        for start in range(0, nq, chunk):
+            sl = slice(start, start + chunk)
+            qc, cc = q[:, :, sl], counts[sl]
+            if self.gradient == "sampled" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                outs.append(SampledGradientAttention.apply(
+                    qc, k, v, lambda a, b, c, cc=cc: self._estimate(a, b, c, cc, causal, top_k, num, scale),
+                    lambda a, b, cc=cc: self._samples(a, b, cc, causal, top_k, num, scale), scale))
+            else:
+                outs.append(self._estimate(qc, k, v, cc, causal, top_k, num, scale))
+        return torch.cat(outs, dim=2)
+
+    @classmethod
+    def budgets(cls, n_keys):
+        root = default_budget(n_keys)
+        return [{"k": min(n_keys, max(1, root // 2)), "num_samples": max(1, root // 2)},
+                {"k": root, "num_samples": root},
+                {"k": min(n_keys, 4 * root), "num_samples": 4 * root}]
