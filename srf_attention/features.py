@@ -40,12 +40,15 @@ def _row_norms(n: int, d: int, norm: str, generator, dtype, device) -> torch.Ten
     return torch.randn(n, d, generator=generator, dtype=dtype, device=device).norm(dim=1)
 
 
-def haar_orthogonal(d: int, generator=None, dtype=torch.float64, device="cpu") -> torch.Tensor:
+def haar_orthogonal(d: int, generator=None, dtype=torch.float64, device="cpu", count: int | None = None) -> torch.Tensor:
     """A Haar-distributed random orthogonal d x d matrix (QR of a Gaussian matrix with the sign fix of
-    Mezzadri 2007, so that the distribution is exactly uniform)."""
-    g = torch.randn(d, d, generator=generator, dtype=dtype, device=device)
+    Mezzadri 2007, so that the distribution is exactly uniform); ``count`` independent ones as (count, d, d).
+
+    The batch is drawn and factorised in one call: many tiny QRs in a Python loop are far slower."""
+    g = torch.randn(1 if count is None else count, d, d, generator=generator, dtype=dtype, device=device)
     qm, r = torch.linalg.qr(g)
-    return qm * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    qm = qm * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return qm[0] if count is None else qm
 
 
 def simplex_directions(d: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
@@ -61,12 +64,13 @@ def simplex_directions(d: int, dtype=torch.float64, device="cpu") -> torch.Tenso
     return s / s.norm(dim=1, keepdim=True)
 
 
-def _stack_blocks(block_fn, nb_features: int, d: int) -> torch.Tensor:
-    blocks, rows = [], 0
-    while rows < nb_features:
-        blocks.append(block_fn())
-        rows += d
-    return torch.cat(blocks, dim=0)[:nb_features]
+def _stack_blocks(blocks: torch.Tensor, nb_features: int) -> torch.Tensor:
+    """(n_blocks, d, d) -> the first nb_features rows of the blocks stacked on top of each other."""
+    return blocks.reshape(-1, blocks.shape[-1])[:nb_features]
+
+
+def _block_count(nb_features: int, d: int) -> int:
+    return -(-nb_features // d)
 
 
 def gaussian_random_matrix(nb_features: int, head_dim: int, generator=None, dtype=torch.float32,
@@ -84,7 +88,8 @@ def orthogonal_random_matrix(nb_features: int, head_dim: int, generator=None, dt
     """(nb_features, head_dim) ORF matrix: blocks of d exactly orthogonal directions with chi_d norms."""
     _check(nb_features, head_dim, norm, "orthogonal_random_matrix")
     d = head_dim
-    directions = _stack_blocks(lambda: haar_orthogonal(d, generator, device=device), nb_features, d)
+    directions = _stack_blocks(haar_orthogonal(d, generator, device=device, count=_block_count(nb_features, d)),
+                               nb_features)
     norms = _row_norms(nb_features, d, norm, generator, torch.float64, device)
     return (directions * norms.unsqueeze(1)).to(dtype)
 
@@ -96,7 +101,8 @@ def simplex_random_matrix(nb_features: int, head_dim: int, generator=None, dtype
     _check(nb_features, head_dim, norm, "simplex_random_matrix")
     d = head_dim
     base = simplex_directions(d, device=device)
-    directions = _stack_blocks(lambda: base @ haar_orthogonal(d, generator, device=device), nb_features, d)
+    rotations = haar_orthogonal(d, generator, device=device, count=_block_count(nb_features, d))
+    directions = _stack_blocks(base @ rotations, nb_features)
     norms = _row_norms(nb_features, d, norm, generator, torch.float64, device)
     return (directions * norms.unsqueeze(1)).to(dtype)
 
