@@ -40,12 +40,16 @@ def allowed_key_counts(n_queries: int, n_keys: int, causal: bool, device=None) -
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of x (B, H, N, D) picked by a long index (B, H, *S) -> (B, H, *S, D), e.g. sampled keys per query."""
-    b, h, _, d = x.shape
+    """Rows of x (B, H, N, D) picked by a long index (B, H, *S) -> (B, H, *S, D), e.g. sampled keys per query.
+
+    Implemented as one ``index_select`` on the flattened (B*H*N, D) rows, which is several times faster on CPU
+    than ``torch.gather`` with an index expanded over D.
+    """
+    b, h, n, d = x.shape
     if index.shape[:2] != (b, h):
         raise ValueError(f"gather_rows: index must start with the (B, H) = {(b, h)} of x, got {tuple(index.shape)}")
-    flat = index.reshape(b, h, -1)
-    return torch.gather(x, 2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(*index.shape, d)
+    offsets = (torch.arange(b * h, device=x.device) * n).view(b, h, *([1] * (index.dim() - 2)))
+    return x.reshape(b * h * n, d).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, d)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, causal: bool = False,

@@ -7,6 +7,7 @@ Speed ratios are always taken against ``exact`` measured in the same run, on the
 """
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ def _read_status_kib(field_name: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so that re-using them shows up as growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_bytes(fn, device="cpu") -> tuple[object, int | None]:
     """Run ``fn()`` once; return (its result, the peak memory it added in bytes, or None if unmeasurable)."""
     if torch.device(device).type == "cuda":
@@ -65,6 +74,7 @@ def peak_memory_bytes(fn, device="cpu") -> tuple[object, int | None]:
         result = fn()
         _sync(device)
         return result, torch.cuda.max_memory_allocated(device) - before
+    _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     except OSError:

@@ -11,10 +11,11 @@ analysis), then one of three estimators of o_i = E_{j ~ softmax(s_i)}[v_j] runs:
     N_i and D_i are unbiased; the ratio is consistent.
 (c) ``gumbel``: l exact samples of softmax(s_i) by lazy Gumbel sampling, o_i = (1/l) sum_s v_{j_s}: unbiased.
 
-Causal attention: query i may only read keys j <= i + Nk - Nq. The index is searched with ``causal_oversample``
-x k neighbours, hits in the future are masked out, the query's own position is added (so S_i is never empty),
-and tail samples are drawn from P_i \\ S_i only, so no future key ever enters the output (tested by perturbing
-future keys).
+Causal attention: query i may only read keys j <= p_i = i + Nk - Nq. Positions are cut into blocks of
+``causal_block`` tokens (default k); S_i is the top-k among the keys of the blocks before p_i's block (an index
+grown block by block, ``index.causal_top_k_indices``) plus every key of its own block up to p_i, exactly; tail
+samples come from the rest of the prefix. No future key is ever retrieved, scored or sampled, so the output does
+not depend on future keys at all (tested by perturbing them).
 
 Gradients: ``gradient='autograd'`` differentiates the estimator (a) or (b) through the gathered keys (indices are
 held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators (``backward_pass.py``); the
@@ -31,7 +32,8 @@ from common.registry import register
 from common.validation import check_choice, check_int
 
 from .backward_pass import SampledGradientAttention
-from .index import EXACT_INDEX_TYPES, IndexOptions, SearchTimes, top_k_indices
+from .index import (EXACT_INDEX_TYPES, IndexOptions, SearchTimes, causal_local_keys, causal_top_k_indices,
+                    top_k_indices)
 from .softmax_expectation import (expectation_estimate, lazy_gumbel_sample, retrieved_set,
                                   sample_tail_uniform)
 
@@ -51,7 +53,7 @@ class KNNAttention(AttentionMethod):
     """kNN attention with a faiss top-k set and one of three estimators (see the module docstring).
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
-    index ('flat' | 'ivf' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_oversample,
+    index ('flat' | 'ivf' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
     gradient ('autograd' | 'sampled'), seed. ``last_times`` holds the index build / search seconds of the last call.
     """
 
@@ -59,7 +61,7 @@ class KNNAttention(AttentionMethod):
 
     def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str = "topk_uniform_tail",
                  index: str = "flat", nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32,
-                 ef_search: int = 64, causal_oversample: int = 2, gradient: str | None = None,
+                 ef_search: int = 64, causal_block: int | None = None, gradient: str | None = None,
                  seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
@@ -67,7 +69,7 @@ class KNNAttention(AttentionMethod):
         self.estimator = check_choice(estimator, "estimator", "knn", ESTIMATORS)
         self.index = index
         self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search)
-        self.causal_oversample = check_int(causal_oversample, "causal_oversample", "knn", minimum=1)
+        self.causal_block = None if causal_block is None else check_int(causal_block, "causal_block", "knn", minimum=1)
         self.gradient = check_choice(gradient or ("sampled" if estimator == "gumbel" else "autograd"),
                                      "gradient", "knn", GRADIENTS)
         if self.estimator == "gumbel" and self.gradient == "autograd":
@@ -81,13 +83,8 @@ class KNNAttention(AttentionMethod):
         self.last_times = SearchTimes()
 
     # --- the three estimators on a chunk of queries ---------------------------------------------------
-    def _retrieve(self, q, k, counts, causal, top_k, scale):
-        want = min(k.shape[2], top_k * (self.causal_oversample if causal else 1))
-        return retrieved_set(q, k, top_k_indices(q, k, want, self.index_options, self.last_times), counts, scale,
-                             include_last=causal)
-
-    def _estimate(self, q, k, v, counts, causal, top_k, num, scale):
-        top = self._retrieve(q, k, counts, causal, top_k, scale)
+    def _estimate(self, q, k, v, hits, counts, local, num, scale):
+        top = retrieved_set(q, k, hits, counts, scale, local)
         gen = self.generator(q.device)
         if self.estimator == "gumbel":
             return expectation_estimate(v, lazy_gumbel_sample(q, k, top, num, scale, gen)[0])
@@ -98,12 +95,13 @@ class KNNAttention(AttentionMethod):
         tail_scores = torch.einsum("bhqd,bhqsd->bhqs", q, gather_rows(k, tail_idx)) * scale
         # log(|T_i| / l) added to the tail scores is the (n - k)/l weight; -inf drops an empty tail.
         log_w = torch.log(top.tail_size.to(q.dtype) / num).unsqueeze(-1)
-        logits = torch.cat([top.scores, tail_scores + log_w], dim=-1)
-        values = torch.cat([v_top, gather_rows(v, tail_idx)], dim=3)
-        return torch.einsum("bhqk,bhqkv->bhqv", torch.softmax(logits, -1), values)
+        weights = torch.softmax(torch.cat([top.scores, tail_scores + log_w], dim=-1), dim=-1)
+        w_top, w_tail = weights.split([top.scores.shape[-1], num], dim=-1)
+        return (torch.einsum("bhqk,bhqkv->bhqv", w_top, v_top)
+                + torch.einsum("bhqs,bhqsv->bhqv", w_tail, gather_rows(v, tail_idx)))
 
-    def _samples(self, q, k, counts, causal, top_k, num, scale):
-        top = self._retrieve(q, k, counts, causal, top_k, scale)
+    def _samples(self, q, k, hits, counts, local, num, scale):
+        top = retrieved_set(q, k, hits, counts, scale, local)
         return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device))[0]
 
     def attend(self, q, k, v, causal, scale):
@@ -114,17 +112,26 @@ class KNNAttention(AttentionMethod):
         num = default_budget(nk) if self.num_samples is None else self.num_samples
         self.last_times = SearchTimes()
         counts = allowed_key_counts(nq, nk, causal, q.device)
-        chunk = max(1, _CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * (top_k * self.causal_oversample + num) * d))
+        local = None
+        if causal:
+            block = self.causal_block or top_k
+            hits = causal_top_k_indices(q, k, top_k, block, self.index_options, self.last_times)
+            local = causal_local_keys(nq, nk, block, q.device)
+        else:
+            hits = top_k_indices(q, k, top_k, self.index_options, self.last_times)  # one index per call
+        width = top_k + (0 if local is None else local.shape[1])
+        chunk = max(1, _CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * (width + num) * d))
+        sampled = self.gradient == "sampled" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         outs = []
         for start in range(0, nq, chunk):
             sl = slice(start, start + chunk)
-            qc, cc = q[:, :, sl], counts[sl]
-            if self.gradient == "sampled" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            qc, hc, cc, lc = q[:, :, sl], hits[:, :, sl], counts[sl], None if local is None else local[sl]
+            if sampled:
                 outs.append(SampledGradientAttention.apply(
-                    qc, k, v, lambda a, b, c, cc=cc: self._estimate(a, b, c, cc, causal, top_k, num, scale),
-                    lambda a, b, cc=cc: self._samples(a, b, cc, causal, top_k, num, scale), scale))
+                    qc, k, v, lambda a, b, c, hc=hc, cc=cc, lc=lc: self._estimate(a, b, c, hc, cc, lc, num, scale),
+                    lambda a, b, hc=hc, cc=cc, lc=lc: self._samples(a, b, hc, cc, lc, num, scale), scale))
             else:
-                outs.append(self._estimate(qc, k, v, cc, causal, top_k, num, scale))
+                outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale))
         return torch.cat(outs, dim=2)
 
     @classmethod

@@ -11,6 +11,11 @@ For each (batch, head) an inner-product index is built over that head's keys and
   where faiss-cpu is not, and as the reference of the tests).
 
 Only ``flat`` and ``torch`` return the true top-k; the lazy Gumbel sampler relies on that (its tail bound).
+
+Causal retrieval (:func:`causal_top_k_indices`) never lets a future key influence a query: positions are cut into
+blocks of ``block`` tokens, the index is grown block by block (``add``), and the queries of block c search an index
+holding only the keys of blocks < c. (The keys of a query's own block are handled exactly by the caller.) IVF is
+not offered causally, since its k-means quantizer would be trained on future keys.
 """
 from __future__ import annotations
 
@@ -67,6 +72,68 @@ def _faiss_index(keys: np.ndarray, opts: IndexOptions):
         index.hnsw.efSearch = opts.ef_search
     index.add(keys)
     return index
+
+
+def _build_empty_faiss(d: int, opts: IndexOptions):
+    import faiss
+
+    if opts.kind == "flat":
+        return faiss.IndexFlatIP(d)
+    index = faiss.IndexHNSWFlat(d, opts.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = opts.ef_search
+    return index
+
+
+def causal_top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int, opts: IndexOptions,
+                         times: SearchTimes | None = None) -> torch.Tensor:
+    """Indices (B, H, Nq, top_k) of each query's best keys among the blocks strictly before its own; -1 pads.
+
+    Query i sits at position p_i = i + Nk - Nq, in block c = p_i // block; it searches keys j < c * block.
+    """
+    if opts.kind == "ivf":
+        raise ValueError("knn: index='ivf' is not available with causal=True (its quantizer would be trained on "
+                         "future keys); use 'flat', 'hnsw' or 'torch'")
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    positions = torch.arange(nq) + (nk - nq)
+    out = torch.full((b, h, nq, top_k), -1, dtype=torch.long)
+    qd, kd = q.detach(), k.detach()
+    qn = qd.to("cpu", torch.float32).numpy() if opts.kind != "torch" else None
+    kn = kd.to("cpu", torch.float32).numpy() if opts.kind != "torch" else None
+    first_block = int(positions[0]) // block
+    for bi in range(b):
+        for hi in range(h):
+            index = None if opts.kind == "torch" else _build_empty_faiss(d, opts)
+            added = 0
+            for c in range(first_block, (nk - 1) // block + 1):
+                rows = ((positions // block) == c).nonzero().squeeze(-1)
+                start_key = c * block
+                if rows.numel() == 0 or start_key == 0:
+                    continue
+                want = min(top_k, start_key)
+                t0 = time.perf_counter()
+                if opts.kind == "torch":
+                    found = torch.topk(qd[bi, hi, rows] @ kd[bi, hi, :start_key].T, want, dim=-1).indices.cpu()
+                else:
+                    index.add(np.ascontiguousarray(kn[bi, hi, added:start_key]))
+                    added = start_key
+                    t1 = time.perf_counter()
+                    if times is not None:
+                        times.build_s += t1 - t0
+                    t0 = t1
+                    found = torch.from_numpy(index.search(np.ascontiguousarray(qn[bi, hi, rows.numpy()]), want)[1])
+                if times is not None:
+                    times.search_s += time.perf_counter() - t0
+                out[bi, hi, rows, :want] = found
+    return out.to(q.device)
+
+
+def causal_local_keys(n_queries: int, n_keys: int, block: int, device=None) -> torch.Tensor:
+    """(Nq, block) ids of the keys of each query's own block up to its position p_i (-1 pads): the part of S_i
+    that :func:`causal_top_k_indices` leaves to exact evaluation."""
+    positions = torch.arange(n_queries, device=device) + (n_keys - n_queries)
+    local = (positions // block * block).unsqueeze(1) + torch.arange(block, device=device)
+    return local.masked_fill(local > positions.unsqueeze(1), -1)
 
 
 def top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, opts: IndexOptions,

@@ -53,22 +53,23 @@ class RetrievedSet:
 
 
 def retrieved_set(q, k, indices: torch.Tensor, counts: torch.Tensor, scale: float,
-                  include_last: bool = False) -> RetrievedSet:
+                  local: torch.Tensor | None = None) -> RetrievedSet:
     """Score the retrieved ``indices`` (B, H, Nq, k') and mask those outside each query's allowed keys.
 
     ``counts``: (Nq,) |P_i| of these queries (``common.attention.allowed_key_counts``, sliced for a chunk).
-    ``include_last``: also put each query's last allowed key (its own position under causal attention) in S_i,
-    so S_i is never empty; it does not enter the tail bound, which only the index's own hits guarantee.
+    ``local``: optional (Nq, w) key ids (-1 = none) that join S_i exactly, e.g. the causal query's own block;
+    they must be disjoint from ``indices`` and do not enter the tail bound, which only the index's hits guarantee.
     """
     counts = counts.view(1, 1, -1)
     hit = indices >= 0
     safe = indices.clamp_min(0)
     allowed = hit & (safe < counts.unsqueeze(-1))
-    if include_last:
-        last = (counts - 1).expand(*indices.shape[:3]).unsqueeze(-1)
-        fresh = ~((safe == last) & allowed).any(-1, keepdim=True)
-        safe, hit, allowed = torch.cat([safe, last], -1), torch.cat([hit, torch.zeros_like(fresh)], -1), \
-            torch.cat([allowed, fresh], -1)
+    if local is not None:
+        lead = indices.shape[:2]
+        extra = local.to(indices.device).expand(*lead, *local.shape)
+        safe = torch.cat([safe, extra.clamp_min(0)], -1)
+        allowed = torch.cat([allowed, (extra >= 0) & (extra < counts.unsqueeze(-1))], -1)
+        hit = torch.cat([hit, torch.zeros_like(extra, dtype=torch.bool)], -1)
     raw = torch.einsum("bhqd,bhqkd->bhqk", q, gather_rows(k, safe)) * scale
     bound = raw.detach().masked_fill(~hit, float("inf")).amin(-1)
     scores = raw.masked_fill(~allowed, float("-inf"))
@@ -86,7 +87,8 @@ def tail_rank_to_index(top: RetrievedSet, ranks: torch.Tensor) -> torch.Tensor:
     sentinel = top.counts.max().item() + top.indices.shape[-1] + 1
     s_sorted = torch.where(top.allowed, top.indices, torch.full_like(top.indices, sentinel)).sort(-1).values
     shifted = s_sorted - torch.arange(s_sorted.shape[-1], device=s_sorted.device)
-    return ranks + torch.searchsorted(shifted.contiguous(), ranks.contiguous(), right=True)
+    index = ranks + torch.searchsorted(shifted.contiguous(), ranks.contiguous(), right=True)
+    return torch.minimum(index, top.counts.unsqueeze(-1) - 1)  # only rows with an empty tail are clamped
 
 
 def _uniform_ranks(tail: torch.Tensor, num: int, generator) -> torch.Tensor:

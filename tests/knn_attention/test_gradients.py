@@ -1,0 +1,58 @@
+"""Hand-written and sampled gradients against autograd of exact attention (float64)."""
+import torch
+
+import common
+from common.data import synthetic_qkv
+from knn_attention.backward_pass import sampled_gradients
+from knn_attention.naive_backprop import naive_attention_gradients
+from knn_attention.softmax_expectation import lazy_gumbel_sample, retrieved_set
+from knn_attention.index import IndexOptions, top_k_indices
+from common.attention import allowed_key_counts
+
+
+def _autograd(x, grad_out, causal):
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    common.softmax_attention(q, k, v, causal=causal).backward(grad_out)
+    return q.grad, k.grad, v.grad
+
+
+def test_naive_backprop_equals_autograd():
+    x = synthetic_qkv("gaussian", 2, 2, 7, 9, 4, value_dim=3, dtype=torch.float64)
+    g = torch.randn(2, 2, 7, 3, dtype=torch.float64)
+    for causal in (False, True):
+        for mine, ref in zip(naive_attention_gradients(x.q, x.k, x.v, g, causal=causal), _autograd(x, g, causal)):
+            torch.testing.assert_close(mine, ref)
+
+
+def test_sampled_gradients_mean_matches_autograd():
+    x = synthetic_qkv("gaussian", 1, 1, 6, 20, 4, value_dim=3, dtype=torch.float64)
+    g = torch.randn(1, 1, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref = _autograd(x, g, False)
+    out = common.softmax_attention(x.q, x.k, x.v)
+    top = retrieved_set(x.q, x.k, top_k_indices(x.q, x.k, 5, IndexOptions("torch")),
+                        allowed_key_counts(6, 20, False), 0.5)
+    samples, _ = lazy_gumbel_sample(x.q, x.k, top, 40000, 0.5, torch.Generator().manual_seed(0))
+    for est, exact in zip(sampled_gradients(x.q, x.k, x.v, out, g, samples, 0.5), ref):
+        assert (est - exact).abs().max().item() < 0.03 * exact.abs().max().item() + 0.01
+
+
+def test_sampled_gradient_function_end_to_end_and_autograd_path():
+    x = synthetic_qkv("gaussian", 1, 2, 10, 10, 4, dtype=torch.float64)
+    g = torch.randn(1, 2, 10, 4, dtype=torch.float64)
+    ref = _autograd(x, g, True)
+    means = [torch.zeros_like(t) for t in ref]
+    runs = 300
+    for s in range(runs):
+        q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+        common.get_attention("knn", k=10, num_samples=10, gradient="sampled", seed=s)(q, k, v, causal=True).backward(g)
+        for m, t in zip(means, (q, k, v)):
+            m += t.grad / runs
+    for m, r in zip(means, ref):
+        assert (m - r).abs().max().item() < 0.05 * r.abs().max().item() + 0.02
+    # with k = n the autograd path is the exact gradient
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: common.get_attention("knn", k=10, estimator="topk")(a, b, c, causal=True), (q, k, v))
+    common.get_attention("knn", k=10, estimator="topk")(q, k, v, causal=True).backward(g)
+    for t, r in zip((q, k, v), ref):
+        torch.testing.assert_close(t.grad, r)

@@ -1,0 +1,71 @@
+"""Lazy Gumbel sampling: exact samples of the softmax, sqrt(n) score evaluations, distinct tail draws."""
+import math
+
+import torch
+
+from common.attention import allowed_key_counts, attention_weights
+from knn_attention.index import IndexOptions, causal_local_keys, causal_top_k_indices, top_k_indices
+from knn_attention.softmax_expectation import (expectation_estimate, lazy_gumbel_sample, retrieved_set,
+                                               sample_tail_uniform)
+
+
+def _setup(n, d=8, top_k=None, sharp=1.0, causal=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = sharp * torch.randn(1, 1, 4, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    top_k = top_k or math.ceil(math.sqrt(n))
+    if causal:
+        idx = causal_top_k_indices(q, k, top_k, top_k, IndexOptions("flat"))
+        local = causal_local_keys(4, n, top_k)
+    else:
+        idx, local = top_k_indices(q, k, top_k, IndexOptions("flat")), None
+    top = retrieved_set(q, k, idx, allowed_key_counts(4, n, causal), d ** -0.5, local)
+    return q, k, top
+
+
+def test_samples_follow_softmax_total_variation():
+    q, k, top = _setup(40, sharp=1.5)
+    samples, _ = lazy_gumbel_sample(q, k, top, 40000, 8 ** -0.5, torch.Generator().manual_seed(1))
+    probs = attention_weights(q, k)[0, 0]
+    for i in range(4):
+        freq = torch.bincount(samples[0, 0, i], minlength=40).double() / 40000
+        tv = 0.5 * (freq - probs[i]).abs().sum().item()
+        # E[TV] of 40000 exact samples over 40 outcomes is about 0.015; a biased sampler lands far above
+        assert tv < 0.03, (i, tv)
+
+
+def test_causal_samples_follow_prefix_softmax():
+    q, k, top = _setup(12, top_k=3, causal=True, sharp=2.0)
+    samples, _ = lazy_gumbel_sample(q, k, top, 30000, 8 ** -0.5, torch.Generator().manual_seed(2))
+    probs = attention_weights(q, k, causal=True)[0, 0]
+    for i in range(4):
+        assert samples[0, 0, i].max().item() <= i + 8
+        freq = torch.bincount(samples[0, 0, i], minlength=12).double() / 30000
+        assert 0.5 * (freq - probs[i]).abs().sum().item() < 0.03
+
+
+def test_score_evaluations_grow_like_sqrt_n():
+    evals = {}
+    for n in (256, 1024, 4096, 16384):
+        q, k, top = _setup(n, d=16, seed=n)
+        _, ev = lazy_gumbel_sample(q, k, top, 64, 0.25, torch.Generator().manual_seed(0))
+        evals[n] = ev.double().mean().item() / 64 + top.top_size.double().mean().item() * (1 - 1 / 64)
+    slope = math.log(evals[16384] / evals[256]) / math.log(64)
+    assert 0.3 < slope < 0.7, (evals, slope)  # sqrt(n): slope 0.5; dense sampling: slope 1
+    assert evals[16384] < 0.05 * 16384
+
+
+def test_tail_samples_uniform_outside_top_set():
+    q, k, top = _setup(30, top_k=6)
+    s = sample_tail_uniform(top, 60000, torch.Generator().manual_seed(0))[0, 0, 0]
+    counts = torch.bincount(s, minlength=30).double()
+    in_top = top.indices[0, 0, 0]
+    assert counts[in_top].sum() == 0
+    tail = counts[[j for j in range(30) if j not in in_top.tolist()]] / 60000
+    assert (tail - 1 / 24).abs().max() < 0.006
+
+
+def test_expectation_estimate_is_mean_of_sampled_values():
+    v = torch.arange(10, dtype=torch.float64).view(1, 1, 10, 1)
+    samples = torch.tensor([[[[1, 3], [9, 9]]]])
+    assert expectation_estimate(v, samples).view(-1).tolist() == [2.0, 9.0]
