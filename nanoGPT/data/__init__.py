@@ -1,0 +1,1 @@
+"""Datasets of the GPT, each in its own folder with a ``prepare`` module that builds the token files."""

@@ -1,0 +1,108 @@
+"""Training: the loss falls, resume is exact, checkpoints are atomic and checked, configs are parsed strictly."""
+import pytest
+import torch
+
+from nanoGPT.checkpoint import CheckpointError, checkpoint_path, load_model
+from nanoGPT.configurator import load_config
+from nanoGPT.train import TrainConfig, learning_rate, train
+
+from .conftest import tiny_config
+
+
+def test_loss_decreases_over_50_steps(tiny_run):
+    result, _ = tiny_run
+    evals = [r for r in result["history"] if "eval_val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 25, 50]
+    # From ~ln(65) = 4.17 nats at initialisation; 50 steps learn at least the character frequencies.
+    assert evals[-1]["eval_val_loss"] < evals[0]["eval_val_loss"] - 0.5
+    assert evals[-1]["eval_train_loss"] < evals[0]["eval_train_loss"] - 0.5
+
+
+def test_checkpoint_and_loss_curve_are_written(tiny_run):
+    result, out_dir = tiny_run
+    model, meta = load_model(out_dir)
+    assert meta["iter_num"] == 50 and meta["config"]["max_iters"] == 50 and meta["vocab_size"] == 65
+    lines = (out_dir / "loss_curve.csv").read_text().splitlines()
+    assert lines[0] == "iter,lr,train_loss,eval_train_loss,eval_val_loss"
+    assert len(lines) == 1 + 51  # the iteration-0 evaluation plus one row per step
+    assert not list(out_dir.glob("*.tmp"))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """20 steps in one go == 10 steps, stop, resume to 20: identical losses, bit for bit (dropout on)."""
+    common_args = ["--dropout=0.1", "--lr_decay_iters=20", "--eval_interval=5", "--eval_iters=2"]
+    whole = train(tiny_config(tmp_path / "whole", "--max_iters=20", *common_args))
+    train(tiny_config(tmp_path / "parts", "--max_iters=10", *common_args))
+    resumed = train(tiny_config(tmp_path / "parts", "--max_iters=20", "--init_from=resume", *common_args))
+    assert resumed["history"] == whole["history"]
+    a, _ = load_model(tmp_path / "whole")
+    b, _ = load_model(tmp_path / "parts")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resume_equals_uninterrupted_for_a_randomised_method(tmp_path):
+    """The attention method's own random stream is saved and restored too."""
+    common_args = ["--attention=uniform", "--attention_options={'num_samples': 4}", "--lr_decay_iters=8",
+                   "--eval_interval=4", "--eval_iters=1"]
+    whole = train(tiny_config(tmp_path / "whole", "--max_iters=8", *common_args))
+    train(tiny_config(tmp_path / "parts", "--max_iters=4", *common_args))
+    resumed = train(tiny_config(tmp_path / "parts", "--max_iters=8", "--init_from=resume", *common_args))
+    assert resumed["history"] == whole["history"]
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    path = checkpoint_path(tmp_path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(tiny_config(tmp_path, "--init_from=resume"))
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tiny_config(tmp_path))  # scratch would overwrite it: refused without --overwrite
+    assert path.read_bytes() == b"not a checkpoint"
+
+
+def test_mismatched_checkpoint_is_refused_and_kept(tiny_run, tmp_path):
+    _, out_dir = tiny_run
+    before = checkpoint_path(out_dir).read_bytes()
+    with pytest.raises(CheckpointError, match="n_embd"):
+        train(tiny_config(out_dir, "--init_from=resume", "--n_embd=48", "--max_iters=60"))
+    assert checkpoint_path(out_dir).read_bytes() == before
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_model(tmp_path)
+
+
+def test_config_files_and_overrides():
+    cfg = load_config(TrainConfig, ["config/train_shakespeare_char_cpu.py", "--attention=uniform",
+                                    "--attention_options={'num_samples': 8}", "--learning_rate=1"])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.max_iters) == (4, 4, 128, 64, 2000)
+    assert cfg.attention == "uniform" and cfg.attention_options == {"num_samples": 8}
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    gpu = load_config(TrainConfig, ["config/train_shakespeare_char.py"])
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.dropout, gpu.max_iters) == \
+        (6, 6, 384, 256, 0.2, 5000)
+
+
+@pytest.mark.parametrize("arg, error, match", [("--n_layr=3", ValueError, "unknown config key 'n_layr'"),
+                                               ("--n_layer=three", TypeError, "n_layer"),
+                                               ("--n_layer", ValueError, "--key=value"),
+                                               ("config/nope.py", FileNotFoundError, "nope.py")])
+def test_bad_config_is_a_clear_error(arg, error, match):
+    with pytest.raises(error, match=match):
+        load_config(TrainConfig, [arg])
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert learning_rate(0, cfg) < learning_rate(9, cfg) < 1.0
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)  # half-way down the cosine
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_non_finite_loss_writes_no_checkpoint(tmp_path):
+    # Divergence is caught either by the attention's input check (non-finite q) or by the loss check.
+    with pytest.raises((FloatingPointError, ValueError), match="non-finite|no checkpoint"):
+        train(tiny_config(tmp_path, "--learning_rate=1e30", "--grad_clip=0.0", "--warmup_iters=0"))
+    assert not checkpoint_path(tmp_path).exists()
