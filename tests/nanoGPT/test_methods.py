@@ -1,0 +1,38 @@
+"""One training step of the GPT with every registered attention method that supports causal attention."""
+import pytest
+import torch
+
+import common
+from common import registry
+from nanoGPT.checkpoint import load_model
+from nanoGPT.train import train
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("name", common.available())
+def test_one_training_step(name, tmp_path):
+    cls = common.method_class(name)
+    args = [f"--attention={name}", "--max_iters=1", "--eval_iters=1", "--warmup_iters=0"]
+    if not (cls.supports_causal and cls.trainable):
+        with pytest.raises(ValueError, match=name):
+            train(tiny_config(tmp_path, *args))
+        return
+    result = train(tiny_config(tmp_path, *args))
+    assert result["iter_num"] == 1 and torch.isfinite(torch.tensor(result["history"][-1]["train_loss"]))
+    trained, _ = load_model(tmp_path)
+    torch.manual_seed(1337)  # the run's seed: rebuild its initial weights to see that the step moved them
+    initial = type(trained)(trained.config)
+    moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters())]
+    assert all(moved), f"{name}: a training step left some parameters unchanged"
+
+
+@pytest.mark.parametrize("flag, match", [("supports_causal", "causal"), ("trainable", "inference-only")])
+def test_methods_that_cannot_train_are_refused(flag, match, monkeypatch, tmp_path):
+    class Limited(common.ExactAttention):
+        pass
+
+    setattr(Limited, flag, False)
+    monkeypatch.setitem(registry._REGISTRY, "limited_test", Limited)
+    with pytest.raises(ValueError, match=f"limited_test.*{match}"):
+        train(tiny_config(tmp_path, "--attention=limited_test"))
