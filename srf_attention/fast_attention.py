@@ -148,7 +148,7 @@ class FastAttention(nn.Module):
         for start in range(0, q.shape[2], block):
             part = slice(start, start + block)
             out, state, key_maxima = self._advance(q[:, :, part], k[:, :, part], v[:, :, part], state, key_maxima,
-                                                   scale, min(block, self.chunk_size))
+                                                   scale, self.chunk_size)
             outs.append(out)
         return torch.cat(outs, dim=2), state, key_maxima
 

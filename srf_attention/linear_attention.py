@@ -52,6 +52,7 @@ def causal_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v_aug: torch.Ten
     """
     b, h, length, m = qf.shape
     e = v_aug.shape[-1]
+    chunk_size = min(chunk_size, length)  # a short input (one generated token) is one chunk, not padded
     pad = (-length) % chunk_size
     if pad:  # zero keys add nothing to the sums; the padded queries are dropped below
         qf, kf, v_aug = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (qf, kf, v_aug))
