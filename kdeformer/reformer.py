@@ -1,0 +1,101 @@
+"""Reformer's LSH attention (Kitaev, Kaiser, Levskaya, ICLR 2020, Sec. 2), registered as ``reformer``.
+
+Angular LSH by random rotations (their eq. 3): with R a (d x b/2) Gaussian matrix and x normalised,
+h(x) = argmax([xR ; -xR]) picks one of b buckets, so vectors at a small angle share a bucket. Queries and keys are
+hashed with the same R (Reformer ties them, Q = K; here they may differ, and with q = k it is the shared-QK
+scheme), sorted by (bucket, position), and cut into chunks: ``bucket_size`` keys per chunk, the sorted queries into
+as many chunks. Each query chunk attends exactly to its key chunk and the one before (look-one-back, cyclic).
+With ``n_hashes`` rounds the per-round sums are merged, i.e. out = sum_r (D_r / sum D) o_r, the combination of
+their eq. 5 (pairs found in several rounds are counted in each; the paper's duplicate correction is not applied).
+
+Causal: keys after the query's position are masked inside the chunks, and every query also reads its own
+position's key exactly in every round (masked out of the chunks), so no row is empty.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.attention import AttentionMethod, gather_rows
+from common.partial_sums import PartialSums, from_logits
+from common.registry import register
+from common.validation import check_int
+
+
+def rotation_buckets(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Bucket ids h(x) = argmax([x R ; -x R]) of the normalised x; (..., N) long in [0, 2 * R.shape[1])."""
+    rotated = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ rotation.to(x.dtype)
+    return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+
+
+def lsh_round(q, k, v, scale: float, bucket_size: int, n_buckets: int, causal: bool,
+              generator: torch.Generator) -> PartialSums:
+    """One hashing round: sums over each query's chunk and the previous chunk of keys."""
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[-1]
+    rotation = torch.randn(d, max(1, n_buckets // 2), generator=generator, dtype=q.dtype, device=q.device)
+    n_chunks = math.ceil(nk / bucket_size)
+    q_chunk = math.ceil(nq / n_chunks)
+    pos_k = torch.arange(nk, device=q.device)
+    pos_q = torch.arange(nq, device=q.device) + (nk - nq)
+    # sort by bucket, ties by position: key = bucket * N + position
+    perm_k = torch.sort(rotation_buckets(k, rotation) * nk + pos_k, dim=-1).indices
+    perm_q = torch.sort(rotation_buckets(q, rotation) * nk + pos_q, dim=-1).indices
+    pad_k, pad_q = n_chunks * bucket_size - nk, n_chunks * q_chunk - nq
+    perm_k = torch.nn.functional.pad(perm_k, (0, pad_k), value=-1)
+    perm_q_pad = torch.nn.functional.pad(perm_q, (0, pad_q))
+    key_valid = (perm_k >= 0).view(b, h, n_chunks, bucket_size)
+    perm_k = perm_k.clamp_min(0)
+    kc = gather_rows(k, perm_k).view(b, h, n_chunks, bucket_size, d)
+    vc = gather_rows(v, perm_k).view(b, h, n_chunks, bucket_size, dv)
+    pk = perm_k.view(b, h, n_chunks, bucket_size)
+    if n_chunks > 1:  # look one chunk back (cyclically)
+        back = lambda t: torch.cat([t, t.roll(1, dims=2)], dim=3)
+        kc, vc, pk, key_valid = back(kc), back(vc), back(pk), back(key_valid)
+    qc = gather_rows(q, perm_q_pad).view(b, h, n_chunks, q_chunk, d)
+    logits = torch.einsum("bhcqd,bhckd->bhcqk", qc, kc) * scale
+    allowed = key_valid.unsqueeze(3).expand_as(logits)
+    if causal:
+        qpos = pos_q[perm_q_pad].view(b, h, n_chunks, q_chunk, 1)
+        allowed = allowed & (pk.unsqueeze(3) < qpos)  # strictly past; the own key is added exactly below
+    parts = from_logits(logits.masked_fill(~allowed, float("-inf")), vc, "bhcqk,bhckv->bhcqv")
+    parts = PartialSums(parts.num.view(b, h, -1, dv), parts.den.view(b, h, -1), parts.shift.view(b, h, -1))
+    inverse = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(nq, device=q.device).expand(b, h, nq))
+    parts = PartialSums(gather_rows(parts.num, inverse), torch.gather(parts.den, -1, inverse),
+                        torch.gather(parts.shift, -1, inverse))
+    if causal:  # the own position's key, exactly (it was masked out of the chunks so no row is empty)
+        k_own, v_own = k[:, :, pos_q], v[:, :, pos_q]
+        parts = parts.merge(from_logits(((q * k_own).sum(-1) * scale).unsqueeze(-1), v_own.unsqueeze(3),
+                                        "bhqs,bhqsv->bhqv"))
+    return parts
+
+
+@register("reformer")
+class ReformerAttention(AttentionMethod):
+    """LSH attention (module docstring). Options: bucket_size (64), n_hashes (hashing rounds, 1), n_buckets
+    (default: 2 * ceil(Nk / bucket_size / 2), the paper's n / bucket_size rounded to even), seed."""
+
+    randomized = True
+
+    def __init__(self, bucket_size: int = 64, n_hashes: int = 1, n_buckets: int | None = None,
+                 seed: int | None = None, check_finite: bool = True):
+        super().__init__(seed=seed, check_finite=check_finite)
+        self.bucket_size = check_int(bucket_size, "bucket_size", "reformer", minimum=1)
+        self.n_hashes = check_int(n_hashes, "n_hashes", "reformer", minimum=1)
+        self.n_buckets = None if n_buckets is None else check_int(n_buckets, "n_buckets", "reformer", minimum=1)
+
+    def attend(self, q, k, v, causal, scale):
+        nk = k.shape[2]
+        n_buckets = self.n_buckets or 2 * math.ceil(nk / self.bucket_size / 2)
+        gen = self.generator(q.device)
+        parts = None
+        for _ in range(self.n_hashes):
+            r = lsh_round(q, k, v, scale, self.bucket_size, n_buckets, causal, gen)
+            parts = r if parts is None else parts.merge(r)
+        return parts.output()
+
+    @classmethod
+    def budgets(cls, n_keys):
+        root = max(8, 2 ** round(math.log2(math.sqrt(n_keys))))
+        return [{"bucket_size": min(n_keys, f // 2)} for f in (root, 2 * root, 4 * root)]

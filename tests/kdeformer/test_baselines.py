@@ -1,0 +1,63 @@
+"""Reformer and ScatterBrain: exact in their limits, causal, errors."""
+import pytest
+import torch
+
+import common
+from common.data import synthetic_qkv
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reformer_one_chunk_is_exact(causal):
+    x = synthetic_qkv("gaussian", 2, 2, 48, 48, 8, dtype=torch.float64)
+    for n_hashes in (1, 3):
+        out = common.get_attention("reformer", bucket_size=48, n_hashes=n_hashes, seed=0)(x.q, x.k, x.v, causal=causal)
+        assert (out - common.softmax_attention(x.q, x.k, x.v, causal=causal)).abs().max().item() < 1e-10
+
+
+def test_reformer_shared_qk_finds_the_planted_key_and_rounds_help():
+    x = synthetic_qkv("planted", 1, 2, 256, 256, 32, dtype=torch.float64)
+    exact = common.softmax_attention(x.q, x.k, x.v)
+    err = lambda r: sum((common.get_attention("reformer", bucket_size=32, n_hashes=r, seed=s)(x.q, x.k, x.v)
+                         - exact).abs().mean().item() for s in range(3))
+    assert err(4) < err(1)
+    assert err(4) / 3 < 0.2
+
+
+def test_reformer_causal_never_reads_future():
+    x = synthetic_qkv("gaussian", 1, 2, 64, 64, 8, dtype=torch.float64)
+    out = common.get_attention("reformer", bucket_size=8, seed=2)(x.q, x.k, x.v, causal=True)
+    k2, v2 = x.k.clone(), x.v.clone()
+    k2[:, :, 30:] = -x.k[:, :, 30:]
+    v2[:, :, 30:] = 1e4
+    out2 = common.get_attention("reformer", bucket_size=8, seed=2)(x.q, k2, v2, causal=True)
+    assert out2[:, :, :30].abs().max() < 100
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sblocal_window_covering_everything_is_exact(causal):
+    x = synthetic_qkv("gaussian", 2, 2, 40, 40, 8, dtype=torch.float64)
+    out = common.get_attention("sblocal", local_size=40, nb_features=16, seed=0)(x.q, x.k, x.v, causal=causal)
+    assert (out - common.softmax_attention(x.q, x.k, x.v, causal=causal)).abs().max().item() < 1e-8
+
+
+def test_sblocal_features_reduce_error_on_small_norms():
+    x = synthetic_qkv("gaussian", 1, 2, 128, 128, 16, sharpness=0.3, dtype=torch.float64)
+    exact = common.softmax_attention(x.q, x.k, x.v)
+    err = lambda m: sum(((common.get_attention("sblocal", local_size=16, nb_features=m, seed=s)(x.q, x.k, x.v)
+                          - exact) ** 2).mean().item() for s in range(3))
+    assert err(1024) < 0.5 * err(16)
+
+
+def test_sblocal_causal_prefix_and_errors():
+    x = synthetic_qkv("gaussian", 1, 1, 32, 32, 8, dtype=torch.float64)
+    out = common.get_attention("sblocal", local_size=8, seed=0)(x.q, x.k, x.v, causal=True)
+    k2 = x.k.clone()
+    k2[:, :, 20:] += 3
+    out2 = common.get_attention("sblocal", local_size=8, seed=0)(x.q, k2, x.v, causal=True)
+    torch.testing.assert_close(out[:, :, :20], out2[:, :, :20])
+    with pytest.raises(ValueError, match="needs Nq == Nk"):
+        common.get_attention("sblocal")(x.q[:, :, :5], x.k, x.v)
+    with pytest.raises(ValueError, match="local_size must be >= 1"):
+        common.get_attention("sblocal", local_size=0)
+    with pytest.raises(ValueError, match="n_hashes must be >= 1"):
+        common.get_attention("reformer", n_hashes=0)

@@ -1,0 +1,98 @@
+"""KDEformer: LSH/Gray-code order, exact limits, unbiased residual, causal split never reads the future."""
+import pytest
+import torch
+
+import common
+from common.data import synthetic_qkv
+from kdeformer.kdeformer import kde_partial, residual_probabilities
+from kdeformer.lsh import bucket_positions, gray_code, gray_rank, random_projections
+
+
+def test_gray_code_one_bit_property_and_inverse():
+    i = torch.arange(2 ** 7)
+    g = gray_code(i)
+    diff = g[1:] ^ g[:-1]
+    assert ((diff & (diff - 1)) == 0).all() and (diff > 0).all()  # exactly one bit differs
+    assert torch.equal(gray_rank(g, 7), i)
+    assert sorted(g.tolist()) == i.tolist()  # a permutation of all codes
+
+
+def test_similar_vectors_share_buckets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 200, 16, generator=g, dtype=torch.float64)
+    near = x + 0.01 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    w = random_projections(16, 7, g, torch.float64, "cpu")
+    same_near = (bucket_positions(x, w) == bucket_positions(near, w)).double().mean()
+    same_far = (bucket_positions(x, w) == bucket_positions(x.roll(1, 2), w)).double().mean()
+    assert same_near > 0.9 and same_far < 0.2
+
+
+@pytest.mark.parametrize("nq,nk", [(50, 50), (37, 90)])
+def test_one_block_is_exact(nq, nk):
+    x = synthetic_qkv("gaussian", 2, 2, nq, nk, 8, dtype=torch.float64)
+    out = common.get_attention("kdeformer", bucket_size=nk, sample_size=16, seed=0)(x.q, x.k, x.v)
+    assert (out - common.softmax_attention(x.q, x.k, x.v)).abs().max().item() < 1e-10
+
+
+def test_residual_estimate_unbiased_over_seeds():
+    # numerator and normaliser are unbiased: the mean over seeds sits within a few standard errors of the exact
+    # sums (|z| of an unbiased estimate is about half-normal: mean 0.8; a bias of even 1% shows as |z| >> 1)
+    x = synthetic_qkv("gaussian", 1, 1, 20, 64, 8, dtype=torch.float64)
+    s = 8 ** -0.5
+    exact_num = torch.exp(x.q @ x.k.transpose(-1, -2) * s) @ x.v
+    exact_den = torch.exp(x.q @ x.k.transpose(-1, -2) * s).sum(-1)
+    calls, batch = 16, 50  # each call draws one LSH and, per batch row, its own residual samples
+    runs = calls * batch
+    nums, dens = [], []
+    for seed in range(calls):
+        p = kde_partial(*(t.expand(batch, -1, -1, -1) for t in (x.q, x.k, x.v)), s, 3, 16, 16,
+                        torch.Generator().manual_seed(seed))
+        nums.append(p.num * p.shift.exp().unsqueeze(-1))
+        dens.append(p.den * p.shift.exp())
+    for est, exact in ((torch.cat(nums), exact_num[0]), (torch.cat(dens), exact_den[0])):
+        z = (est.mean(0) - exact) / (est.std(0) / runs ** 0.5)
+        assert z.abs().mean() < 1.2 and z.abs().max() < 5
+
+
+def test_error_falls_with_sample_size():
+    x = synthetic_qkv("clustered", 1, 2, 256, 256, 16, dtype=torch.float64)
+    exact = common.softmax_attention(x.q, x.k, x.v)
+    err = lambda m: sum(((common.get_attention("kdeformer", bucket_size=32, sample_size=m, seed=s)(x.q, x.k, x.v)
+                          - exact) ** 2).mean().item() for s in range(4))
+    assert err(8) > 2 * err(256)
+
+
+def test_residual_probabilities_normalised_and_follow_value_norms():
+    v = torch.zeros(1, 1, 4, 2, dtype=torch.float64)
+    v[0, 0, 0] = torch.tensor([3.0, 4.0])
+    p = residual_probabilities(v)
+    assert p.sum().item() == pytest.approx(1.0)
+    # ||v_0|| / ||V||_op = 1, others 0: raw = (1 + 1/4, 1/4, 1/4, 1/4) -> p_0 = 1.25 / 2
+    assert p[0, 0, 0].item() == pytest.approx(1.25 / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("nq,nk", [(64, 64), (40, 64)])
+def test_causal_never_reads_future_and_is_exact_at_full_budget(nq, nk):
+    x = synthetic_qkv("gaussian", 1, 2, nq, nk, 8, dtype=torch.float64)
+    attn = lambda k, v, **o: common.get_attention("kdeformer", seed=1, **o)(x.q, k, v, causal=True)
+    out = attn(x.k, x.v, bucket_size=8, sample_size=8, min_seq_len=8)
+    k2, v2 = x.k.clone(), x.v.clone()
+    cut = nk - nq + 20  # query 19 sits at position cut - 1; keys from cut on are its future
+    k2[:, :, cut:] = 50.0
+    v2[:, :, cut:] = 1e4
+    out2 = attn(k2, v2, bucket_size=8, sample_size=8, min_seq_len=8)
+    torch.testing.assert_close(out[:, :, :20], out2[:, :, :20])
+    full = attn(x.k, x.v, bucket_size=nk, sample_size=0, min_seq_len=8)
+    assert (full - common.softmax_attention(x.q, x.k, x.v, causal=True)).abs().max().item() < 1e-10
+
+
+def test_large_norms_float32_finite_and_bad_options():
+    x = synthetic_qkv("gaussian", 1, 1, 128, 128, 16, sharpness=30.0)
+    out = common.get_attention("kdeformer", bucket_size=16, sample_size=16, seed=0)(x.q, x.k, x.v)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="bucket_size must be >= 1"):
+        common.get_attention("kdeformer", bucket_size=0)
+    with pytest.raises(ValueError, match="sample_size must be >= 0"):
+        common.get_attention("kdeformer", sample_size=-1)
+    with pytest.raises(ValueError, match="same head dim"):
+        common.get_attention("kdeformer")(x.q, x.k[..., :8], x.v)
