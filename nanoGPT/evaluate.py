@@ -60,6 +60,7 @@ class EvalConfig:
     out_dir: str = "nanoGPT/out/quick_exact"
     attention: str = ""            # '' = as trained; a registered name; 'all' = every causal method at its budgets
     attention_options: dict = field(default_factory=dict)
+    methods: list = field(default_factory=list)  # with --attention=all: only these methods (default: all)
     split: str = "val"
     batch_size: int = 0            # 0 = the training run's batch_size (so that exact reproduces its val loss)
     max_batches: int = 0           # 0 = the training run's eval_iters
@@ -68,10 +69,11 @@ class EvalConfig:
     csv: str = ""                  # where to write the table with --attention=all ('' = assets/nanogpt_swap_eval.csv)
 
 
-def swap_candidates(block_size: int, seed: int) -> list[tuple[str, dict]]:
-    """Every registered method that can attend causally, at each budget it declares for ``block_size`` keys."""
+def swap_candidates(block_size: int, seed: int, methods=None) -> list[tuple[str, dict]]:
+    """Every registered method (or each of ``methods``) that can attend causally, at each budget it declares
+    for ``block_size`` keys."""
     runs = []
-    for name in common.available():
+    for name in methods or common.available():
         cls = common.method_class(name)
         if not cls.supports_causal:
             continue
@@ -89,7 +91,7 @@ def main(argv=None) -> list[dict]:
     batch_size = cfg.batch_size or trained["batch_size"]
     max_batches = cfg.max_batches or trained["eval_iters"]
     if cfg.attention == "all":
-        runs = swap_candidates(model.config.block_size, cfg.seed)
+        runs = swap_candidates(model.config.block_size, cfg.seed, cfg.methods)
     elif cfg.attention:
         runs = [(cfg.attention, cfg.attention_options)]
     else:

@@ -107,11 +107,16 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``name``; 'cuda' gets its index ('cuda:0'), the key under which attention methods
+    keep their per-device generators (they see q.device), so that their random states are saved and restored."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig: device={name!r} but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig: device={name!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -36,3 +36,20 @@ def test_methods_that_cannot_train_are_refused(flag, match, monkeypatch, tmp_pat
     monkeypatch.setitem(registry._REGISTRY, "limited_test", Limited)
     with pytest.raises(ValueError, match=f"limited_test.*{match}"):
         train(tiny_config(tmp_path, "--attention=limited_test"))
+
+
+def test_compare_training_writes_curves_for_each_method(tmp_path):
+    from nanoGPT import compare_training
+
+    out = tmp_path / "assets"
+    args = ["--quick", "--methods", "exact", "uniform", "--max_iters", "4", "--eval_interval", "2",
+            "--out", str(out), "--runs_dir", str(tmp_path / "runs"), "--no-progress"]
+    rows = compare_training.main(args)
+    assert [(r["method"], r["iter"]) for r in rows] == [(m, i) for m in ("exact", "uniform") for i in (0, 2, 4)]
+    # Same seed: same initial weights and batches, so the iteration-0 losses agree up to the attention.
+    assert rows[0]["val_loss"] == pytest.approx(rows[3]["val_loss"], abs=0.05)
+    assert (out / "perplexity_training_quick.png").stat().st_size > 0
+    merged = compare_training.main(["--quick", "--from_csv", str(out / "perplexity_training_quick.csv"),
+                                    "--out", str(tmp_path / "replot")])
+    assert [(r["method"], r["iter"], r["val_loss"]) for r in merged] == \
+        [(r["method"], r["iter"], r["val_loss"]) for r in rows]
