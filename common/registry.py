@@ -26,7 +26,11 @@ def register(name: str):
         raise ValueError(f"register: name must be a non-empty string, got {name!r}")
 
     def decorator(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+        known = _REGISTRY.get(name)
+        if known is not None and cls.__module__ == "__main__" and known.__qualname__ == cls.__qualname__:
+            cls.name = name  # a registering module run as a script (python -m): its package copy stays registered
+            return cls
+        if known is not None and known is not cls:
             raise ValueError(f"register: the name {name!r} is already taken by {_REGISTRY[name].__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls

@@ -1,0 +1,115 @@
+"""Tree attention: the report's example, exactness at e = 1, summaries, causality, estimators, errors."""
+import math
+
+import pytest
+import torch
+
+import common
+from common.data import synthetic_qkv
+from tree_attention.mass_estimators import METHODS, MassEstimator
+from tree_attention.np_attention import attention_kernel, report_example
+from tree_attention.tree import HeapSummaries, node_span
+
+TREE_METHODS = [m for m in METHODS if m != "tree-less"]
+
+
+def test_report_example_alignment_reaches_leaf_of_key_3(capsys):
+    buds = report_example("alignment", verbose=True, seed=0)
+    assert 8 - 1 + 3 in buds
+    out = capsys.readouterr().out
+    assert "sampled bud" in out and "normalised pm" in out and "new buds" in out
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_exponent_one_with_count_weights_is_exact(method, causal):
+    x = synthetic_qkv("gaussian", 2, 2, 21, 21, 8, dtype=torch.float64)
+    out = common.get_attention("tree", method=method, number_of_terms_exponent=1.0, parallelism=2, seed=0)(
+        x.q, x.k, x.v, causal=causal)
+    assert (out - common.softmax_attention(x.q, x.k, x.v, causal=causal)).abs().max().item() < 1e-10
+
+
+def test_children_summaries_sum_to_parent():
+    heap = HeapSummaries(8, 2, 4, 3, None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        heap.insert(torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64), None)
+    for parent in range(7):
+        left, right = 2 * parent + 1, 2 * parent + 2
+        assert heap.count[parent] == heap.count[left] + heap.count[right]
+        torch.testing.assert_close(heap.sum_k[:, parent], heap.sum_k[:, left] + heap.sum_k[:, right])
+        torch.testing.assert_close(heap.sum_v[:, parent], heap.sum_v[:, left] + heap.sum_v[:, right])
+    assert heap.count[0] == 6
+    start, stop = node_span(torch.tensor([0, 1, 2, 7, 14]), 8)
+    assert start.tolist() == [0, 0, 4, 0, 7] and stop.tolist() == [8, 4, 8, 1, 8]
+    with pytest.raises(ValueError, match="holds L=8 positions"):
+        for _ in range(3):
+            heap.insert(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("method", ["alignment", "FAVOR+", "time-decay", "tree-less"])
+def test_no_future_key_is_read(method):
+    x = synthetic_qkv("gaussian", 1, 2, 40, 40, 8, dtype=torch.float64)
+    attn = lambda k, v: common.get_attention("tree", method=method, number_of_terms_exponent=0.6, seed=4)(
+        x.q, k, v, causal=True)
+    out = attn(x.k, x.v)
+    k2, v2 = x.k.clone(), x.v.clone()
+    k2[:, :, 25:] = 10 * x.q[:, :, :15]
+    v2[:, :, 25:] = 1e4
+    torch.testing.assert_close(out[:, :, :25], attn(k2, v2)[:, :, :25])
+
+
+@pytest.mark.parametrize("method", TREE_METHODS)
+def test_mass_estimates_non_negative_and_leaves_never_expanded(method):
+    x = synthetic_qkv("gaussian", 1, 2, 16, 16, 8, dtype=torch.float64)
+    est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    feats = est.key_features(x.k) if est.uses_features else None
+    nodes = torch.arange(31).view(1, 1, 31).expand(1, 16, 31)
+    from tree_attention.tree import PrefixSummaries
+    s = PrefixSummaries(x.k, x.v, feats, 16, torch.arange(16))(nodes)
+    log_pm = est.log_mass(x.q, s.sum_k, s.sum_feat, s.count, s.start, s.stop, torch.arange(16))
+    pm = log_pm.exp()
+    assert (pm >= 0).all() and torch.isfinite(pm).all()
+    assert (pm[s.count == 0] == 0).all()
+    # leaves are never chosen for expansion: with e = 1 every query ends with exactly its l leaves
+    kernel = attention_kernel(8, 8 ** -0.5, 1, 8, 2, method, R=16)
+    for t in range(8):
+        kernel(t + 1, x.k[0, :, t], x.q[0, :, t], x.v[0, :, t])
+    assert sorted(kernel.last_buds) == list(range(7, 15))
+
+
+def test_alignment_estimator_on_single_keys_is_the_score():
+    est = MassEstimator("alignment", 4, 0.5)
+    q = torch.randn(1, 1, 1, 4, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 1, 4, dtype=torch.float64)
+    one = torch.ones(1, 1, 1, dtype=torch.long)
+    log_pm = est.log_mass(q, k, None, one, one * 0, one, torch.tensor([0]))
+    assert log_pm.item() == pytest.approx(0.5 * (q.flatten() @ k.flatten()).item())
+
+
+def test_error_falls_with_exponent_and_counts_inner_products():
+    x = synthetic_qkv("clustered", 1, 2, 128, 128, 16, dtype=torch.float64)
+    exact = common.softmax_attention(x.q, x.k, x.v, causal=True)
+    errs = []
+    for e in (0.3, 0.6, 0.9):
+        attn = common.get_attention("tree", number_of_terms_exponent=e, seed=0)
+        errs.append(((attn(x.q, x.k, x.v, causal=True) - exact) ** 2).mean().item())
+        expected = torch.ceil((torch.arange(128) + 1.0) ** e - 1e-9)
+        # each expansion adds one bud, except at most one per level where the right child lies beyond t
+        assert (attn.last_expansions[0] <= expected + math.log2(128)).all()
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match=r"number_of_terms_exponent must be in \(0, 1\]"):
+        common.get_attention("tree", number_of_terms_exponent=1.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        common.get_attention("tree", method="nope")
+    with pytest.raises(ValueError, match="must be a power of two"):
+        attention_kernel(4, 0.5, 1, 6, 1, "alignment")
+    with pytest.raises(ValueError, match="parallelism P must be a power of two"):
+        common.get_attention("tree", parallelism=3)
+    with pytest.raises(ValueError, match="even R"):
+        common.get_attention("tree", method="RandomFourierFeatures", R=7)
+    with pytest.raises(ValueError, match="bud_value"):
+        common.get_attention("tree", bud_value="mean")

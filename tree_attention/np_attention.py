@@ -1,0 +1,185 @@
+"""Tree attention ("High Attention Scores and Where to Find Them", ETH Zurich deep learning project report, 2024).
+
+Two fronts over one descent (``tree.py``) and one set of mass estimators (``mass_estimators.py``):
+
+- :class:`attention_kernel` (the report's class and argument names): incremental decoding, one position at a
+  time, ``forward(T, k, q, v)`` inserts the token's key/value into the heap of node summaries and attends the
+  query through a descent to T buds; ``verbose=True`` prints the descent as the report shows it.
+- :class:`TreeAttention`, registered as ``tree``: a whole causal sequence at once (summaries from prefix sums,
+  vectorised over batch and queries, heads sharing the descent), with T = ceil(l^e) for the query at position
+  l - 1 (e = ``number_of_terms_exponent``); the count of expanded nodes (= inner products beyond the P first buds)
+  per query is kept in ``last_expansions``.
+
+``tree-less`` (the baseline without a tree; our reading of it): the T - 1 most recent keys as single-key buds plus
+one bud summarising all older keys, combined like the tree's buds.
+
+    python -m tree_attention.np_attention          # the report's L = 8 example, verbose descent
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from common.attention import AttentionMethod, gather_rows
+from common.registry import register
+from common.validation import check_choice, check_int
+
+from .mass_estimators import METHODS, MassEstimator
+from .tree import HeapSummaries, PrefixSummaries, Summaries, combine, descend
+
+BUD_VALUES = ("count", "report")
+
+
+def _check_tree_options(method: str, P: int, L: int | None, e: float | None = None) -> None:
+    check_choice(method, "method", "tree", METHODS)
+    check_int(P, "parallelism", "tree", minimum=1)
+    if P & (P - 1):
+        raise ValueError(f"tree: parallelism P must be a power of two, got {P}")
+    if L is not None and (L < 1 or L & (L - 1)):
+        raise ValueError(f"tree: L must be a power of two (pad the sequence to one), got {L}")
+    if L is not None and P > L:
+        raise ValueError(f"tree: parallelism P={P} exceeds the number of leaves L={L}")
+    if e is not None and not 0 < e <= 1:
+        raise ValueError(f"tree: number_of_terms_exponent must be in (0, 1], got {e}")
+
+
+def number_of_terms(l: torch.Tensor, e: float) -> torch.Tensor:
+    """T = ceil(l^e) buds for a query with l visible keys (a tiny slack keeps l^1 = l exact in floating point)."""
+    return torch.ceil(l.double() ** e - 1e-9).long().clamp_min(1)
+
+
+class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
+    """Incremental tree attention for one sequence: D head dim, S score scale, P parallelism, L leaves, H heads."""
+
+    def __init__(self, D: int, S: float, P: int, L: int, H: int, method: str, R: int = 64, base: float = 0.9,
+                 verbose: bool = False, seed: int = 0):
+        super().__init__()
+        _check_tree_options(method, P, L)
+        if method == "tree-less":
+            raise ValueError("attention_kernel: 'tree-less' has no tree; use TreeAttention (get_attention('tree'))")
+        self.D, self.S, self.P, self.L, self.H, self.verbose = D, S, P, L, H, verbose
+        self.generator = torch.Generator().manual_seed(seed)
+        self.estimator = MassEstimator(method, D, S, R, base, self.generator)
+        self.heap = HeapSummaries(L, H, D, D, None, torch.float64)
+        self.last_buds = None
+
+    def forward(self, T: int, k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Insert (k, v) of the next position, then attend q to the prefix with T buds; k, q, v: (H, D)."""
+        k, q, v = (torch.as_tensor(x, dtype=torch.float64) for x in (k, q, v))
+        feat = self.estimator.key_features(k) if self.estimator.uses_features else None
+        if self.heap.sum_feat is None and feat is not None:
+            self.heap.sum_feat = torch.zeros(self.H, 2 * self.L - 1, feat.shape[-1], dtype=torch.float64)
+        self.heap.insert(k, v, feat)
+        position = torch.tensor([self.heap.length - 1])
+        qb = q.view(1, self.H, 1, self.D)
+        buds, _ = descend(self.heap, self.estimator, qb, position, torch.tensor([T]), self.L, self.P,
+                          self.generator, self.verbose)
+        self.last_buds = buds[0, 0][buds[0, 0] >= 0].tolist()
+        s = self.heap(buds.clamp_min(0))
+        return combine(qb, s, (buds >= 0) & (s.count > 0), self.S, "report")[0, :, 0]
+
+
+@register("tree")
+class TreeAttention(AttentionMethod):
+    """Tree attention over a whole causal sequence (module docstring). Options: method, number_of_terms_exponent
+    e in (0, 1], parallelism P (power of two), R (random features), base (time-decay), bud_value ('count' or
+    'report'), seed. Non-causal calls treat every query as sitting after all keys."""
+
+    randomized = True
+
+    def __init__(self, method: str = "alignment", number_of_terms_exponent: float = 0.5, parallelism: int = 4,
+                 R: int = 64, base: float = 0.9, bud_value: str = "count", seed: int | None = None,
+                 check_finite: bool = True):
+        super().__init__(seed=seed, check_finite=check_finite)
+        _check_tree_options(method, parallelism, None, number_of_terms_exponent)
+        self.method, self.number_of_terms_exponent, self.parallelism = method, number_of_terms_exponent, parallelism
+        self.R, self.base = R, base
+        self.bud_value = check_choice(bud_value, "bud_value", "tree", BUD_VALUES)
+        self.last_expansions = None
+        MassEstimator(method, 1, 1.0, R, base)  # validates R / base now, not at the first call
+
+    def attend(self, q, k, v, causal, scale):
+        nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+        positions = torch.arange(nq) + (nk - nq) if causal else torch.full((nq,), nk - 1)
+        n_terms = number_of_terms(positions + 1, self.number_of_terms_exponent)
+        if self.method == "tree-less":
+            return self._tree_less(q, k, v, positions, n_terms, scale)
+        L = 1 << max(0, math.ceil(math.log2(nk)))
+        P = min(self.parallelism, L)
+        estimator = MassEstimator(self.method, d, scale, self.R, self.base, self.generator(q.device))
+        feats = estimator.key_features(k) if estimator.uses_features else None
+        summaries = PrefixSummaries(k, v, feats, L, positions.to(q.device))
+        with torch.no_grad():  # the descent is discrete; gradients flow through the buds' summaries below
+            buds, self.last_expansions = descend(summaries, estimator, q.detach(), positions, n_terms, L, P,
+                                                 self.generator("cpu"))
+        s = summaries(buds.clamp_min(0))
+        return combine(q, s, (buds >= 0) & (s.count > 0), scale, self.bud_value)
+
+    def _tree_less(self, q, k, v, positions, n_terms, scale):
+        """Buds: the T - 1 most recent keys, and one bud with all older keys."""
+        window = int(n_terms.max())
+        offsets = torch.arange(window)  # bud j < T - 1 is the key at t - j; bud T - 1 the range [0, t - T + 2)
+        recent = positions.view(-1, 1) - offsets
+        valid_recent = (offsets < (n_terms - 1).view(-1, 1)) & (recent >= 0)
+        older_stop = (positions + 1 - (n_terms - 1)).clamp_min(0)
+        start = torch.where(valid_recent, recent, torch.zeros_like(recent))
+        stop = torch.where(valid_recent, recent + 1, torch.zeros_like(recent))
+        start = torch.cat([start, torch.zeros(len(positions), 1, dtype=torch.long)], 1).unsqueeze(0)
+        stop = torch.cat([stop, older_stop.view(-1, 1)], 1).unsqueeze(0)
+        b, h = q.shape[:2]
+        cum = lambda x: torch.nn.functional.pad(x.cumsum(2), (0, 0, 1, 0))
+        ck, cv = cum(k), cum(v)
+        ia, ib = (x.expand(b, -1, -1).unsqueeze(1).expand(-1, h, -1, -1) for x in (start, stop))
+        s = Summaries((stop - start).expand(b, -1, -1), start, stop, gather_rows(ck, ib) - gather_rows(ck, ia),
+                      gather_rows(cv, ib) - gather_rows(cv, ia), None)
+        return combine(q, s, s.count > 0, scale, self.bud_value)
+
+    @classmethod
+    def budgets(cls, n_keys):
+        # P = 16 keeps the number of descent rounds (about log2 L + T / P) small enough for the comparison grid
+        return [{"number_of_terms_exponent": e, "parallelism": 16} for e in (0.3, 0.45, 0.6)]
+
+
+def report_example(method: str = "alignment", verbose: bool = True, seed: int = 0):
+    """The report's test: L = 8, D = 64, H = 1, P = 1, e = 1.0, random q/k/v, the last query equal to key 3.
+
+    Returns the buds of the last query's descent (they must reach leaf L - 1 + 3 = 10 for ``alignment``).
+    """
+    L, D = 8, 64
+    g = torch.Generator().manual_seed(seed)
+    keys, queries, values = (torch.randn(L, 1, D, generator=g, dtype=torch.float64) for _ in range(3))
+    queries[-1] = keys[3]
+    kernel = attention_kernel(D, 1 / math.sqrt(D), 1, L, 1, method, seed=seed)
+    for t in range(L):
+        kernel.verbose = verbose and t == L - 1
+        kernel(math.ceil((t + 1) ** 1.0), keys[t], queries[t], values[t])
+    return kernel.last_buds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The report's L = 8 tree attention example, verbose descent.")
+    parser.add_argument("--method", default="alignment", choices=[m for m in METHODS if m != "tree-less"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="the example runs on the CPU (incremental numpy-style)")
+    parser.add_argument("--quick", action="store_true", help="(the example is already seconds-sized)")
+    parser.add_argument("--profile", action="store_true", help="line-profile the descent (needs line_profiler)")
+    args = parser.parse_args(argv)
+    if args.profile:
+        try:
+            from line_profiler import LineProfiler
+        except ImportError:
+            raise SystemExit("--profile needs the optional package line_profiler (pip install line_profiler)")
+        from . import tree
+        profiler = LineProfiler(tree.descend)
+        buds = profiler.runcall(report_example, args.method, False, args.seed)
+        profiler.print_stats()
+    else:
+        buds = report_example(args.method, True, args.seed)
+    print(f"final buds of the last query: {buds}; leaf of key 3 is node {8 - 1 + 3}: "
+          f"{'reached' if 10 in buds else 'NOT reached'}")
+
+
+if __name__ == "__main__":
+    main()
