@@ -36,6 +36,7 @@ from common.validation import check_choice, check_int, check_qkv, resolve_scale
 
 from .feature_map import positive_random_features
 from .features import FEATURE_TYPES, NORMS, random_matrix
+from .flash_linear_attention import check_available as check_flash_available, flash_linear_attention
 from .linear_attention import augment_values, causal_linear_attention, noncausal_linear_attention, split_augmented
 
 MODES = ("train", "prefill", "generation")
@@ -106,11 +107,14 @@ class FastAttention(nn.Module):
 
     # --- mode='train' --------------------------------------------------------------------------------
     def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                         scale: float) -> torch.Tensor:
-        """The whole sequence at once (Performer eq. 4; causal: prefix sums, Sec. 2.6), in PyTorch.
+                         scale: float, attn_fn: str = "torch") -> torch.Tensor:
+        """The whole sequence at once (Performer eq. 4; causal: prefix sums, Sec. 2.6), in PyTorch
+        (``attn_fn='torch'``) or with the fused Triton kernel (``'flash'``, ``flash_linear_attention.py``).
 
         With causal and Nq < Nk the queries are the last Nq positions: the first Nk - Nq keys form the state.
         """
+        if attn_fn == "flash":
+            check_flash_available(q.device)  # before any redraw: a refused call changes nothing
         if self.redraw_on_call and self.training:
             self.redraw_()
         dtype = q.dtype
@@ -118,7 +122,9 @@ class FastAttention(nn.Module):
         qf = self.query_features(q, scale)
         kf, _ = self.key_features(k, scale)
         v_aug = augment_values(v)
-        if not causal:
+        if attn_fn == "flash":
+            out = flash_linear_attention(qf, kf, v_aug, causal)
+        elif not causal:
             out, _ = noncausal_linear_attention(qf, kf, v_aug)
         else:
             past = k.shape[2] - q.shape[2]
@@ -223,10 +229,7 @@ class FastAttention(nn.Module):
             return self.prefill(q, k, v, attn_fn, scale)
         if mode == "generation":
             return self.generate(q, k, v, kv, key_maxima, denominator, scale)
-        if attn_fn == "flash":
-            raise RuntimeError(f"FastAttention: attn_fn='flash' needs a fused kernel on a CUDA device with Triton; "
-                               f"none is available for tensors on {q.device}; use attn_fn='torch'")
-        return self.linear_attention(q, k, v, self.causal, scale)
+        return self.linear_attention(q, k, v, self.causal, scale, attn_fn)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, nb_features={self.nb_features}, causal={self.causal}, "
@@ -250,7 +253,8 @@ class SRFAttention(AttentionMethod):
     """Simplex random feature attention (Reid et al. 2023) behind the repository's contract.
 
     Options: ``nb_features`` m (>= 1), ``chunk_size`` of the causal prefix sums, ``norm`` ('chi' | 'fixed'),
-    ``redraw`` (new features at every call in training mode), ``seed``. The projection is built at the first
+    ``redraw`` (new features at every call in training mode), ``attn_fn`` ('torch', or 'flash': the Triton
+    kernel, CUDA only), ``seed``. The projection is built at the first
     call, when the head dim is known; later calls must use the same head dim. Cost O(N m (D + Dv)).
     Incremental decoding keeps the O(m Dv) state :class:`SRFState` instead of a KV cache.
     """
@@ -259,12 +263,13 @@ class SRFAttention(AttentionMethod):
     randomized = True
 
     def __init__(self, nb_features: int = 64, chunk_size: int = 64, norm: str = "chi", redraw: bool = False,
-                 seed: int | None = None, check_finite: bool = True):
+                 attn_fn: str = "torch", seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.nb_features = check_int(nb_features, "nb_features", self.name, minimum=1)
         self.chunk_size = check_int(chunk_size, "chunk_size", self.name, minimum=1)
         self.norm = check_choice(norm, "norm", self.name, NORMS)
         self.redraw = bool(redraw)
+        self.attn_fn = check_choice(attn_fn, "attn_fn", self.name, ATTN_FNS["train"])
         self.fast: FastAttention | None = None
 
     def _fast_for(self, head_dim: int, device) -> FastAttention:
@@ -286,7 +291,7 @@ class SRFAttention(AttentionMethod):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def attend(self, q, k, v, causal, scale):
-        return self._fast_for(q.shape[-1], q.device).linear_attention(q, k, v, causal, scale)
+        return self._fast_for(q.shape[-1], q.device).linear_attention(q, k, v, causal, scale, self.attn_fn)
 
     def attention_matrix(self, q, k, causal=False, scale=None):
         """The attention matrix the features imply: phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j') (B,H,Nq,Nk)."""

@@ -147,8 +147,12 @@ def test_bad_inputs_are_named():
         FastAttention(8, 8)(x.q, x.k, x.v, mode="infer")
     with pytest.raises(ValueError, match="unknown attn_fn for mode='train'"):
         FastAttention(8, 8)(x.q, x.k, x.v, attn_fn="parallel")
-    with pytest.raises(RuntimeError, match="use attn_fn='torch'"):
+    with pytest.raises(RuntimeError, match=r"attn_fn='flash' is a Triton kernel for CUDA devices .*use attn_fn='torch'"):
         FastAttention(8, 8)(x.q, x.k, x.v, attn_fn="flash")
+    with pytest.raises(RuntimeError, match="use attn_fn='torch'"):
+        common.get_attention("srf", attn_fn="flash")(x.q, x.k, x.v)
+    with pytest.raises(ValueError, match="srf: unknown attn_fn 'triton'"):
+        common.get_attention("srf", attn_fn="triton")
     srf = common.get_attention("srf", nb_features=8)
     srf(x.q, x.k, x.v)
     with pytest.raises(ValueError, match="built for head dim 8"):

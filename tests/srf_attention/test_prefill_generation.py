@@ -94,3 +94,19 @@ def test_bad_states_and_modes_are_named():
     attn = common.get_attention("srf", nb_features=10)
     with pytest.raises(TypeError, match="state must come from init_state"):
         attn.step(*one, common.KVCache())
+
+
+@pytest.mark.parametrize("name", ["srf", "performer"])
+def test_nanogpt_decodes_with_the_constant_state(name):
+    """A small GPT using the method: feeding tokens one at a time through SRFState equals the full forward."""
+    from nanoGPT.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=11, n_layer=2, n_head=2, n_embd=16, attention=name,
+                          attention_options={"nb_features": 16, "seed": 0})).double().eval()
+    idx = torch.randint(11, (2, 20), generator=torch.Generator().manual_seed(1))
+    full = model.hidden_states(idx)
+    states = [block.attn.attention.init_state() for block in model.blocks]
+    steps = [model.hidden_states(idx[:, :5], states)]
+    steps += [model.hidden_states(idx[:, t:t + 1], states, start=t) for t in range(5, 20)]
+    assert all(isinstance(s, SRFState) and len(s) == 20 and s.kv.shape == (2, 2, 16, 8) for s in states)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-10)
