@@ -10,6 +10,7 @@ every key, which makes some methods exact), randomised ones seeded with ``--seed
     python -m nanoGPT.compare_training                  # the CPU config (config/train_shakespeare_char_cpu.py)
     python -m nanoGPT.compare_training --methods exact srf --max_iters 500 --device cuda
     python -m nanoGPT.compare_training --from_csv a.csv b.csv     # merge runs made apart, re-plot
+    python -m nanoGPT.compare_training --from_runs DIR            # re-plot DIR/<method>/loss_curve.csv
 
 Writes ``perplexity_training.csv`` / ``.png`` (``perplexity_training_quick.*`` with --quick) under --out and
 prints the final validation loss of each method and its gap to exact.
@@ -73,6 +74,27 @@ def run(config_files: list[str], methods: list[str], overrides: list[str], runs_
     return rows
 
 
+def read_runs(runs_dir: Path, config_files: list[str], overrides: list[str], budget: int | None,
+              seed: int) -> list[dict]:
+    """Rows from the loss curves ``runs_dir/<method>/loss_curve.csv`` of earlier runs (wall time unknown: nan);
+    the options are recomputed by the same rule as :func:`run`."""
+    cfg = load_config(TrainConfig, config_files + overrides)
+    rows = []
+    for curve in sorted(Path(runs_dir).glob("*/loss_curve.csv")):
+        name = curve.parent.name
+        options = method_options(name, cfg.block_size, budget, seed)
+        with curve.open() as f:
+            for r in csv.DictReader(f):
+                if r["eval_val_loss"]:
+                    val = float(r["eval_val_loss"])
+                    rows.append({"method": name, "options": json.dumps(options), "iter": int(r["iter"]),
+                                 "val_loss": val, "val_perplexity": math.exp(val),
+                                 "train_loss": float(r["eval_train_loss"]), "wall_s": math.nan})
+    if not rows:
+        raise FileNotFoundError(f"compare_training: no <method>/loss_curve.csv under {runs_dir}")
+    return sorted(rows, key=lambda r: ((r["method"] != "exact", r["method"]), r["iter"]))
+
+
 def read_csv(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
@@ -123,6 +145,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="the tiny config, 50 steps")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
                         help="train nothing: merge these CSVs (written by earlier runs) and plot them")
+    parser.add_argument("--from_runs", type=Path, default=None,
+                        help="train nothing: read DIR/<method>/loss_curve.csv (same config/seed/budget flags)")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for the CSV and the figure")
     parser.add_argument("--runs_dir", type=Path, default=PACKAGE_DIR / "out" / "compare_training",
                         help="folder for the per-method checkpoints")
@@ -139,6 +163,8 @@ def main(argv=None) -> list[dict]:
         overrides.append(f"--device={args.device}")
     if args.from_csv:
         rows = read_csv(args.from_csv)
+    elif args.from_runs:
+        rows = read_runs(args.from_runs, [config], overrides, args.budget, args.seed)
     else:
         methods = args.methods or trainable_methods()
         rows = run([config], methods, overrides, args.runs_dir, args.budget, args.seed, not args.no_progress)

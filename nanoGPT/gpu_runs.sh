@@ -4,7 +4,8 @@
 #      method swapped into that model (nanoGPT.evaluate --attention=all) and a short sample;
 #  (b) concurrently, the CPU config trained from scratch with each method (nanoGPT.compare_training), one
 #      process per method on the same GPU.
-# Usage: OUT=<folder> PY=python3 bash nanoGPT/gpu_runs.sh   (from the repository root)
+# Usage: OUT=<folder> PY=python3 bash nanoGPT/gpu_runs.sh   (from the repository root); results in
+# $OUT/gpu_results.tgz
 set -u
 PY=${PY:-python3}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-430} ))
@@ -30,5 +31,9 @@ for m in $METHODS; do
     --runs_dir /tmp/compare_runs --no-progress > "$OUT/compare/$m.log" 2>&1 &
 done
 wait
+# Only 8 files come back from the lent machine: pack the results (and the per-method loss curves) into one.
+mkdir -p "$OUT/gpu_exact/runs"
+for d in /tmp/compare_runs/*/; do mkdir -p "$OUT/gpu_exact/runs/$(basename $d)"; cp "$d/loss_curve.csv" "$OUT/gpu_exact/runs/$(basename $d)/"; done
+tar czf "$OUT/gpu_results.tgz" -C "$OUT" gpu_exact compare && rm -rf "$OUT/gpu_exact" "$OUT/compare"
 nvidia-smi --query-gpu=name,memory.used --format=csv
 echo "done with $(left) s left"

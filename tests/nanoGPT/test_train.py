@@ -106,3 +106,12 @@ def test_non_finite_loss_writes_no_checkpoint(tmp_path):
     with pytest.raises((FloatingPointError, ValueError), match="non-finite|no checkpoint"):
         train(tiny_config(tmp_path, "--learning_rate=1e30", "--grad_clip=0.0", "--warmup_iters=0"))
     assert not checkpoint_path(tmp_path).exists()
+
+
+def test_loss_curve_plot(tiny_run, tmp_path):
+    from nanoGPT.plot_loss_curve import main as plot_main, read_curve
+
+    _, out_dir = tiny_run
+    rows = read_curve(out_dir / "loss_curve.csv")
+    assert rows[0]["iter"] == 0 and rows[0]["train_loss"] is None and rows[-1]["eval_val_loss"] is not None
+    assert plot_main([str(out_dir / "loss_curve.csv"), "--out", str(tmp_path / "c.png")]).stat().st_size > 0
