@@ -1,0 +1,141 @@
+"""The perplexity experiment of the tree-attention report, on this repository's nanoGPT.
+
+The report decodes WikiText-2 with pretrained GPT-2, each query attending through the tree to the prefix of its
+1024-token block. Here: the small nanoGPT trained with exact attention on tiny Shakespeare
+(``nanoGPT.quick_model``, trained on first use, or ``--out_dir`` of another checkpoint), every layer's attention
+replaced by tree attention (causal, whole blocks at once, which equals token-by-token decoding because each query
+only reads its prefix), on ``percentage_of_test_set`` % of the validation split starting at ``offset`` %.
+The running perplexity after each block is appended to
+``tree_attention/out/perplexity_<method>_<e>_<pct>_<offset>.txt``.
+
+    python -m tree_attention.inference_bench alignment 0.5 5 0
+    python -m tree_attention.inference_bench --table --seeds 3        # every method x e in 0.2..0.9 + exact
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from statistics import mean, stdev
+
+import torch
+from tqdm import tqdm
+
+from common import plotting
+
+from .mass_estimators import METHODS
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def validation_blocks(pct: float, offset: float, block_size: int) -> torch.Tensor:
+    """Consecutive validation blocks (n, block_size + 1) covering pct % of the split from offset %."""
+    from nanoGPT.data_loader import load_split
+
+    if not 0 < pct <= 100 or not 0 <= offset < 100:
+        raise ValueError(f"inference_bench: need 0 < percentage_of_test_set <= 100 and 0 <= offset < 100, "
+                         f"got {pct}, {offset}")
+    data = torch.as_tensor(load_split("val").astype("int64"))
+    start = int(len(data) * offset / 100)
+    stop = min(len(data), start + int(len(data) * pct / 100))
+    n = (stop - start - 1) // block_size
+    if n < 1:
+        raise ValueError(f"inference_bench: {pct}% from {offset}% holds less than one block of {block_size} tokens")
+    idx = start + torch.arange(n).unsqueeze(1) * block_size + torch.arange(block_size + 1)
+    return data[idx]
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, log_path: Path | None = None, batch: int = 16) -> float:
+    """exp(mean cross-entropy) over all blocks; the running value is appended to ``log_path`` per batch."""
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(0, len(blocks), batch):
+        chunk = blocks[i:i + batch]
+        _, loss = model(chunk[:, :-1], chunk[:, 1:])
+        total += loss.item() * chunk.shape[0]
+        count += chunk.shape[0]
+        if log_path is not None:
+            with log_path.open("a") as f:
+                f.write(f"{count} {math.exp(total / count):.6f}\n")
+    return math.exp(total / count)
+
+
+def run_one(model, method: str, e: float, pct: float, offset: float, seed: int = 0, log: bool = True) -> float:
+    if method == "exact":
+        model.set_attention("exact")
+    else:
+        model.set_attention("tree", method=method, number_of_terms_exponent=e, seed=seed)
+    blocks = validation_blocks(pct, offset, model.config.block_size)
+    log_path = None
+    if log:
+        OUT_DIR.mkdir(exist_ok=True)
+        log_path = OUT_DIR / f"perplexity_{method}_{e}_{pct}_{offset}.txt"
+    return perplexity(model, blocks, log_path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Perplexity of nanoGPT with its attention replaced by tree attention.")
+    parser.add_argument("attention_method", nargs="?", default="alignment", choices=[*METHODS, "exact"])
+    parser.add_argument("number_of_terms_exponent", nargs="?", type=float, default=0.5)
+    parser.add_argument("percentage_of_test_set", nargs="?", type=float, default=5.0)
+    parser.add_argument("offset", nargs="?", type=float, default=0.0)
+    parser.add_argument("--out_dir", default=None, help="nanoGPT checkpoint folder (default: the quick model)")
+    parser.add_argument("--table", action="store_true", help="every method x e in 0.2..0.9 x seeds, plus exact")
+    parser.add_argument("--exponents", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="1% of the split, e in {0.3, 0.6}, 2 methods, 2 seeds")
+    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
+    args = parser.parse_args(argv)
+    if args.out_dir:
+        from nanoGPT.checkpoint import load_model
+        model, _ = load_model(args.out_dir, device=args.device)
+    else:
+        from nanoGPT.quick_model import get_quick_model
+        model, _ = get_quick_model(device=args.device)
+    if not args.table:
+        ppl = run_one(model, args.attention_method, args.number_of_terms_exponent, args.percentage_of_test_set,
+                      args.offset, args.seed)
+        print(f"{args.attention_method} e={args.number_of_terms_exponent}: perplexity {ppl:.4f}")
+        return ppl
+    methods, exponents, pct = [m for m in METHODS], args.exponents, args.percentage_of_test_set
+    if args.quick:
+        methods, exponents, pct, args.seeds = ["alignment", "uniform"], [0.3, 0.6], 1.0, 2
+    exact = run_one(model, "exact", 1.0, pct, args.offset, log=False)
+    rows = [dict(method="exact", e=1.0, ppl_mean=exact, ppl_std=0.0, seeds=1)]
+    for method in tqdm(methods, desc="methods"):
+        for e in exponents:
+            ppls = [run_one(model, method, e, pct, args.offset, seed, log=False) for seed in range(args.seeds)]
+            rows.append(dict(method=method, e=e, ppl_mean=mean(ppls), ppl_std=stdev(ppls) if len(ppls) > 1 else 0.0,
+                             seeds=len(ppls)))
+    print(f"validation perplexity, {pct}% of the split from {args.offset}%, block {model.config.block_size}")
+    print("| method | e | perplexity (mean ± std over seeds) |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['e']} | {r['ppl_mean']:.3f} ± {r['ppl_std']:.3f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "tree_perplexity.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, axes = plotting.new_figure()
+    ax = axes[0][0]
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        ax.errorbar([r["e"] for r in sel], [r["ppl_mean"] for r in sel], yerr=[r["ppl_std"] for r in sel],
+                    marker="o", capsize=3, label=method)
+    ax.axhline(exact, color="black", ls="--", label="exact attention")
+    ax.set_yscale("log")
+    ax.set_xlabel("number_of_terms_exponent e (T = ceil(l^e) buds)")
+    ax.set_ylabel("validation perplexity (per character)")
+    ax.set_title("nanoGPT (trained with exact) with tree attention swapped in")
+    ax.legend(fontsize=6)
+    print(f"wrote {plotting.save_figure(fig, args.out / 'tree_perplexity.png')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
