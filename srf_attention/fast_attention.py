@@ -186,7 +186,7 @@ class FastAttention(nn.Module):
             raise ValueError(f"FastAttention: mode={mode!r} needs q, k, v of one length (the new positions), got "
                              f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
         work = _work_dtype(q.dtype)
-        return q.to(work), k.to(work), v.to(work), scale, q.dtype
+        return q.to(work), k.to(work), v.to(work), resolve_scale(scale, self.head_dim), q.dtype
 
     def _check_state(self, kv, key_maxima, denominator, q, v):
         given = [t is not None for t in (kv, key_maxima, denominator)]
