@@ -1,6 +1,6 @@
 """Benchmark of SRF attention against exact causal attention: training step and generation, on this machine.
 
-Two measurements (Reid et al. 2023, Sec. 6.3 use SimRFs inside Performers for the same linear cost):
+Two measurements (Reid et al. 2023 use SimRFs inside Performers, at the same linear cost as ORFs):
 
 1. Causal forward + backward (``mode='train'``, chunked prefix sums) vs ``exact`` (PyTorch's
    scaled_dot_product_attention with is_causal=True): median wall time and peak memory over sequence lengths L.

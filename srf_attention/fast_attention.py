@@ -2,11 +2,12 @@
 
 Reid, Choromanski, Likhosherstov, Weller, "Simplex Random Features" (ICML 2023) replace the orthogonal random
 features of FAVOR+ (Choromanski et al., "Rethinking Attention with Performers", ICLR 2021) by simplex random
-features (SimRFs, their eq. 9): the same estimator of the softmax kernel (their eq. 3, Performer's Lemma 1)
+features (SimRFs, their Sec. 3): the same unbiased estimator of the softmax kernel (their eq. 1 with the positive
+random features of Performer's Lemma 1)
 
     exp(S q.k) = E[phi(q) . phi(k)],   phi(x) = exp(W x' - |x'|^2/2) / sqrt(m),   x' = sqrt(S) x,
 
-with lower variance (their Theorem 3.3). Attention is then linear attention (``linear_attention.py``).
+with lower variance (their Sec. 3: the lowest MSE among weight-independent couplings). Attention is then linear attention (``linear_attention.py``).
 
 Three ways of running it, as the package README promises:
 
@@ -86,7 +87,7 @@ class FastAttention(nn.Module):
                              norm=self.norm)
 
     def redraw_(self) -> "FastAttention":
-        """Draw a new projection W in place (Performer's feature redrawing, Choromanski et al. 2021, Sec. 4)."""
+        """Draw a new projection W in place (Performer's feature redrawing, Choromanski et al. 2021)."""
         self.projection.copy_(self._draw())
         return self
 
@@ -108,7 +109,7 @@ class FastAttention(nn.Module):
     # --- mode='train' --------------------------------------------------------------------------------
     def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                          scale: float, attn_fn: str = "torch") -> torch.Tensor:
-        """The whole sequence at once (Performer eq. 4; causal: prefix sums, Sec. 2.6), in PyTorch
+        """The whole sequence at once (Performer Sec. 2: FAVOR+ attention; causal by prefix sums), in PyTorch
         (``attn_fn='torch'``) or with the fused Triton kernel (``'flash'``, ``flash_linear_attention.py``).
 
         With causal and Nq < Nk the queries are the last Nq positions: the first Nk - Nq keys form the state.

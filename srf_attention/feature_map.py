@@ -1,4 +1,4 @@
-"""The positive random feature map of FAVOR+ (Choromanski et al. 2021, Lemma 1; Reid et al. 2023, eq. 3).
+"""The positive random feature map of FAVOR+ (Choromanski et al. 2021, Lemma 1; Reid et al. 2023, eq. 1).
 
 For the softmax kernel K(q, k) = exp(S q.k) and rows w_1..w_m of a random matrix W (``features.py``):
 

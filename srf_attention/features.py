@@ -6,10 +6,10 @@ A random feature estimator of the softmax kernel draws m vectors w_1..w_m (the r
 - ``gaussian_random_matrix``: i.i.d. N(0, I_d) rows (Rahimi & Recht 2007; FAVOR+ with iid features).
 - ``orthogonal_random_matrix`` (ORF, Yu et al. 2016; Choromanski et al. 2021): within each block of d rows the
   directions are exactly orthogonal, the norms independent chi_d draws, so each row is still N(0, I_d).
-- ``simplex_random_matrix`` (SimRF, Reid et al. 2023, Sec. 3, eq. 9): within each block the d directions are the
+- ``simplex_random_matrix`` (SimRF, Reid et al. 2023, Sec. 3): within each block the d directions are the
   vertices of a regular simplex centred at the origin, pairwise cosine -1/(d-1), rotated by one Haar-random
   orthogonal matrix, with chi_d norms. The negative correlation lowers the MSE of the positive random feature
-  kernel estimate below ORF's (their Theorem 3.3).
+  kernel estimate below ORF's (their Sec. 3).
 
 When nb_features > d, independent blocks are stacked and the last one is cut to size. ``norm='chi'`` draws
 row norms from chi_d (unbiased kernel estimates); ``norm='fixed'`` sets every norm to sqrt(d), the Performer
@@ -96,7 +96,7 @@ def orthogonal_random_matrix(nb_features: int, head_dim: int, generator=None, dt
 
 def simplex_random_matrix(nb_features: int, head_dim: int, generator=None, dtype=torch.float32,
                           device="cpu", norm: str = "chi") -> torch.Tensor:
-    """(nb_features, head_dim) SimRF matrix (Reid et al. 2023, eq. 9): per block, the regular-simplex directions
+    """(nb_features, head_dim) SimRF matrix (Reid et al. 2023, Sec. 3): per block, the regular-simplex directions
     rotated by an independent Haar orthogonal matrix, times chi_d norms."""
     _check(nb_features, head_dim, norm, "simplex_random_matrix")
     d = head_dim

@@ -1,6 +1,6 @@
 """A fused Triton kernel of linear attention (no softmax): the ``attn_fn='flash'`` path of FastAttention's train mode.
 
-It computes the same thing as ``linear_attention.py`` (Performer eq. 4, causal prefix sums of Sec. 2.6) for given
+It computes the same thing as ``linear_attention.py`` (Performer Sec. 2, causal by prefix sums) for given
 features phi(Q), phi(K) and augmented values [V, 1]: each program owns one (batch*head, block of value columns),
 walks the sequence chunk by chunk and keeps the running state sum_j phi(k_j) v_j^T (m x block) in registers, so
 neither the per-chunk states nor the chunk score matrices ever reach GPU memory:

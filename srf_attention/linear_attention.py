@@ -2,10 +2,10 @@
 
 With positive features phi(q_i), phi(k_j) in R^m (``feature_map.py``) the softmax kernel exp(S q.k) is estimated
 by phi(q) . phi(k), and attention becomes (Choromanski et al. 2021, "Rethinking Attention with Performers",
-eq. 4 and Sec. 2.6; Reid et al. 2023, eq. 2):
+Sec. 2, FAVOR+ attention):
 
     non-causal:  out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / phi(q_i)^T (sum_j phi(k_j)),
-    causal:      the same with both sums over j <= i only (prefix sums, Performer Sec. 2.6 / Fig. 2).
+    causal:      the same with both sums over j <= i only (prefix sums, Performer's unidirectional case).
 
 Both sums are carried together by appending a column of ones to v ("augmented values"): the last output column
 is the denominator. The causal prefix sums are computed chunk by chunk (the chunkwise form of linear attention):

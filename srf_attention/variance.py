@@ -1,10 +1,10 @@
 """Mean squared error of the softmax-kernel estimate for iid, orthogonal (ORF) and simplex (SimRF) features.
 
 Reid et al. (ICML 2023) prove that simplex coupling gives the lowest MSE among weight-independent couplings of
-positive random features (their Theorem 3.3) and show it in a pointwise kernel estimation experiment (Sec. 6.1):
+positive random features (their Sec. 3) and show it in a pointwise kernel estimation experiment (Sec. 6.1):
 the MSE grows with the norms of the inputs, and SimRF < ORF < iid throughout. This script measures that with the
-features of ``features.py``, for the softmax kernel K(x, y) = exp(x.y) and its estimate (their eq. 3,
-Performer's Lemma 1)
+features of ``features.py``, for the softmax kernel K(x, y) = exp(x.y) and its estimate (their eq. 1
+with Performer's Lemma 1)
 
     K^(x, y) = (1/m) sum_i exp(w_i.(x + y) - (|x|^2 + |y|^2)/2).
 

@@ -44,7 +44,7 @@ def test_noncausal_equals_causal_at_the_last_position():
 
 @pytest.mark.parametrize("feature_type", ["simplex", "orthogonal", "iid"])
 def test_kernel_estimate_is_unbiased(feature_type):
-    """E[phi(q).phi(k)] = exp(S q.k) (Reid et al. eq. 3). The projection stacks 3000 independent blocks of d
+    """E[phi(q).phi(k)] = exp(S q.k) (Reid et al. eq. 1, Performer Lemma 1). The projection stacks 3000 independent blocks of d
     rows; the block means are i.i.d. estimates, and their mean is within 4 standard errors of the exact kernel."""
     gen = torch.Generator().manual_seed(0)
     d, blocks, scale = 6, 3000, 1 / math.sqrt(6)
