@@ -5,20 +5,19 @@ A checkpoint holds everything a run needs to continue as if it had never stopped
 batch sampler's generator; each randomised attention method's generator), the iteration, the best validation
 loss, the loss history, the training config and the character vocabulary.
 
-It is written atomically: saved to a temporary file in the same folder, flushed to disk, then renamed over the
-old one (``os.replace`` is atomic on POSIX), so a crash mid-write leaves the previous checkpoint intact. Loading
+It is written atomically (:mod:`nanoGPT.atomic`: a temporary file in the same folder, flushed, then renamed
+over the old one), so a crash mid-write leaves the previous checkpoint intact. Loading
 a missing, corrupt or incomplete file raises :class:`CheckpointError` saying which file and what is wrong.
 """
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import write_atomically
 from .model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
@@ -34,22 +33,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_path(out_dir) -> Path:
     return Path(out_dir) / CKPT_NAME
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(out_dir, state: dict) -> Path:

@@ -16,12 +16,13 @@ from .train import TrainConfig, train
 
 QUICK_DIR = PACKAGE_DIR / "out" / "quick_exact"
 QUICK_ITERS = 1000
+QUICK_OVERRIDES: list[str] = []  # further --key=value overrides (the tests shrink the evaluation with it)
 
 
 def quick_config(progress: bool = True) -> TrainConfig:
     return load_config(TrainConfig, ["config/train_shakespeare_char_cpu.py", f"--out_dir={QUICK_DIR}",
                                      f"--max_iters={QUICK_ITERS}", f"--lr_decay_iters={QUICK_ITERS}",
-                                     f"--progress={progress}"])
+                                     f"--progress={progress}", *QUICK_OVERRIDES])
 
 
 def _finished(cfg: TrainConfig) -> bool:

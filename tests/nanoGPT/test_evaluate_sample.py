@@ -77,6 +77,7 @@ def test_quick_model_trains_once_then_loads(tmp_path, monkeypatch):
     """Shrunk to 3 iterations: trained on first use, loaded (not retrained) afterwards."""
     monkeypatch.setattr(quick_model, "QUICK_DIR", tmp_path / "quick")
     monkeypatch.setattr(quick_model, "QUICK_ITERS", 3)
+    monkeypatch.setattr(quick_model, "QUICK_OVERRIDES", ["--eval_iters=1"])
     model, meta = quick_model.get_quick_model(progress=False)
     assert meta["iter_num"] == 3 and meta["config"]["attention"] == "exact"
     assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (4, 128, 64)

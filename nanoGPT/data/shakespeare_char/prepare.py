@@ -9,12 +9,12 @@ the characters are the training split, the last 10% the validation split. meta.p
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ...atomic import write_atomically
 
 HERE = Path(__file__).resolve().parent
 INPUT = HERE / "input.txt"
@@ -38,19 +38,6 @@ def decode(ids, itos: dict) -> str:
     return "".join(itos[int(i)] for i in ids)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file
-    (several processes may prepare the data at once)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def prepare(input_path: Path = INPUT, out_dir: Path = HERE) -> dict:
     """Write train.bin, val.bin and meta.pkl into ``out_dir``; return the meta dict."""
     input_path, out_dir = Path(input_path), Path(out_dir)
@@ -63,9 +50,10 @@ def prepare(input_path: Path = INPUT, out_dir: Path = HERE) -> dict:
     ids = np.array(encode(text, meta["stoi"]), dtype=np.uint16)
     split = int(TRAIN_FRACTION * len(ids))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out_dir / "train.bin", ids[:split].tobytes())
-    _write_atomically(out_dir / "val.bin", ids[split:].tobytes())
-    _write_atomically(out_dir / "meta.pkl", pickle.dumps(meta))
+    # Atomic writes: several processes may prepare the data at once, and readers must never see half a file.
+    for name, data in (("train.bin", ids[:split].tobytes()), ("val.bin", ids[split:].tobytes()),
+                       ("meta.pkl", pickle.dumps(meta))):
+        write_atomically(out_dir / name, lambda f, data=data: f.write(data))
     return meta
 
 
