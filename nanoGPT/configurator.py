@@ -76,7 +76,8 @@ def load_config(cls, argv: list[str], defaults: dict | None = None):
         _set(values, types_, key, value, "defaults")
     for arg in argv:
         if arg in ("-h", "--help"):
-            raise SystemExit(help_text(cls))
+            print(help_text(cls))
+            raise SystemExit(0)
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             if not sep:
