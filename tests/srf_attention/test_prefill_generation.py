@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import common
-import kdeformer.performer  # noqa: F401  (registers "performer" until kdeformer/__init__ imports it)
 from common.data import synthetic_qkv
 from srf_attention.fast_attention import FastAttention, SRFState
 
