@@ -1,21 +1,25 @@
 """Estimates of a subtree's attention mass pm, the weights that steer the tree descent.
 
 For a query q (per head) and a subtree with key sum sk, count c and position span, ``method`` gives pm >= 0
-(summed over heads, so the heads share one descent; leaves get pm = 0 in the descent itself):
+(summed over heads, so the heads share one descent). As in the report, a subtree with at most one visible key (a
+leaf) has pm = 0: there is nothing below it to find. With x' = sqrt(S) x (so that x' . y' = S x . y):
 
 - ``alignment``: exp(S q . sk / c), the score of the subtree's mean key;
 - ``positive_alignment``: the same on the features f(x) = [ReLU(x), ReLU(-x)] (non-negative coordinates);
-- ``FAVOR+``: the subtree mean of phi(q) . phi(k), phi the positive orthogonal random features of FAVOR+
-  (R features; an unbiased estimate of the mean of exp(S q . k) over the subtree);
-- ``FAVOR+ReLU``: the mean of phi(q) . phi(k) with ReLU random features of the unit-normalised vectors
-  (constant norm; Choromanski et al. 2021, Sec. 4);
+- ``FAVOR+``: the subtree mean of phi(q) . phi(k) with the positive random features of FAVOR+
+  phi(x) = exp(w_r . x' - |x'|^2 / 2) / sqrt(R) (Choromanski et al. 2021, "Rethinking attention with Performers",
+  Lemma 1), here in the report's antithetic ("hyperbolic") form: R / 2 orthogonal directions w and their negatives
+  -w, so R must be even; an unbiased estimate of the mean of exp(S q . k) over the subtree;
+- ``FAVOR+ReLU``: the mean of phi(q) . phi(k) with phi(x) = ReLU(w_r . x')^p / sqrt(R), the w_r orthogonal with
+  constant norm sqrt(D) (Choromanski et al. 2021, Sec. 4, generalised attention), antithetic pairs as above
+  (R even), p = ``relu_power`` (1; the kernel analysis varies it);
 - ``RandomFourierFeatures``: the mean of the trigonometric estimate (Rahimi & Recht 2007) of
-  exp(S q . k) = exp(|q'|^2 / 2) exp(|k'|^2 / 2) exp(-|q' - k'|^2 / 2); it can be negative and is clamped at 0;
-  R must be even (cos / sin pairs);
+  exp(x' . y') = exp(|x'|^2 / 2) exp(|y'|^2 / 2) exp(-|x' - y'|^2 / 2), with R / 2 frequencies and a cos / sin
+  pair each (R even); it can be negative and is clamped at 0;
 - ``uniform``: 1;
 - ``time-decay``: sum over the subtree's positions p <= t of base^(t - p) (recent tokens weigh more).
 
-Each estimator is linear in per-key quantities (``key_features``), so a subtree's estimate needs only the sum of
+Each estimator is linear in per-key quantities (``features``), so a subtree's estimate needs only the sum of
 those quantities over the subtree, which the tree keeps.
 """
 from __future__ import annotations
@@ -24,32 +28,38 @@ import math
 
 import torch
 
-from srf_attention.feature_map import positive_random_features
-from srf_attention.features import orthogonal_random_matrix
+from srf_attention.features import random_matrix
 
 METHODS = ("alignment", "positive_alignment", "FAVOR+", "FAVOR+ReLU", "RandomFourierFeatures", "uniform",
            "time-decay", "tree-less")
-FEATURE_METHODS = ("positive_alignment", "FAVOR+", "FAVOR+ReLU", "RandomFourierFeatures")
+RANDOM_FEATURE_METHODS = ("FAVOR+", "FAVOR+ReLU", "RandomFourierFeatures")
+FEATURE_METHODS = ("positive_alignment", *RANDOM_FEATURE_METHODS)
 
 
 class MassEstimator:
     """pm of subtrees for one method; ``projection`` holds the random features (drawn once, from a generator)."""
 
     def __init__(self, method: str, head_dim: int, scale: float, R: int = 64, base: float = 0.9,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, orthogonal: bool = True, relu_power: float = 1.0):
         if method not in METHODS:
             raise ValueError(f"tree: unknown method {method!r}; expected one of {METHODS}")
-        if method in ("FAVOR+", "FAVOR+ReLU", "RandomFourierFeatures") and (isinstance(R, bool) or R < 1):
-            raise ValueError(f"tree: R must be >= 1 for {method}, got {R}")
-        if method == "RandomFourierFeatures" and R % 2:
-            raise ValueError(f"tree: RandomFourierFeatures needs an even R (cos/sin pairs), got R={R}")
+        if method in RANDOM_FEATURE_METHODS:
+            if isinstance(R, bool) or not isinstance(R, int) or R < 2 or R % 2:
+                raise ValueError(f"tree: {method} needs an even R >= 2 (antithetic or cos/sin feature pairs), "
+                                 f"got R={R!r}")
         if method == "time-decay" and not 0 < base < 1:
             raise ValueError(f"tree: time-decay needs 0 < base < 1, got {base}")
-        self.method, self.scale, self.base = method, scale, base
-        n_proj = R // 2 if method == "RandomFourierFeatures" else R
+        if relu_power != 1.0 and method != "FAVOR+ReLU":
+            raise ValueError(f"tree: relu_power applies to FAVOR+ReLU only, got {relu_power} for {method}")
+        if not relu_power > 0:
+            raise ValueError(f"tree: relu_power must be > 0, got {relu_power}")
+        self.method, self.scale, self.base, self.relu_power = method, scale, base, relu_power
         self.projection = None
-        if method in ("FAVOR+", "FAVOR+ReLU", "RandomFourierFeatures"):
-            self.projection = orthogonal_random_matrix(n_proj, head_dim, generator=generator, dtype=torch.float64)
+        if method in RANDOM_FEATURE_METHODS:
+            w = random_matrix("orthogonal" if orthogonal else "iid", R // 2, head_dim, generator=generator,
+                              dtype=torch.float64, norm="fixed" if method == "FAVOR+ReLU" else "chi")
+            # FAVOR+ and FAVOR+ReLU: the directions w and -w; RandomFourierFeatures: cos and sin of each w . x
+            self.projection = w if method == "RandomFourierFeatures" else torch.cat([w, -w])
 
     @property
     def uses_features(self) -> bool:
@@ -58,52 +68,40 @@ class MassEstimator:
     def _proj(self, x):
         return self.projection.to(device=x.device, dtype=x.dtype)
 
-    def key_features(self, k: torch.Tensor) -> torch.Tensor:
-        """Per-key quantities whose subtree sums determine pm: (..., N, F)."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) (..., F) of keys or queries: the subtree sums of phi(k) and phi(q) give the estimate."""
         if self.method == "positive_alignment":
-            return torch.cat([torch.relu(k), torch.relu(-k)], -1)
+            return torch.cat([torch.relu(x), torch.relu(-x)], -1)
+        n_rows = self.projection.shape[0]  # R for FAVOR+ / FAVOR+ReLU, R / 2 frequencies for RandomFourierFeatures
+        xs = x * math.sqrt(self.scale)
+        wx = xs @ self._proj(x).T
         if self.method == "FAVOR+":
-            # one fixed offset (0) for all keys, so that sums over any subtree stay comparable
-            return positive_random_features(k, self._proj(k), self.scale, offset=torch.zeros((), dtype=k.dtype))[0]
+            return torch.exp(wx - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(n_rows)
         if self.method == "FAVOR+ReLU":
-            unit = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return torch.relu(unit @ self._proj(k).T) / math.sqrt(self.projection.shape[0])
-        ks = k * math.sqrt(self.scale)
-        wk = ks @ self._proj(k).T
-        amp = torch.exp(0.5 * (ks * ks).sum(-1, keepdim=True))
-        return amp * torch.cat([torch.cos(wk), torch.sin(wk)], -1) / math.sqrt(self.projection.shape[0])
+            return torch.relu(wx) ** self.relu_power / math.sqrt(n_rows)
+        # cos(w . x) cos(w . y) + sin(w . x) sin(w . y) = cos(w . (x - y)): the mean over the R / 2 frequencies
+        amp = torch.exp(0.5 * (xs * xs).sum(-1, keepdim=True))
+        return amp * torch.cat([torch.cos(wx), torch.sin(wx)], -1) / math.sqrt(n_rows)
 
-    def query_features(self, q: torch.Tensor) -> torch.Tensor:
-        if self.method == "positive_alignment":
-            return torch.cat([torch.relu(q), torch.relu(-q)], -1)
-        if self.method == "FAVOR+":
-            return positive_random_features(q, self._proj(q), self.scale, offset=torch.zeros((), dtype=q.dtype))[0]
-        if self.method == "FAVOR+ReLU":
-            unit = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return torch.relu(unit @ self._proj(q).T) / math.sqrt(self.projection.shape[0])
-        qs = q * math.sqrt(self.scale)
-        wq = qs @ self._proj(q).T
-        amp = torch.exp(0.5 * (qs * qs).sum(-1, keepdim=True))
-        return amp * torch.cat([torch.cos(wq), torch.sin(wq)], -1) / math.sqrt(self.projection.shape[0])
+    @property
+    def score_source(self) -> str | None:
+        """Which subtree sum the pm reads through an inner product: 'k' (q . sum_k), 'feat' (phi(q) . sum phi(k))
+        or None (uniform, time-decay: no inner product)."""
+        return "k" if self.method == "alignment" else "feat" if self.uses_features else None
 
-    def log_mass(self, q, sum_k, sum_feat, count, start, stop, position) -> torch.Tensor:
-        """log pm per (query, bud), summed over heads. Shapes: q (B, H, n, D); sum_k (B, H, n, c, D);
-        sum_feat (B, H, n, c, F) or None; count, start, stop (B, n, c) (stop exclusive, clipped to the prefix);
-        position (n,). Returns (B, n, c); -inf where count is 0."""
-        empty = count == 0
-        c = count.clamp_min(1).to(q.dtype)
+    def log_mass(self, score, count, start, stop, position) -> torch.Tensor:
+        """log pm per (query, bud), summed over heads. score (B, H, n, c): the buds' inner products of
+        ``score_source`` (None for uniform / time-decay); count, start, stop (B, n, c) (stop exclusive, clipped to
+        the prefix); position (n,). Returns (B, n, c); -inf (pm 0) where count <= 1 (nothing below to find)."""
+        final = count <= 1
+        c = count.clamp_min(1)
         if self.method == "uniform":
-            log_pm = torch.zeros_like(c)
+            log_pm = torch.zeros(count.shape, dtype=torch.float64)
         elif self.method == "time-decay":
-            age_newest = (position.view(1, -1, 1) - (stop - 1)).to(q.dtype)  # t - (last position in the span)
-            log_pm = age_newest * math.log(self.base) + torch.log((1 - self.base ** c) / (1 - self.base))
-        elif self.method == "alignment":
-            log_pm = torch.logsumexp(self.scale * torch.einsum("bhnd,bhncd->bhnc", q, sum_k) / c.unsqueeze(1), dim=1)
-        elif self.method == "positive_alignment":
-            fq = self.query_features(q)
-            log_pm = torch.logsumexp(self.scale * torch.einsum("bhnf,bhncf->bhnc", fq, sum_feat) / c.unsqueeze(1),
-                                     dim=1)
-        else:
-            mean = torch.einsum("bhnf,bhncf->bhnc", self.query_features(q), sum_feat) / c.unsqueeze(1)
-            log_pm = torch.log(mean.clamp_min(0).sum(1))
-        return log_pm.masked_fill(empty, float("-inf"))
+            age_newest = (position.view(1, -1, 1) - (stop - 1)).double()  # t - (last position in the span)
+            log_pm = age_newest * math.log(self.base) + torch.log((1 - self.base ** c.double()) / (1 - self.base))
+        elif self.method in ("alignment", "positive_alignment"):  # exp(S <q, mean key>), features for positive_
+            log_pm = torch.logsumexp(self.scale * score / c.unsqueeze(1).to(score.dtype), dim=1)
+        else:  # the subtree mean of phi(q) . phi(k) (clamped at 0: RandomFourierFeatures can be negative)
+            log_pm = torch.log((score / c.unsqueeze(1).to(score.dtype)).clamp_min(0).sum(1))
+        return log_pm.masked_fill(final, float("-inf"))

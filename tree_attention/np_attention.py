@@ -7,8 +7,8 @@ Two fronts over one descent (``tree.py``) and one set of mass estimators (``mass
   query through a descent to T buds; ``verbose=True`` prints the descent as the report shows it.
 - :class:`TreeAttention`, registered as ``tree``: a whole causal sequence at once (summaries from prefix sums,
   vectorised over batch and queries, heads sharing the descent), with T = ceil(l^e) for the query at position
-  l - 1 (e = ``number_of_terms_exponent``); the count of expanded nodes (= inner products beyond the P first buds)
-  per query is kept in ``last_expansions``.
+  l - 1 (e = ``number_of_terms_exponent``); the inner products q . sum_k that the report's incremental algorithm
+  spends per query (``tree.py``) are kept in ``last_inner_products`` (B, n).
 
 ``tree-less`` (the baseline without a tree; our reading of it): the T - 1 most recent keys as single-key buds plus
 one bud summarising all older keys, combined like the tree's buds.
@@ -68,9 +68,9 @@ class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
     def forward(self, T: int, k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Insert (k, v) of the next position, then attend q to the prefix with T buds; k, q, v: (H, D)."""
         k, q, v = (torch.as_tensor(x, dtype=torch.float64) for x in (k, q, v))
-        feat = self.estimator.key_features(k) if self.estimator.uses_features else None
-        if self.heap.sum_feat is None and feat is not None:
-            self.heap.sum_feat = torch.zeros(self.H, 2 * self.L - 1, feat.shape[-1], dtype=torch.float64)
+        feat = self.estimator.features(k) if self.estimator.uses_features else None
+        if self.heap.arrays["feat"] is None and feat is not None:
+            self.heap.arrays["feat"] = torch.zeros(self.H, 2 * self.L - 1, feat.shape[-1], dtype=torch.float64)
         self.heap.insert(k, v, feat)
         position = torch.tensor([self.heap.length - 1])
         qb = q.view(1, self.H, 1, self.D)
@@ -97,7 +97,7 @@ class TreeAttention(AttentionMethod):
         self.method, self.number_of_terms_exponent, self.parallelism = method, number_of_terms_exponent, parallelism
         self.R, self.base = R, base
         self.bud_value = check_choice(bud_value, "bud_value", "tree", BUD_VALUES)
-        self.last_expansions = None
+        self.last_inner_products = None
         MassEstimator(method, 1, 1.0, R, base)  # validates R / base now, not at the first call
 
     def attend(self, q, k, v, causal, scale):
@@ -109,10 +109,10 @@ class TreeAttention(AttentionMethod):
         L = 1 << max(0, math.ceil(math.log2(nk)))
         P = min(self.parallelism, L)
         estimator = MassEstimator(self.method, d, scale, self.R, self.base, self.generator(q.device))
-        feats = estimator.key_features(k) if estimator.uses_features else None
+        feats = estimator.features(k) if estimator.uses_features else None
         summaries = PrefixSummaries(k, v, feats, L, positions.to(q.device))
         with torch.no_grad():  # the descent is discrete; gradients flow through the buds' summaries below
-            buds, self.last_expansions = descend(summaries, estimator, q.detach(), positions, n_terms, L, P,
+            buds, self.last_inner_products = descend(summaries, estimator, q.detach(), positions, n_terms, L, P,
                                                  self.generator("cpu"))
         s = summaries(buds.clamp_min(0))
         return combine(q, s, (buds >= 0) & (s.count > 0), scale, self.bud_value)
@@ -133,7 +133,7 @@ class TreeAttention(AttentionMethod):
         ck, cv = cum(k), cum(v)
         ia, ib = (x.expand(b, -1, -1).unsqueeze(1).expand(-1, h, -1, -1) for x in (start, stop))
         s = Summaries((stop - start).expand(b, -1, -1), start, stop, gather_rows(ck, ib) - gather_rows(ck, ia),
-                      gather_rows(cv, ib) - gather_rows(cv, ia), None)
+                      gather_rows(cv, ib) - gather_rows(cv, ia))
         return combine(q, s, s.count > 0, scale, self.bud_value)
 
     @classmethod

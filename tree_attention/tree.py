@@ -10,10 +10,20 @@ leaf-to-root path when a token is inserted: the incremental form of the report) 
 (differences of cumulative sums over positions, clipped at each query's position t: a whole causal sequence at
 once, never touching a key after t).
 
-Descent (:func:`descend`), for a query at position t with l = t + 1 visible keys: the buds start as the P nodes of
-level log2(P); each round samples up to P non-leaf buds without replacement in proportion to their estimated mass
-pm (``mass_estimators.py``; Gumbel-top-P sampling) and replaces each by its children (an empty right child, beyond
-t, is dropped), until there are T = ceil(l^e) buds or only leaves are left. All heads share the descent.
+Descent (:func:`descend`), for a query at position t with l = t + 1 visible keys: the buds start as the (at most)
+P nodes of the level that covers the prefix, i.e. the level whose nodes hold 2^ceil(log2 l) / P positions (the
+leaves when 2^ceil(log2 l) < P), those that hold a visible key; each round samples up to P buds with pm > 0 without
+replacement in proportion to their estimated mass pm (``mass_estimators.py``; Gumbel-top-P sampling) and replaces
+each by its children (an empty right child, beyond t, is dropped: the left child takes the parent's place), until
+there are T = ceil(l^e) buds or no bud with pm > 0 is left. A bud holding a single visible key (a leaf, or a node
+whose other keys lie beyond t) has pm 0: it is final. All heads share the descent.
+
+Inner products. The report keeps each bud's alignment q . sum_k: a starting bud costs one inner product, and an
+expansion costs one (the right child's; the left child's alignment is the parent's minus the right child's; an
+expansion with an empty right child costs none). :func:`descend` counts these per query, which is the cost of the
+report's incremental algorithm, and the vectorised path below does exactly these (batched over the batch, the
+queries and the heads): it keeps each bud's inner product and gathers only the P right children per round. The
+final combination (:func:`combine`) reads the T buds' key and value sums once more, so that autograd sees it.
 """
 from __future__ import annotations
 
@@ -39,32 +49,40 @@ def node_span(nodes: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Summaries:
-    """Of buds (B, n, c): count/start/stop (B, n, c) clipped to the prefix; sum_k, sum_v (B, H, n, c, D);
-    sum_feat (B, H, n, c, F) or None."""
+    """Of buds (B, n, c): count/start/stop (B, n, c) clipped to the prefix; sum_k, sum_v (B, H, n, c, D)."""
     count: torch.Tensor
     start: torch.Tensor
     stop: torch.Tensor
     sum_k: torch.Tensor
     sum_v: torch.Tensor
-    sum_feat: torch.Tensor | None
 
 
 class PrefixSummaries:
-    """Summaries from cumulative sums over positions: node sums restricted to positions <= t of each query."""
+    """Summaries from cumulative sums over positions: node sums restricted to positions <= t of each query.
+
+    k, v: (B, H, N, D); feats: (B, H, N, F) or None (the mass estimator's key features); positions: (n,)."""
 
     def __init__(self, k, v, feats, L: int, positions: torch.Tensor):
         pad = lambda x: torch.nn.functional.pad(x.cumsum(2), (0, 0, 1, 0))  # C[p] = sum of the first p rows
-        self.ck, self.cv = pad(k), pad(v)
-        self.cf = None if feats is None else pad(feats)
+        self.cumulative = {"k": pad(k), "v": pad(v), "feat": None if feats is None else pad(feats)}
         self.L, self.positions, self.heads = L, positions, k.shape[1]
 
-    def __call__(self, nodes: torch.Tensor) -> Summaries:
+    def span(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """count, start, stop (B, n, c) of nodes (B, n, c), clipped to each query's prefix [0, t]."""
         start, stop = node_span(nodes, self.L)
         limit = (self.positions + 1).view(1, -1, 1)
         a, b = torch.minimum(start, limit), torch.minimum(stop, limit)
+        return b - a, a, b
+
+    def sums(self, nodes: torch.Tensor, name: str) -> torch.Tensor:
+        """Sums (B, H, n, c, F) over each node's visible positions of 'k', 'v' or 'feat'."""
+        _, a, b = self.span(nodes)
         ia, ib = (x.unsqueeze(1).expand(-1, self.heads, -1, -1) for x in (a, b))
-        diff = lambda c: gather_rows(c, ib) - gather_rows(c, ia)
-        return Summaries(b - a, a, b, diff(self.ck), diff(self.cv), None if self.cf is None else diff(self.cf))
+        c = self.cumulative[name]
+        return gather_rows(c, ib) - gather_rows(c, ia)
+
+    def __call__(self, nodes: torch.Tensor) -> Summaries:
+        return Summaries(*self.span(nodes), self.sums(nodes, "k"), self.sums(nodes, "v"))
 
 
 class HeapSummaries:
@@ -74,9 +92,9 @@ class HeapSummaries:
         n_nodes = 2 * L - 1
         self.L, self.length = L, 0
         self.count = torch.zeros(n_nodes, dtype=torch.long)
-        self.sum_k = torch.zeros(heads, n_nodes, head_dim, dtype=dtype)
-        self.sum_v = torch.zeros(heads, n_nodes, value_dim, dtype=dtype)
-        self.sum_feat = None if feat_dim is None else torch.zeros(heads, n_nodes, feat_dim, dtype=dtype)
+        self.arrays = {"k": torch.zeros(heads, n_nodes, head_dim, dtype=dtype),
+                       "v": torch.zeros(heads, n_nodes, value_dim, dtype=dtype),
+                       "feat": None if feat_dim is None else torch.zeros(heads, n_nodes, feat_dim, dtype=dtype)}
 
     def path(self, position: int) -> list[int]:
         node, nodes = self.L - 1 + position, []
@@ -91,53 +109,82 @@ class HeapSummaries:
             raise ValueError(f"tree: the tree holds L={self.L} positions; cannot insert position {self.length}")
         nodes = torch.tensor(self.path(self.length))
         self.count[nodes] += 1
-        self.sum_k[:, nodes] += k.unsqueeze(1)
-        self.sum_v[:, nodes] += v.unsqueeze(1)
-        if feat is not None:
-            self.sum_feat[:, nodes] += feat.unsqueeze(1)
+        for name, x in (("k", k), ("v", v), ("feat", feat)):
+            if x is not None:
+                self.arrays[name][:, nodes] += x.unsqueeze(1)
         self.length += 1
 
-    def __call__(self, nodes: torch.Tensor) -> Summaries:  # nodes (1, 1, c)
+    def span(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # nodes (1, 1, c)
         start, stop = node_span(nodes, self.L)
         stop = torch.minimum(stop, torch.full_like(stop, self.length))
-        start = torch.minimum(start, stop)
-        pick = lambda arr: arr[:, nodes[0, 0]].unsqueeze(0).unsqueeze(2)  # (1, H, 1, c, F)
-        return Summaries(self.count[nodes], start, stop, pick(self.sum_k), pick(self.sum_v),
-                         None if self.sum_feat is None else pick(self.sum_feat))
+        return self.count[nodes], torch.minimum(start, stop), stop
+
+    def sums(self, nodes: torch.Tensor, name: str) -> torch.Tensor:
+        return self.arrays[name][:, nodes[0, 0]].unsqueeze(0).unsqueeze(2)  # (1, H, 1, c, F)
+
+    def __call__(self, nodes: torch.Tensor) -> Summaries:
+        return Summaries(*self.span(nodes), self.sums(nodes, "k"), self.sums(nodes, "v"))
+
+
+def starting_buds(positions: torch.Tensor, L: int, P: int) -> torch.Tensor:
+    """(n, P) node ids (-1 = none) of the first buds of each query: the nodes of the level whose nodes hold
+    2^ceil(log2 l) / P positions, l = t + 1, that start at or before t (the report's start index)."""
+    l = positions + 1
+    cover = torch.ceil(torch.log2(l.double()) - 1e-12).long().clamp_min(0)  # 2^cover >= l
+    p_eff = torch.minimum(torch.full_like(cover, P), 1 << cover)
+    level = int(math.log2(L)) - cover + torch.log2(p_eff.double()).round().long()
+    nodes = ((1 << level) - 1).view(-1, 1) + torch.arange(P).view(1, -1)
+    start, _ = node_span(nodes, L)
+    keep = (torch.arange(P).view(1, -1) < p_eff.view(-1, 1)) & (start <= positions.view(-1, 1))
+    return torch.where(keep, nodes, torch.full_like(nodes, -1))
 
 
 def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_terms: torch.Tensor, L: int, P: int,
             generator: torch.Generator, verbose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buds (B, n, cap) (node ids, -1 = none) of each query after the descent, and the number of expanded nodes.
+    """Buds (B, n, cap) (node ids, -1 = none) of each query after the descent, and the inner products (node
+    evaluations q . sum) that it spent, (B, n) (module docstring).
 
     q: (B, H, n, D); positions: (n,) the query positions t; n_terms: (n,) T = ceil((t + 1)^e).
+    The pm of a bud is read from its kept inner product (``estimator.score_source``: q . sum_k or
+    phi(q) . sum phi(k)); an expansion evaluates the right child and gets the left one by subtraction.
     """
-    b, _, n, _ = q.shape
-    depth = int(math.log2(L))
-    cap = int(n_terms.max()) + P + depth + 1
+    b, h, n, _ = q.shape
+    cap = int(n_terms.max()) + P
+    source = estimator.score_source
+    query = None if source is None else (q if source == "k" else estimator.features(q))
+
+    def evaluate(nodes):  # (B, H, n, c) inner products of the query with the nodes' sums (0 where no node)
+        if query is None:
+            return None
+        return torch.einsum("bhnf,bhncf->bhnc", query, summaries.sums(nodes.clamp_min(0), source)) * (nodes >= 0).unsqueeze(1)
+
     buds = torch.full((b, n, cap + 1), -1, dtype=torch.long)  # the last column is a sink for unused writes
-    first = (P - 1) + torch.arange(P)
-    buds[:, :, :P] = first
-    start, _ = node_span(first, L)
-    buds[:, :, :P] = buds[:, :, :P].masked_fill(start.view(1, 1, P) > positions.view(1, n, 1), -1)
+    buds[:, :, :P] = starting_buds(positions, L, P)
+    scores = None if query is None else torch.zeros((b, h, n, cap + 1), dtype=query.dtype)
+    if scores is not None:
+        scores[..., :P] = evaluate(buds[:, :, :P])
     used = torch.full((b, n), P, dtype=torch.long)
-    expanded = torch.zeros((b, n), dtype=torch.long)
+    inner_products = (buds[:, :, :P] >= 0).sum(-1)
     target = n_terms.view(1, n).expand(b, n)
+    if verbose:
+        print(f"query at position {int(positions[0])} (l = {int(positions[0]) + 1} keys), T = {int(n_terms[0])}; "
+              f"starting buds: {buds[0, 0, :P][buds[0, 0, :P] >= 0].tolist()}")
     while True:
         nodes = buds[:, :, :cap].clone()
         live = nodes >= 0
-        eligible = live & (node_level(nodes.clamp_min(0)) < depth)
+        count, start, stop = summaries.span(nodes.clamp_min(0))
+        count = count * live
+        eligible = live & (count > 1)  # pm 0 for a bud with one visible key: nothing to descend to
         need = (target - live.sum(-1)).clamp_min(0)
         active = (need > 0) & eligible.any(-1)
         if not active.any():
-            return nodes, expanded
-        s = summaries(nodes.clamp_min(0))
-        log_pm = estimator.log_mass(q, s.sum_k, s.sum_feat, s.count, s.start, s.stop, positions)
+            return nodes, inner_products
+        log_pm = estimator.log_mass(None if scores is None else scores[..., :cap], count, start, stop, positions)
         log_pm = log_pm.masked_fill(~eligible, float("-inf"))
         stalled = eligible.any(-1, keepdim=True) & ~torch.isfinite(log_pm).any(-1, keepdim=True)
         log_pm = torch.where(stalled & eligible, torch.zeros_like(log_pm), log_pm)  # all pm 0: uniform
         u = torch.rand(log_pm.shape, generator=generator, dtype=torch.float64).clamp_min(1e-300)
-        keys = log_pm.double() - torch.log(-torch.log(u))
+        keys = log_pm.double() - torch.log(-torch.log(u))  # Gumbel-top-P: P draws without replacement, prop. to pm
         top_keys, slots = keys.topk(min(P, cap), dim=-1)
         m = torch.minimum(need, torch.full_like(need, P)) * active
         chosen = torch.isfinite(top_keys) & (torch.arange(slots.shape[-1]) < m.unsqueeze(-1))
@@ -145,28 +192,39 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         left, right = 2 * parent + 1, 2 * parent + 2
         right_start, _ = node_span(right, L)
         right = right.masked_fill(right_start > positions.view(1, n, 1), -1)  # beyond t: empty
+        two_children = chosen & (right >= 0)
+        rank = two_children.long().cumsum(-1) - 1
+        target_slot = torch.where(two_children, used.unsqueeze(-1) + rank, torch.full_like(rank, cap))
+        if scores is not None:  # right child: one inner product; left child: the parent's minus the right's
+            right_scores = evaluate(torch.where(two_children, right, -1))
+            heads_index = lambda idx: idx.unsqueeze(1).expand(-1, h, -1, -1)
+            parent_scores = torch.gather(scores, -1, heads_index(slots))
+            scores.scatter_(-1, heads_index(slots), parent_scores - right_scores)
+            scores.scatter_(-1, heads_index(target_slot), right_scores)
         buds.scatter_(-1, slots, torch.where(chosen, left, parent))
-        rank = chosen.long().cumsum(-1) - 1
-        target_slot = torch.where(chosen, used.unsqueeze(-1) + rank, torch.full_like(rank, cap))
-        buds.scatter_(-1, target_slot, torch.where(chosen, right, -1))
+        buds.scatter_(-1, target_slot, torch.where(two_children, right, -1))
         buds[:, :, cap] = -1
-        n_chosen = chosen.sum(-1)
-        used += n_chosen
-        expanded += n_chosen
+        used += two_children.sum(-1)
+        inner_products += two_children.sum(-1)
         if verbose:
-            _print_round(nodes[0, 0], s, log_pm[0, 0], parent[0, 0][chosen[0, 0]], buds[0, 0, :cap], q)
+            _print_round(nodes[0, 0], summaries, log_pm[0, 0], parent[0, 0][chosen[0, 0]],
+                         right[0, 0][chosen[0, 0]], buds[0, 0, :cap], q)
 
 
-def _print_round(nodes, s, log_pm, expanded_nodes, new_buds, q):
+def _print_round(nodes, summaries, log_pm, expanded_nodes, right_children, new_buds, q):
+    """One round as the report's verbose run shows it (first batch element and query)."""
     live = nodes >= 0
-    align = torch.einsum("hd,hcd->hc", q[0, :, 0], s.sum_k[0, :, 0]) / s.count[0, 0].clamp_min(1)  # (H, c)
+    sum_k = summaries.sums(nodes.clamp_min(0).view(1, 1, -1), "k")[0, :, 0]  # (H, c, D)
+    align = torch.einsum("hd,hcd->hc", q[0, :, 0], sum_k)  # q . sum of the bud's keys
     pm = torch.exp(log_pm - log_pm.max()) if torch.isfinite(log_pm).any() else torch.zeros_like(log_pm)
     pm = pm / pm.sum().clamp_min(1e-300)
-    print(f"buds: {nodes[live].tolist()}")
-    print(f"  alignments (head 0, q . mean key): {[round(x, 3) for x in align[0][live].tolist()]}")
-    print(f"  normalised pm: {[round(x, 3) for x in pm[live].tolist()]}")
-    for node in expanded_nodes.tolist():
-        print(f"  sampled bud {node}: expanded -> children {2 * node + 1}, {2 * node + 2}")
+    print("start sampling")
+    print(f"  buds: {nodes[live].tolist()}")
+    print(f"  alignments (q . sum of keys, head 0): {[round(x, 3) for x in align[0][live].tolist()]}")
+    print(f"  normalised pm: {[round(x, 4) for x in pm[live].tolist()]}")
+    for node, right in zip(expanded_nodes.tolist(), right_children.tolist()):
+        children = f"{2 * node + 1} and {right}" if right >= 0 else f"{2 * node + 1} (right child empty)"
+        print(f"  sampled bud {node}: expanding {node} into {children}")
     print(f"  new buds: {new_buds[new_buds >= 0].tolist()}")
 
 

@@ -8,7 +8,7 @@ import common
 from common.data import synthetic_qkv
 from tree_attention.mass_estimators import METHODS, MassEstimator
 from tree_attention.np_attention import attention_kernel, report_example
-from tree_attention.tree import HeapSummaries, node_span
+from tree_attention.tree import HeapSummaries, PrefixSummaries, node_span
 
 TREE_METHODS = [m for m in METHODS if m != "tree-less"]
 
@@ -30,21 +30,22 @@ def test_exponent_one_with_count_weights_is_exact(method, causal):
 
 
 def test_children_summaries_sum_to_parent():
-    heap = HeapSummaries(8, 2, 4, 3, None)
+    heap = HeapSummaries(8, 2, 4, 3, 5)
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
-        heap.insert(torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64), None)
+        heap.insert(*(torch.randn(2, d, generator=g, dtype=torch.float64) for d in (4, 3, 5)))
     for parent in range(7):
         left, right = 2 * parent + 1, 2 * parent + 2
         assert heap.count[parent] == heap.count[left] + heap.count[right]
-        torch.testing.assert_close(heap.sum_k[:, parent], heap.sum_k[:, left] + heap.sum_k[:, right])
-        torch.testing.assert_close(heap.sum_v[:, parent], heap.sum_v[:, left] + heap.sum_v[:, right])
+        for name in ("k", "v", "feat"):
+            arr = heap.arrays[name]
+            torch.testing.assert_close(arr[:, parent], arr[:, left] + arr[:, right])
     assert heap.count[0] == 6
     start, stop = node_span(torch.tensor([0, 1, 2, 7, 14]), 8)
     assert start.tolist() == [0, 0, 4, 0, 7] and stop.tolist() == [8, 4, 8, 1, 8]
     with pytest.raises(ValueError, match="holds L=8 positions"):
         for _ in range(3):
-            heap.insert(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), None)
+            heap.insert(*(torch.zeros(2, d, dtype=torch.float64) for d in (4, 3, 5)))
 
 
 @pytest.mark.parametrize("method", ["alignment", "FAVOR+", "time-decay", "tree-less"])
@@ -60,44 +61,68 @@ def test_no_future_key_is_read(method):
 
 
 @pytest.mark.parametrize("method", TREE_METHODS)
-def test_mass_estimates_non_negative_and_leaves_never_expanded(method):
+def test_mass_estimates_non_negative_and_zero_on_leaves(method):
     x = synthetic_qkv("gaussian", 1, 2, 16, 16, 8, dtype=torch.float64)
     est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
-    feats = est.key_features(x.k) if est.uses_features else None
-    nodes = torch.arange(31).view(1, 1, 31).expand(1, 16, 31)
-    from tree_attention.tree import PrefixSummaries
-    s = PrefixSummaries(x.k, x.v, feats, 16, torch.arange(16))(nodes)
-    log_pm = est.log_mass(x.q, s.sum_k, s.sum_feat, s.count, s.start, s.stop, torch.arange(16))
-    pm = log_pm.exp()
+    feats = est.features(x.k) if est.uses_features else None
+    positions = torch.arange(16)
+    summaries = PrefixSummaries(x.k, x.v, feats, 16, positions)
+    nodes = torch.arange(31).view(1, 1, 31).expand(1, 16, 31)  # every node of the tree, for every query
+    count, start, stop = summaries.span(nodes)
+    score = None if est.score_source is None else torch.einsum(
+        "bhnf,bhncf->bhnc", x.q if est.score_source == "k" else est.features(x.q), summaries.sums(nodes, est.score_source))
+    pm = est.log_mass(score, count, start, stop, positions).exp()
     assert (pm >= 0).all() and torch.isfinite(pm).all()
-    assert (pm[s.count == 0] == 0).all()
-    # leaves are never chosen for expansion: with e = 1 every query ends with exactly its l leaves
+    assert (pm[:, :, 15:] == 0).all()  # the 16 leaves (nodes 15..30)
+    assert (pm[count <= 1] == 0).all()  # and any node with a single visible key
+    assert (pm[count >= 2] > 0).any()
+    # leaves are never expanded: with e = 1 every query ends with exactly its l leaves
     kernel = attention_kernel(8, 8 ** -0.5, 1, 8, 2, method, R=16)
     for t in range(8):
         kernel(t + 1, x.k[0, :, t], x.q[0, :, t], x.v[0, :, t])
     assert sorted(kernel.last_buds) == list(range(7, 15))
 
 
-def test_alignment_estimator_on_single_keys_is_the_score():
+def test_alignment_estimator_is_the_score_of_the_mean_key():
     est = MassEstimator("alignment", 4, 0.5)
     q = torch.randn(1, 1, 1, 4, dtype=torch.float64)
-    k = torch.randn(1, 1, 1, 1, 4, dtype=torch.float64)
-    one = torch.ones(1, 1, 1, dtype=torch.long)
-    log_pm = est.log_mass(q, k, None, one, one * 0, one, torch.tensor([0]))
-    assert log_pm.item() == pytest.approx(0.5 * (q.flatten() @ k.flatten()).item())
+    keys = torch.randn(3, 4, dtype=torch.float64)
+    score = (q.flatten() @ keys.sum(0)).view(1, 1, 1, 1)
+    three = torch.full((1, 1, 1), 3)
+    log_pm = est.log_mass(score, three, three * 0, three, torch.tensor([2]))
+    assert log_pm.item() == pytest.approx(0.5 * (q.flatten() @ keys.mean(0)).item())
 
 
-def test_error_falls_with_exponent_and_counts_inner_products():
+def test_error_falls_with_exponent():
     x = synthetic_qkv("clustered", 1, 2, 128, 128, 16, dtype=torch.float64)
     exact = common.softmax_attention(x.q, x.k, x.v, causal=True)
     errs = []
     for e in (0.3, 0.6, 0.9):
         attn = common.get_attention("tree", number_of_terms_exponent=e, seed=0)
         errs.append(((attn(x.q, x.k, x.v, causal=True) - exact) ** 2).mean().item())
-        expected = torch.ceil((torch.arange(128) + 1.0) ** e - 1e-9)
-        # each expansion adds one bud, except at most one per level where the right child lies beyond t
-        assert (attn.last_expansions[0] <= expected + math.log2(128)).all()
     assert errs[0] > errs[1] > errs[2]
+
+
+@pytest.mark.parametrize("method", ["alignment", "FAVOR+", "uniform"])
+@pytest.mark.parametrize("P", [1, 4])
+def test_inner_products_count_the_buds(method, P):
+    """Each starting bud and each two-child expansion costs one inner product and adds one bud, so the count
+    equals the final number of buds, which is at least min(T, l) and at most T + P - 1 (or the starting buds)."""
+    from tree_attention.np_attention import number_of_terms
+    from tree_attention.tree import descend, starting_buds
+    x = synthetic_qkv("clustered", 2, 2, 64, 64, 8, dtype=torch.float64)
+    est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64)
+    l = positions + 1
+    T = number_of_terms(l, 0.6)
+    summaries = PrefixSummaries(x.k, x.v, est.features(x.k) if est.uses_features else None, 64, positions)
+    buds, inner = descend(summaries, est, x.q, positions, T, 64, P, torch.Generator().manual_seed(1))
+    n_buds = (buds >= 0).sum(-1)
+    assert torch.equal(inner, n_buds)
+    n_start = (starting_buds(positions, 64, P) >= 0).sum(-1)
+    assert (n_buds >= torch.minimum(T, l)).all()
+    assert (n_buds <= torch.maximum(T + P - 1, n_start)).all()
+    assert (inner[:, -1] < 64).all()  # the last query reads fewer than its 64 keys
 
 
 def test_bad_options():
