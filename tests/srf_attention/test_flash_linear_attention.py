@@ -43,8 +43,10 @@ def test_flash_equals_torch_on_gpu(causal, shape):
         outs.append(out)
         grads.append(torch.autograd.grad(out, ins, grad_out))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    # The flash backward recomputes the PyTorch form, but its float32 sums are not ordered like those of the
+    # first pass: on a lent H100 the largest gap was 1.15e-5 (one element of 256,000, L = 1000, causal).
     for g_torch, g_flash in zip(*grads):
-        torch.testing.assert_close(g_flash, g_torch, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g_flash, g_torch, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and Triton")
