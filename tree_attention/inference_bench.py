@@ -5,11 +5,16 @@ The report decodes WikiText-2 with pretrained GPT-2, each query attending throug
 (``nanoGPT.quick_model``, trained on first use, or ``--out_dir`` of another checkpoint), every layer's attention
 replaced by tree attention (causal, whole blocks at once, which equals token-by-token decoding because each query
 only reads its prefix), on ``percentage_of_test_set`` % of the validation split starting at ``offset`` %.
-The running perplexity after each block is appended to
-``tree_attention/out/perplexity_<method>_<e>_<pct>_<offset>.txt``.
+The running perplexity after each batch of blocks is appended to
+``tree_attention/out/perplexity_<method>_<e>_<pct>_<offset>.txt`` (``..._count.txt`` for ``--bud_value count``).
+``--bud_value report`` (default) combines the buds as the report does, ``count`` weights each bud by its key count
+(exact at e = 1). Each run also records the inner products per query that the descents spent (mean over blocks
+and layers), by position.
 
     python -m tree_attention.inference_bench alignment 0.5 5 0
-    python -m tree_attention.inference_bench --table --seeds 3        # every method x e in 0.2..0.9 + exact
+    python -m tree_attention.inference_bench --table --seeds 3 alignment 0.5 4 0
+        # every method x e in 0.2..0.9 x both bud values x 3 seeds, beside exact, on 4 % of the split from 0 %
+        # (in --table mode the method and e positionals are not used)
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from tqdm import tqdm
 from common import plotting
 
 from .mass_estimators import METHODS
+from .np_attention import BUD_VALUES
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -62,17 +68,32 @@ def perplexity(model, blocks: torch.Tensor, log_path: Path | None = None, batch:
     return math.exp(total / count)
 
 
-def run_one(model, method: str, e: float, pct: float, offset: float, seed: int = 0, log: bool = True) -> float:
+def inner_products_by_position(model) -> torch.Tensor:
+    """Inner products per query of the last forward pass, (block_size,), mean over its blocks and the layers."""
+    counts = [block.attn.attention.last_inner_products.double().mean(0) for block in model.blocks]
+    return torch.stack(counts).mean(0)
+
+
+def run_one(model, method: str, e: float, pct: float, offset: float, seed: int = 0, bud_value: str = "report",
+            log: bool = True, batch: int = 16) -> tuple[float, torch.Tensor]:
+    """Perplexity and inner products per query by position (for exact: l, every key)."""
+    blocks = validation_blocks(pct, offset, model.config.block_size)
     if method == "exact":
         model.set_attention("exact")
     else:
-        model.set_attention("tree", method=method, number_of_terms_exponent=e, seed=seed)
-    blocks = validation_blocks(pct, offset, model.config.block_size)
+        model.set_attention("tree", method=method, number_of_terms_exponent=e, seed=seed, bud_value=bud_value)
     log_path = None
     if log:
         OUT_DIR.mkdir(exist_ok=True)
-        log_path = OUT_DIR / f"perplexity_{method}_{e}_{pct}_{offset}.txt"
-    return perplexity(model, blocks, log_path)
+        suffix = "" if bud_value == "report" else f"_{bud_value}"
+        log_path = OUT_DIR / f"perplexity_{method}_{e}_{pct}_{offset}{suffix}.txt"
+    ppl = perplexity(model, blocks, log_path, batch=batch)
+    if method == "exact":
+        return ppl, torch.arange(1, model.config.block_size + 1, dtype=torch.float64)
+    return ppl, inner_products_by_position(model)
+
+
+POSITIONS_SHOWN = (8, 16, 32, 64)  # l at which the table shows inner products per query
 
 
 def main(argv=None):
@@ -81,15 +102,18 @@ def main(argv=None):
     parser.add_argument("number_of_terms_exponent", nargs="?", type=float, default=0.5)
     parser.add_argument("percentage_of_test_set", nargs="?", type=float, default=5.0)
     parser.add_argument("offset", nargs="?", type=float, default=0.0)
+    parser.add_argument("--bud_value", default="report", choices=BUD_VALUES, help="bud combination (single run)")
     parser.add_argument("--out_dir", default=None, help="nanoGPT checkpoint folder (default: the quick model)")
-    parser.add_argument("--table", action="store_true", help="every method x e in 0.2..0.9 x seeds, plus exact")
+    parser.add_argument("--table", action="store_true",
+                        help="every method x e x bud value x seed, beside exact (on the positional pct / offset)")
     parser.add_argument("--exponents", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--bud_values", nargs="+", default=list(BUD_VALUES), choices=BUD_VALUES)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="1% of the split, e in {0.3, 0.6}, 2 methods, 2 seeds")
+    parser.add_argument("--quick", action="store_true", help="1%% of the split, e in {0.3, 0.6}, 2 methods, 2 seeds")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # positionals may follow the options
     if args.out_dir:
         from nanoGPT.checkpoint import load_model
         model, _ = load_model(args.out_dir, device=args.device)
@@ -97,42 +121,57 @@ def main(argv=None):
         from nanoGPT.quick_model import get_quick_model
         model, _ = get_quick_model(device=args.device)
     if not args.table:
-        ppl = run_one(model, args.attention_method, args.number_of_terms_exponent, args.percentage_of_test_set,
-                      args.offset, args.seed)
-        print(f"{args.attention_method} e={args.number_of_terms_exponent}: perplexity {ppl:.4f}")
+        ppl, inner = run_one(model, args.attention_method, args.number_of_terms_exponent, args.percentage_of_test_set,
+                             args.offset, args.seed, args.bud_value)
+        print(f"{args.attention_method} e={args.number_of_terms_exponent} bud_value={args.bud_value}: perplexity "
+              f"{ppl:.4f}; inner products per query {inner.mean():.2f} on average (exact: "
+              f"{(model.config.block_size + 1) / 2:.1f}), {inner[-1]:.2f} at l = {model.config.block_size}")
         return ppl
-    methods, exponents, pct = [m for m in METHODS], args.exponents, args.percentage_of_test_set
+    methods, exponents, pct, bud_values = list(METHODS), args.exponents, args.percentage_of_test_set, args.bud_values
     if args.quick:
         methods, exponents, pct, args.seeds = ["alignment", "uniform"], [0.3, 0.6], 1.0, 2
-    exact = run_one(model, "exact", 1.0, pct, args.offset, log=False)
-    rows = [dict(method="exact", e=1.0, ppl_mean=exact, ppl_std=0.0, seeds=1)]
-    for method in tqdm(methods, desc="methods"):
-        for e in exponents:
-            ppls = [run_one(model, method, e, pct, args.offset, seed, log=False) for seed in range(args.seeds)]
-            rows.append(dict(method=method, e=e, ppl_mean=mean(ppls), ppl_std=stdev(ppls) if len(ppls) > 1 else 0.0,
-                             seeds=len(ppls)))
-    print(f"validation perplexity, {pct}% of the split from {args.offset}%, block {model.config.block_size}")
-    print("| method | e | perplexity (mean ± std over seeds) |")
-    print("|---|---|---|")
+    n_blocks = len(validation_blocks(pct, args.offset, model.config.block_size))
+
+    def row(method, bud_value, e, results):
+        ppls = [r[0] for r in results]
+        inner = torch.stack([r[1] for r in results]).mean(0)
+        out = dict(method=method, bud_value=bud_value, e=e, seeds=len(ppls), ppl_mean=mean(ppls),
+                   ppl_std=stdev(ppls) if len(ppls) > 1 else 0.0, inner_products_mean=inner.mean().item())
+        out.update({f"inner_products_l{l}": inner[l - 1].item() for l in POSITIONS_SHOWN if l <= len(inner)})
+        return out
+
+    # exact attention is deterministic: one run is its value for every seed
+    rows = [row("exact", "-", 1.0, [run_one(model, "exact", 1.0, pct, args.offset, log=False, batch=n_blocks)])]
+    for bud_value in bud_values:
+        for method in tqdm(methods, desc=f"methods ({bud_value})"):
+            for e in exponents:
+                results = [run_one(model, method, e, pct, args.offset, seed, bud_value, log=False, batch=n_blocks)
+                           for seed in range(args.seed, args.seed + args.seeds)]
+                rows.append(row(method, bud_value, e, results))
+    print(f"validation perplexity, {pct}% of the split from {args.offset}% ({n_blocks} blocks of "
+          f"{model.config.block_size}), seeds {args.seed}..{args.seed + args.seeds - 1}")
+    print("| method | bud_value | e | perplexity (mean ± std over seeds) | inner products / query (mean) |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['e']} | {r['ppl_mean']:.3f} ± {r['ppl_std']:.3f} |")
+        print(f"| {r['method']} | {r['bud_value']} | {r['e']} | {r['ppl_mean']:.3f} ± {r['ppl_std']:.3f} | "
+              f"{r['inner_products_mean']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "tree_perplexity.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, axes = plotting.new_figure()
-    ax = axes[0][0]
-    for method in methods:
-        sel = [r for r in rows if r["method"] == method]
-        ax.errorbar([r["e"] for r in sel], [r["ppl_mean"] for r in sel], yerr=[r["ppl_std"] for r in sel],
-                    marker="o", capsize=3, label=method)
-    ax.axhline(exact, color="black", ls="--", label="exact attention")
-    ax.set_yscale("log")
-    ax.set_xlabel("number_of_terms_exponent e (T = ceil(l^e) buds)")
-    ax.set_ylabel("validation perplexity (per character)")
-    ax.set_title("nanoGPT (trained with exact) with tree attention swapped in")
-    ax.legend(fontsize=6)
+    exact = rows[0]["ppl_mean"]
+    fig, axes = plotting.new_figure(ncols=len(bud_values), width=5.5, height=4.2)
+    for ax, bud_value in zip(axes[0], bud_values):
+        for method in methods:
+            sel = [r for r in rows if r["method"] == method and r["bud_value"] == bud_value]
+            ax.errorbar([r["e"] for r in sel], [r["ppl_mean"] for r in sel], yerr=[r["ppl_std"] for r in sel],
+                        marker="o", ms=3, capsize=3, label=method)
+        ax.axhline(exact, color="black", ls="--", label="exact attention")
+        ax.set_xlabel("number_of_terms_exponent e (T = ceil(l^e) buds)")
+        ax.set_ylabel("validation perplexity (per character)")
+        ax.set_title(f"bud_value = {bud_value!r}, {pct}% of val, {args.seeds} seeds", fontsize=9)
+        ax.legend(fontsize=6)
     print(f"wrote {plotting.save_figure(fig, args.out / 'tree_perplexity.png')}")
     return rows
 

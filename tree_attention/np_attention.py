@@ -13,11 +13,10 @@ Two fronts over one descent (``tree.py``) and one set of mass estimators (``mass
 ``tree-less`` (the baseline without a tree; our reading of it): the T - 1 most recent keys as single-key buds plus
 one bud summarising all older keys, combined like the tree's buds.
 
-    python -m tree_attention.np_attention          # the report's L = 8 example, verbose descent
+The report's L = 8 example (:func:`report_example`) runs as ``python -m tree_attention.demo``.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -156,30 +155,3 @@ def report_example(method: str = "alignment", verbose: bool = True, seed: int = 
         kernel.verbose = verbose and t == L - 1
         kernel(math.ceil((t + 1) ** 1.0), keys[t], queries[t], values[t])
     return kernel.last_buds
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="The report's L = 8 tree attention example, verbose descent.")
-    parser.add_argument("--method", default="alignment", choices=[m for m in METHODS if m != "tree-less"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="the example runs on the CPU (incremental numpy-style)")
-    parser.add_argument("--quick", action="store_true", help="(the example is already seconds-sized)")
-    parser.add_argument("--profile", action="store_true", help="line-profile the descent (needs line_profiler)")
-    args = parser.parse_args(argv)
-    if args.profile:
-        try:
-            from line_profiler import LineProfiler
-        except ImportError:
-            raise SystemExit("--profile needs the optional package line_profiler (pip install line_profiler)")
-        from . import tree
-        profiler = LineProfiler(tree.descend)
-        buds = profiler.runcall(report_example, args.method, False, args.seed)
-        profiler.print_stats()
-    else:
-        buds = report_example(args.method, True, args.seed)
-    print(f"final buds of the last query: {buds}; leaf of key 3 is node {8 - 1 + 3}: "
-          f"{'reached' if 10 in buds else 'NOT reached'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 """Tree attention: the report's example, exactness at e = 1, summaries, causality, estimators, errors."""
 import math
+import re
 
 import pytest
 import torch
@@ -138,3 +139,91 @@ def test_bad_options():
         common.get_attention("tree", method="RandomFourierFeatures", R=7)
     with pytest.raises(ValueError, match="bud_value"):
         common.get_attention("tree", bud_value="mean")
+
+
+def test_bad_random_feature_options():
+    for method in ("FAVOR+", "FAVOR+ReLU", "RandomFourierFeatures"):
+        with pytest.raises(ValueError, match=re.escape(f"{method} needs an even R")):
+            common.get_attention("tree", method=method, R=7)
+    with pytest.raises(ValueError, match="time-decay needs 0 < base < 1"):
+        common.get_attention("tree", method="time-decay", base=1.5)
+    with pytest.raises(ValueError, match="number_of_terms_exponent must be in"):
+        common.get_attention("tree", number_of_terms_exponent=0.0)
+
+
+def test_demo_prints_the_report_descent(capsys):
+    from tree_attention import demo
+    buds = demo.main([])
+    out = capsys.readouterr().out
+    assert 10 in buds and "leaf of key 3 is node 10: reached" in out
+    # the report's verbose trace: start, buds, alignments, normalised pm, sampled bud -> children, new buds
+    assert "starting buds: [0]" in out
+    for field in ("buds:", "alignments (q . sum of keys", "normalised pm:", "expanding 0 into 1 and 2", "new buds: [1, 2]"):
+        assert field in out
+
+
+def test_demo_profile_needs_line_profiler(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from tree_attention import demo
+    if importlib.util.find_spec("line_profiler") is None:
+        with pytest.raises(SystemExit, match="optional package line_profiler"):
+            demo.main(["--profile"])
+    else:
+        demo.main(["--profile"])
+        assert "descend" in capsys.readouterr().out
+        monkeypatch.setitem(sys.modules, "line_profiler", None)  # as if absent
+        with pytest.raises(SystemExit, match="optional package line_profiler"):
+            demo.main(["--profile"])
+
+
+@pytest.mark.parametrize("method", ["FAVOR+", "RandomFourierFeatures"])
+def test_random_features_are_unbiased_kernel_estimates(method):
+    """Over many feature draws the mean of phi(q) . phi(k) converges to exp(S q . k) (small norms: low variance)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (0.8 * torch.randn(8, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = 8 ** -0.5
+    draws = torch.stack([(lambda est: est.features(q) @ est.features(k))(
+        MassEstimator(method, 8, scale, R=16, generator=g)) for _ in range(400)])
+    true = math.exp(scale * (q @ k).item())
+    assert abs(draws.mean().item() - true) < 4 * draws.std().item() / math.sqrt(len(draws))
+
+
+def test_kernel_cli_reproduces_the_report_ratio(tmp_path, capsys):
+    from tree_attention import kernel
+    # the report's ~264: Eq. (9) at |q| = |k| = 8, D = 64, S = 1/8, R = 128, q . k = 0
+    assert kernel.favor_ratio_eq9(8, 8, 0.0, 1 / 8, 128) == pytest.approx(264, abs=1)
+    stats = kernel.main(["--method", "FAVOR+", "--quick", "--out", str(tmp_path)])
+    assert "Eq. (9)" in capsys.readouterr().out and (tmp_path / "tree_kernel_FAVORplus.png").exists()
+    assert stats["orthogonal"]["true"] == pytest.approx(1.0)
+    # the empirical ratio of so heavy-tailed an estimate stays far below Eq. (9) with a few dozen draws
+    assert 0 < stats["aligned"]["ratio"] < kernel.favor_ratio_eq9(8, 8, 1.0, 1 / 8, 128)
+
+
+def test_inference_bench_on_a_tiny_trained_model(tmp_path, monkeypatch):
+    """A tiny GPT trained for a few seconds: tree attention at e = 1 with count weights gives exact's
+    perplexity; the running perplexity is appended to out/perplexity_<method>_<e>_<pct>_<offset>.txt."""
+    from nanoGPT.data_loader import load_split
+    from nanoGPT.model import GPT, GPTConfig
+    from tree_attention import inference_bench
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=16)).double()
+    data = torch.as_tensor(load_split("train")[:20000].astype("int64"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        idx = torch.randint(0, len(data) - 17, (16,)).unsqueeze(1) + torch.arange(17)
+        _, loss = model(data[idx[:, :-1]], data[idx[:, 1:]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    monkeypatch.setattr(inference_bench, "OUT_DIR", tmp_path)
+    exact, ip_exact = inference_bench.run_one(model, "exact", 1.0, 0.5, 10.0)
+    tree, ip_tree = inference_bench.run_one(model, "alignment", 1.0, 0.5, 10.0, bud_value="count")
+    assert exact < 40 and tree == pytest.approx(exact, rel=1e-9)  # trained: well below 65, the uniform guess
+    assert torch.equal(ip_tree, ip_exact)  # e = 1: every key is a bud
+    sparse, ip_sparse = inference_bench.run_one(model, "alignment", 0.5, 0.5, 10.0, seed=1)
+    assert sparse > exact and (ip_sparse[4:] < ip_exact[4:]).all()
+    lines = (tmp_path / "perplexity_alignment_0.5_0.5_10.0.txt").read_text().split("\n")
+    assert float(lines[-2].split()[1]) == pytest.approx(sparse)
+    with pytest.raises(ValueError, match="percentage_of_test_set"):
+        inference_bench.validation_blocks(0, 0, 16)

@@ -1,0 +1,104 @@
+"""Inner products per query vs the number l of visible keys: the reviewers' efficiency question, measured.
+
+Exact attention reads every visible key: l inner products q . k for the query at position l - 1. The tree descent
+(``tree.py``) spends one inner product q . sum_k per starting bud and one per expansion with two children (the
+left child's comes by subtraction), so about T + P - 1 = ceil(l^e) + P - 1 per query, plus, for the random-feature
+methods, as many inner products of R-dimensional features. This script counts them with the descent itself, on
+synthetic queries/keys, for one query at each l of a geometric grid up to L, and plots the count against l beside
+exact attention and T = ceil(l^e).
+
+    python -m tree_attention.inner_products                   # L = 1024, P = 32 (the report's setting)
+    python -m tree_attention.inner_products --quick           # L = 256
+
+The perplexity bench (``inference_bench.py``) records the same count on the nanoGPT model's real queries/keys.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import torch
+
+from common import plotting
+from common.data import synthetic_qkv
+
+from .mass_estimators import METHODS, MassEstimator
+from .np_attention import number_of_terms
+from .tree import PrefixSummaries, descend
+
+
+def count_inner_products(method: str, L: int, P: int, e: float, positions: torch.Tensor, D: int = 64, H: int = 4,
+                         batch: int = 4, data: str = "clustered", seed: int = 0) -> torch.Tensor:
+    """Inner products per query (batch, n) of the descent for queries at ``positions`` over L keys."""
+    x = synthetic_qkv(data, batch, H, L, L, D, seed=seed, dtype=torch.float64)
+    q = x.q[:, :, positions]
+    est = MassEstimator(method, D, D ** -0.5, generator=torch.Generator().manual_seed(seed))
+    summaries = PrefixSummaries(x.k, x.v, est.features(x.k) if est.uses_features else None, L, positions)
+    _, inner = descend(summaries, est, q, positions, number_of_terms(positions + 1, e), L, P,
+                       torch.Generator().manual_seed(seed + 1))
+    return inner
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description="Inner products per query of the tree descent vs l.")
+    parser.add_argument("--L", type=int, default=1024, help="keys (a power of two)")
+    parser.add_argument("--P", type=int, default=32, help="parallelism")
+    parser.add_argument("--exponents", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--methods", nargs="+", default=["alignment", "uniform", "FAVOR+"],
+                        choices=[m for m in METHODS if m != "tree-less"])
+    parser.add_argument("--data", default="clustered", help="synthetic q/k kind (common.data.synthetic_qkv)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="(the count runs on the CPU)")
+    parser.add_argument("--quick", action="store_true", help="L = 256")
+    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.L = 256
+    if args.L < 2 or args.L & (args.L - 1):
+        raise SystemExit(f"--L must be a power of two >= 2, got {args.L}")
+    ls = sorted({int(round(2 ** (i / 2))) for i in range(0, 2 * args.L.bit_length() - 1)} | {args.L})
+    ls = [l for l in ls if l <= args.L]
+    positions = torch.tensor(ls) - 1
+    rows = []
+    for method in args.methods:
+        for e in args.exponents:
+            inner = count_inner_products(method, args.L, args.P, e, positions, data=args.data, seed=args.seed)
+            T = number_of_terms(positions + 1, e)
+            rows += [dict(method=method, e=e, l=l, T=int(t), inner_products=float(c)) for l, t, c in
+                     zip(ls, T, inner.double().mean(0))]
+    print(f"inner products per query (mean over 4 sequences), L = {args.L}, P = {args.P}, {args.data} q/k")
+    shown = [l for l in ls if l & (l - 1) == 0]
+    print("| method | e | " + " | ".join(f"l={l}" for l in shown) + " |")
+    print("|---|---|" + "---|" * len(shown))
+    print("| exact | - | " + " | ".join(str(l) for l in shown) + " |")
+    for method in args.methods:
+        for e in args.exponents:
+            sel = {r["l"]: r["inner_products"] for r in rows if r["method"] == method and r["e"] == e}
+            print(f"| {method} | {e} | " + " | ".join(f"{sel[l]:.1f}" for l in shown) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "tree_inner_products.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, axes = plotting.new_figure(width=6.0, height=4.5)
+    ax = axes[0][0]
+    ax.plot(ls, ls, "k--", label="exact attention (l)")
+    styles = ["-", ":", "-."]
+    for i, method in enumerate(args.methods):
+        for j, e in enumerate(args.exponents):
+            sel = [r for r in rows if r["method"] == method and r["e"] == e]
+            ax.plot([r["l"] for r in sel], [r["inner_products"] for r in sel], styles[i % 3], color=f"C{j}",
+                    label=f"{method}, e = {e}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("visible keys l (count)")
+    ax.set_ylabel("inner products per query (count)")
+    ax.set_title(f"tree descent, L = {args.L}, P = {args.P}, {args.data} q/k", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    print(f"wrote {plotting.save_figure(fig, args.out / 'tree_inner_products.png')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
