@@ -66,6 +66,9 @@ class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
 
     def forward(self, T: int, k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Insert (k, v) of the next position, then attend q to the prefix with T buds; k, q, v: (H, D)."""
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= self.heap.length + 1:
+            raise ValueError(f"attention_kernel: T must be an int in [1, l] (l = {self.heap.length + 1} keys after "
+                             f"this insertion), got {T!r}")
         k, q, v = (torch.as_tensor(x, dtype=torch.float64) for x in (k, q, v))
         feat = self.estimator.features(k) if self.estimator.uses_features else None
         if self.heap.arrays["feat"] is None and feat is not None:
@@ -141,10 +144,12 @@ class TreeAttention(AttentionMethod):
         return [{"number_of_terms_exponent": e, "parallelism": 16} for e in (0.3, 0.45, 0.6)]
 
 
-def report_example(method: str = "alignment", verbose: bool = True, seed: int = 0):
+def report_example(method: str = "alignment", verbose: bool = True, seed: int = 0, last_terms: int = 8):
     """The report's test: L = 8, D = 64, H = 1, P = 1, e = 1.0, random q/k/v, the last query equal to key 3.
 
-    Returns the buds of the last query's descent (they must reach leaf L - 1 + 3 = 10 for ``alignment``).
+    Returns the buds of the last query's descent. With e = 1 (``last_terms`` = 8) they end as all 8 leaves; the
+    point of the example is the order: ``alignment`` goes straight down the path 0 -> 1 -> 4 -> leaf 10 of key 3
+    first, so with ``last_terms`` = 4 (three expansions) the buds already hold leaf 10.
     """
     L, D = 8, 64
     g = torch.Generator().manual_seed(seed)
@@ -153,5 +158,5 @@ def report_example(method: str = "alignment", verbose: bool = True, seed: int = 
     kernel = attention_kernel(D, 1 / math.sqrt(D), 1, L, 1, method, seed=seed)
     for t in range(L):
         kernel.verbose = verbose and t == L - 1
-        kernel(math.ceil((t + 1) ** 1.0), keys[t], queries[t], values[t])
+        kernel(last_terms if t == L - 1 else math.ceil((t + 1) ** 1.0), keys[t], queries[t], values[t])
     return kernel.last_buds

@@ -16,9 +16,20 @@ TREE_METHODS = [m for m in METHODS if m != "tree-less"]
 
 def test_report_example_alignment_reaches_leaf_of_key_3(capsys):
     buds = report_example("alignment", verbose=True, seed=0)
-    assert 8 - 1 + 3 in buds
+    assert sorted(buds) == list(range(7, 15))  # e = 1: every leaf in the end
     out = capsys.readouterr().out
     assert "sampled bud" in out and "normalised pm" in out and "new buds" in out
+    # the descent goes to key 3 first: after three expansions (T = 4) its leaf 10 is a bud
+    assert 10 in report_example("alignment", verbose=False, seed=0, last_terms=4)
+
+
+def test_report_example_descends_straight_to_key_3_across_seeds():
+    """alignment follows 0 -> 1 -> 4 -> 10 with probability about 0.88 * 0.96 (pm ratios e^2 and e^4 at this
+    example); uniform sampling with probability 1/2 * 1/3 = 1/6."""
+    hits = {m: sum(10 in report_example(m, verbose=False, seed=s, last_terms=4) for s in range(30))
+            for m in ("alignment", "uniform")}
+    assert hits["alignment"] >= 20  # Binomial(30, ~0.85): mean ~25
+    assert hits["uniform"] <= 12  # Binomial(30, 1/6): mean 5, P(> 12) < 1e-3
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -133,6 +144,8 @@ def test_bad_options():
         common.get_attention("tree", method="nope")
     with pytest.raises(ValueError, match="must be a power of two"):
         attention_kernel(4, 0.5, 1, 6, 1, "alignment")
+    with pytest.raises(ValueError, match=r"T must be an int in \[1, l\]"):
+        attention_kernel(4, 0.5, 1, 8, 1, "alignment")(2, *torch.zeros(3, 1, 4))
     with pytest.raises(ValueError, match="parallelism P must be a power of two"):
         common.get_attention("tree", parallelism=3)
     with pytest.raises(ValueError, match="even R"):
