@@ -1,4 +1,4 @@
-"""KDEformer (Zandieh, Han, Daliri, Karbasi, ICML 2023), registered as ``kdeformer``.
+"""KDEformer (Zandieh, Han, Daliri, Karbasi, ICML 2023, arXiv 2302.02451), registered as ``kdeformer``.
 
 Softmax attention is D^-1 A V with A_ij = exp(s_ij), s_ij = S q_i . k_j and D = diag(A 1). KDEformer's practical
 algorithm (Sec. 4, Alg. 2-3) approximates A [V, 1] (which gives both the numerator and D) as
@@ -11,19 +11,32 @@ algorithm (Sec. 4, Alg. 2-3) approximates A [V, 1] (which gives both the numerat
    exp(s_ij) [v_j, 1] / (p_j m) to query i unless j lies in i's own block (already exact). This estimate of the
    residual is unbiased, so numerator and D are unbiased, and the output N / D is consistent.
 
-Everything is computed as :class:`common.partial_sums.PartialSums` (a shift per query that cancels in the ratio),
-so float32 does not overflow; float64 inputs keep a float64 path for the error experiments.
+Implementation: both parts are one attention per block. Query block b attends to the keys
+[its ``bucket_size`` LSH keys ; the m sampled keys] with the additive log-weights
+[0 ; log(1 / (p_j m))], -inf for padding and for samples that fall in block b, i.e. exp(s_ij + log w_j) = w_j e^s_ij.
+All blocks go through one batched ``scaled_dot_product_attention`` over a (B*H, blocks, rows, D) layout, so
+there is no Python loop over blocks or queries and the per-row max subtraction of the fused softmax keeps float32
+from overflowing; float64 inputs are computed in float64 (the error experiments). :func:`kde_partial` gives the
+same estimate as separate sums (numerator, normaliser; :class:`common.partial_sums.PartialSums`) where pieces must
+be merged (causal attention) or the sums themselves are of interest (the unbiasedness test).
 
-Causal attention (our choice, following HyperAttention, Han et al. 2023, Sec. 4): the causal mask is split
-recursively into two causal diagonal halves and one full off-diagonal block (later queries x earlier keys), the
-halves recursing until ``min_seq_len`` where the causal block is computed exactly, the off-diagonal blocks by the
-non-causal approximation above. Every key a query reads lies in its past by construction (tested).
+Causal attention (our choice, following HyperAttention, Han et al. 2023, Sec. 4 / Alg. 4): the n x n causal mask
+is split recursively into two causal diagonal halves and one full off-diagonal block (later queries x earlier
+keys). After L levels (the first L with ceil(n / 2^L) <= ``min_seq_len``) the 2^L diagonal chunks are computed
+exactly with a causal mask, and at level l the 2^l off-diagonal blocks by the non-causal approximation above;
+each level is one batched call (its blocks folded into the head dimension). Every key a query reads lies in its
+past by construction: the approximated blocks only contain earlier keys, so the LSH blocks and the residual
+sample of such a block are past keys only (tested by changing future keys). With Nk > Nq the Nk - Nq keys before
+the first query are visible to every query and are one more non-causal block.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
 
 from common.attention import AttentionMethod, causal_mask, gather_rows
 from common.partial_sums import PartialSums, from_logits
@@ -34,12 +47,14 @@ from .lsh import random_projections, sort_by_bucket
 
 
 def operator_norm(v: torch.Tensor, iterations: int = 8, generator=None) -> torch.Tensor:
-    """||V||_op of each (B, H) matrix V (N, Dv) by power iteration on V^T V; (B, H)."""
+    """||V||_op of each (B, H) matrix V (N, Dv): power iteration x <- G x / ||G x|| on the Gram matrix
+    G = V^T V (Dv x Dv, formed once, so each iteration costs Dv^2 instead of N Dv); ||V||_op = sqrt(x^T G x)."""
+    gram = v.transpose(-1, -2) @ v
     x = torch.randn(*v.shape[:2], v.shape[-1], 1, generator=generator, dtype=v.dtype, device=v.device)
     for _ in range(iterations):
-        x = v.transpose(-1, -2) @ (v @ x)
+        x = gram @ x
         x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-30)
-    return (v @ x).norm(dim=(-2, -1))
+    return (x.transpose(-1, -2) @ gram @ x).clamp_min(0).sqrt().view(v.shape[:2])
 
 
 def residual_probabilities(v: torch.Tensor, generator=None) -> torch.Tensor:
@@ -47,6 +62,91 @@ def residual_probabilities(v: torch.Tensor, generator=None) -> torch.Tensor:
     n = v.shape[2]
     raw = v.norm(dim=-1) / operator_norm(v, generator=generator).clamp_min(1e-30).unsqueeze(-1) + 1.0 / n
     return raw / raw.sum(-1, keepdim=True)
+
+
+@dataclass
+class KDEBlocks:
+    """The per-block attention problems of one KDEformer call (module docstring, "Implementation").
+
+    queries (B, H, nb, Q, D): the LSH-sorted queries, Q = ceil(Nq / nb) rows per block (zero rows pad the last);
+    keys (B, H, nb, K, D), values (B, H, nb, K, Dv): K = bucket_size LSH keys of the block, then the m samples;
+    bias (B, H, nb, 1, K): the log-weight added to each logit (0, log 1/(p_j m), or -inf = excluded);
+    inverse (B, H, Nq): the row of each original query in the flattened (nb * Q) block order.
+    """
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor
+    inverse: torch.Tensor
+
+    def unsort(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, H, nb, Q, ...) per-block rows -> (B, H, Nq, ...) in the original query order."""
+        b, h, nb, nq_block = rows.shape[:4]
+        flat = rows.reshape(b, h, nb * nq_block, -1)
+        out = gather_rows(flat, self.inverse)
+        return out.view(*out.shape[:3], *rows.shape[4:])
+
+
+def kde_blocks(q, k, v, num_bits: int, bucket_size: int, sample_size: int, generator: torch.Generator) -> KDEBlocks:
+    """Steps 1-2 of the module docstring as block attention problems (non-causal; any Nq, Nk).
+
+    The stages are labelled for ``torch.profiler`` (``kdeformer.lsh_sort``, ``kdeformer.residual_sample``,
+    ``kdeformer.gather``), which ``python -m kdeformer.benchmark --profile`` reports."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    device = q.device
+    n_blocks = math.ceil(nk / bucket_size)
+    q_block = math.ceil(nq / n_blocks)
+    with record_function("kdeformer.lsh_sort"):
+        projections = random_projections(d, num_bits, generator, q.dtype, device)
+        perm_k, perm_q = sort_by_bucket(k, projections), sort_by_bucket(q, projections)
+        # padding indices point at row 0; padded keys are excluded by the bias, padded queries dropped by unsort
+        perm_k_pad = F.pad(perm_k, (0, n_blocks * bucket_size - nk))
+        perm_q_pad = F.pad(perm_q, (0, n_blocks * q_block - nq))
+        inverse = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(nq, device=device).expand(b, h, nq))
+    key_index = perm_k_pad.view(b, h, n_blocks, bucket_size)  # the keys each query block reads
+    key_is_pad = (torch.arange(n_blocks * bucket_size, device=device) >= nk).view(n_blocks, bucket_size)
+    bias = torch.zeros(n_blocks, bucket_size, dtype=q.dtype, device=device).masked_fill(key_is_pad, float("-inf"))
+    bias = bias.expand(b, h, n_blocks, bucket_size)
+    if sample_size > 0 and n_blocks > 1:  # one block is all of A: nothing left to sample
+        with record_function("kdeformer.residual_sample"):
+            probs = residual_probabilities(v, generator)
+            samples = torch.multinomial(probs.view(b * h, nk), sample_size, replacement=True,
+                                        generator=generator).view(b, h, sample_size)
+            key_block = torch.empty_like(perm_k).scatter_(
+                -1, perm_k, (torch.arange(nk, device=device) // bucket_size).expand(b, h, nk))
+            in_own_block = torch.gather(key_block, -1, samples).unsqueeze(2) == \
+                torch.arange(n_blocks, device=device).view(n_blocks, 1)  # (B, H, nb, m)
+            log_weight = -torch.log(torch.gather(probs, -1, samples) * sample_size)  # weight 1 / (p_j m)
+            key_index = torch.cat([key_index, samples.unsqueeze(2).expand(b, h, n_blocks, sample_size)], dim=3)
+            bias = torch.cat([bias, log_weight.unsqueeze(2).masked_fill(in_own_block, float("-inf"))], dim=3)
+    with record_function("kdeformer.gather"):  # one gather each: the block's keys and the samples
+        queries = gather_rows(q, perm_q_pad).view(b, h, n_blocks, q_block, d)
+        keys, values = gather_rows(k, key_index), gather_rows(v, key_index)
+    return KDEBlocks(queries, keys, values, bias.unsqueeze(3), inverse)
+
+
+def kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """The KDEformer estimate N / D (non-causal), all blocks in one fused attention call; (B, H, Nq, Dv)."""
+    blocks = kde_blocks(q, k, v, num_bits, bucket_size, sample_size, generator)
+    b, h, nb, rows, d = blocks.queries.shape
+    flat = lambda x: x.reshape(b * h, nb, x.shape[3], x.shape[4])
+    with record_function("kdeformer.block_attention"):
+        out = F.scaled_dot_product_attention(flat(blocks.queries), flat(blocks.keys), flat(blocks.values),
+                                             attn_mask=flat(blocks.bias), scale=scale)
+    with record_function("kdeformer.unsort"):
+        return blocks.unsort(out.view(b, h, nb, rows, -1))
+
+
+def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int,
+                generator: torch.Generator) -> PartialSums:
+    """The same estimate as :func:`kde_output` (same draws for the same generator state), kept as sums."""
+    blocks = kde_blocks(q, k, v, num_bits, bucket_size, sample_size, generator)
+    logits = torch.einsum("bhnqd,bhnkd->bhnqk", blocks.queries, blocks.keys) * scale + blocks.bias
+    parts = from_logits(logits, blocks.values, "bhnqk,bhnkv->bhnqv")
+    return PartialSums(blocks.unsort(parts.num), blocks.unsort(parts.den.unsqueeze(-1)).squeeze(-1),
+                       blocks.unsort(parts.shift.unsqueeze(-1)).squeeze(-1))
 
 
 def exact_partial(q, k, v, scale: float, causal: bool) -> PartialSums:
@@ -57,50 +157,10 @@ def exact_partial(q, k, v, scale: float, causal: bool) -> PartialSums:
     return from_logits(logits, v)
 
 
-def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int,
-                generator: torch.Generator) -> PartialSums:
-    """Steps 1-2 of the module docstring (non-causal): LSH block-diagonal part + sampled residual."""
-    b, h, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[-1]
-    projections = random_projections(d, num_bits, generator, q.dtype, q.device)
-    n_blocks = math.ceil(nk / bucket_size)
-    q_block = math.ceil(nq / n_blocks)
-    perm_k, perm_q = sort_by_bucket(k, projections), sort_by_bucket(q, projections)
-    key_pad, query_pad = n_blocks * bucket_size - nk, n_blocks * q_block - nq
-    # padding indices point at row 0 and are masked out below
-    perm_k_pad = torch.nn.functional.pad(perm_k, (0, key_pad))
-    perm_q_pad = torch.nn.functional.pad(perm_q, (0, query_pad))
-    kb = gather_rows(k, perm_k_pad).view(b, h, n_blocks, bucket_size, d)
-    vb = gather_rows(v, perm_k_pad).view(b, h, n_blocks, bucket_size, dv)
-    qb = gather_rows(q, perm_q_pad).view(b, h, n_blocks, q_block, d)
-    block_logits = torch.einsum("bhnqd,bhnkd->bhnqk", qb, kb) * scale
-    key_is_pad = (torch.arange(n_blocks * bucket_size, device=q.device) >= nk).view(n_blocks, 1, bucket_size)
-    block_logits = block_logits.masked_fill(key_is_pad, float("-inf"))
-    parts = from_logits(block_logits, vb, "bhnqk,bhnkv->bhnqv")
-    parts = PartialSums(parts.num.view(b, h, -1, dv), parts.den.view(b, h, -1), parts.shift.view(b, h, -1))
-    if sample_size > 0 and n_blocks > 1:
-        probs = residual_probabilities(v, generator)
-        samples = torch.multinomial(probs.view(b * h, nk), sample_size, replacement=True,
-                                    generator=generator).view(b, h, sample_size)
-        key_block = torch.empty_like(perm_k)
-        key_block.scatter_(-1, perm_k, (torch.arange(nk, device=q.device) // bucket_size).expand(b, h, nk))
-        sample_block = torch.gather(key_block, -1, samples)  # (B, H, m)
-        query_block = (torch.arange(n_blocks * q_block, device=q.device) // q_block).view(1, 1, -1, 1)
-        log_w = -torch.log(torch.gather(probs, -1, samples) * sample_size)  # weight 1 / (p_j m)
-        sample_logits = torch.einsum("bhqd,bhmd->bhqm", gather_rows(q, perm_q_pad), gather_rows(k, samples)) * scale
-        sample_logits = (sample_logits + log_w.unsqueeze(2)).masked_fill(
-            sample_block.unsqueeze(2) == query_block, float("-inf"))
-        parts = parts.merge(from_logits(sample_logits, gather_rows(v, samples)))
-    # back to the original query order, dropping the padded queries
-    inverse = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(nq, device=q.device).expand(b, h, nq))
-    return PartialSums(gather_rows(parts.num, inverse), torch.gather(parts.den, -1, inverse),
-                       torch.gather(parts.shift, -1, inverse))
-
-
 @register("kdeformer")
 class KDEformerAttention(AttentionMethod):
     """KDEformer attention (module docstring). Options: num_bits r (7), bucket_size (64), sample_size (64),
-    min_seq_len (exact causal blocks at or below this length; default 2 * bucket_size), seed."""
+    min_seq_len (causal: diagonal chunks at most this long are exact; default 2 * bucket_size), seed."""
 
     randomized = True
 
@@ -113,28 +173,43 @@ class KDEformerAttention(AttentionMethod):
         self.min_seq_len = 2 * bucket_size if min_seq_len is None else check_int(
             min_seq_len, "min_seq_len", "kdeformer", minimum=1)
 
-    def _approx(self, q, k, v, scale):
-        return kde_partial(q, k, v, scale, self.num_bits, self.bucket_size, self.sample_size,
-                           self.generator(q.device))
+    def _options(self, device):
+        return self.num_bits, self.bucket_size, self.sample_size, self.generator(device)
 
     def _causal(self, q, k, v, scale) -> PartialSums:
-        """HyperAttention's recursive causal split on a square (n x n) causal mask."""
-        n = q.shape[2]
-        if n <= self.min_seq_len:
-            return exact_partial(q, k, v, scale, causal=True)
-        half = n // 2
-        first = self._causal(q[:, :, :half], k[:, :, :half], v[:, :, :half], scale)
-        second = self._causal(q[:, :, half:], k[:, :, half:], v[:, :, half:], scale)
-        off_diagonal = self._approx(q[:, :, half:], k[:, :, :half], v[:, :, :half], scale)
-        return PartialSums.cat([first, second.merge(off_diagonal)])
+        """HyperAttention's recursive causal split of a square (n x n) mask, one batched call per level."""
+        b, h, n, d = q.shape
+        levels = max(0, math.ceil(math.log2(n / self.min_seq_len)))
+        chunk = math.ceil(n / 2 ** levels)
+        padded = chunk * 2 ** levels
+        # zero rows at the end: padded keys are in every real query's future, so never read; padded queries dropped
+        q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
+        fold = lambda t, parts: t.reshape(b, h * parts, padded // parts, t.shape[-1])
+        leaves = exact_partial(fold(q, 2 ** levels), fold(k, 2 ** levels), fold(v, 2 ** levels), scale, True)
+        parts = PartialSums(leaves.num.reshape(b, h, padded, -1), leaves.den.reshape(b, h, padded),
+                            leaves.shift.reshape(b, h, padded))
+        for level in range(levels):
+            segments, half = 2 ** level, padded // 2 ** (level + 1)
+            halves = lambda t, i: t.view(b, h, segments, 2, half, t.shape[-1])[:, :, :, i].reshape(
+                b, h * segments, half, t.shape[-1])
+            off = kde_partial(halves(q, 1), halves(k, 0), halves(v, 0), scale, *self._options(q.device))
+            # the off-diagonal sums belong to the right halves; left halves get an empty piece
+            def to_rows(x, empty):  # (B, H * segments, half, ...) -> (B, H, padded, ...)
+                x = x.view(b, h, segments, half, *x.shape[3:])
+                return torch.stack([torch.full_like(x, empty), x], dim=3).reshape(b, h, padded, *x.shape[4:])
+
+            parts = parts.merge(PartialSums(to_rows(off.num, 0.0), to_rows(off.den, 0.0),
+                                            to_rows(off.shift, float("-inf"))))
+        return PartialSums(parts.num[:, :, :n], parts.den[:, :, :n], parts.shift[:, :, :n])
 
     def attend(self, q, k, v, causal, scale):
         if not causal:
-            return self._approx(q, k, v, scale).output()
+            return kde_output(q, k, v, scale, *self._options(q.device))
         nq, nk = q.shape[2], k.shape[2]
         parts = self._causal(q, k[:, :, nk - nq:], v[:, :, nk - nq:], scale)
         if nk > nq:  # keys before the first query's position are visible to every query
-            parts = parts.merge(self._approx(q, k[:, :, :nk - nq], v[:, :, :nk - nq], scale))
+            parts = parts.merge(kde_partial(q, k[:, :, :nk - nq], v[:, :, :nk - nq], scale,
+                                            *self._options(q.device)))
         return parts.output()
 
     @classmethod

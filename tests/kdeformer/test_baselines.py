@@ -61,3 +61,13 @@ def test_sblocal_causal_prefix_and_errors():
         common.get_attention("sblocal", local_size=0)
     with pytest.raises(ValueError, match="n_hashes must be >= 1"):
         common.get_attention("reformer", n_hashes=0)
+
+
+def test_performer_many_features_on_small_norms_approaches_exact():
+    # FAVOR+ is unbiased for the kernel; for small |q|, |k| its error shrinks like 1/sqrt(features) (values ~ N(0, 1))
+    x = synthetic_qkv("gaussian", 1, 2, 64, 64, 8, sharpness=0.3, dtype=torch.float64)
+    exact = common.softmax_attention(x.q, x.k, x.v)
+    err = lambda m: sum((common.get_attention("performer", nb_features=m, seed=s)(x.q, x.k, x.v) - exact)
+                        .abs().mean().item() for s in range(3)) / 3
+    many = err(4096)
+    assert many < 0.02 and many < 0.3 * err(16)

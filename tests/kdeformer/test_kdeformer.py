@@ -4,7 +4,7 @@ import torch
 
 import common
 from common.data import synthetic_qkv
-from kdeformer.kdeformer import kde_partial, residual_probabilities
+from kdeformer.kdeformer import kde_output, kde_partial, operator_norm, residual_probabilities
 from kdeformer.lsh import bucket_positions, gray_code, gray_rank, random_projections
 
 
@@ -71,17 +71,20 @@ def test_residual_probabilities_normalised_and_follow_value_norms():
     assert p[0, 0, 0].item() == pytest.approx(1.25 / 2, rel=1e-6)
 
 
-@pytest.mark.parametrize("nq,nk", [(64, 64), (40, 64)])
+@pytest.mark.parametrize("nq,nk", [(64, 64), (40, 64), (37, 37), (29, 50)])
 def test_causal_never_reads_future_and_is_exact_at_full_budget(nq, nk):
+    # (37, 37) and (29, 50): lengths that are no power of two times min_seq_len (the split pads the end)
     x = synthetic_qkv("gaussian", 1, 2, nq, nk, 8, dtype=torch.float64)
     attn = lambda k, v, **o: common.get_attention("kdeformer", seed=1, **o)(x.q, k, v, causal=True)
     out = attn(x.k, x.v, bucket_size=8, sample_size=8, min_seq_len=8)
-    k2, v2 = x.k.clone(), x.v.clone()
-    cut = nk - nq + 20  # query 19 sits at position cut - 1; keys from cut on are its future
-    k2[:, :, cut:] = 50.0
-    v2[:, :, cut:] = 1e4
-    out2 = attn(k2, v2, bucket_size=8, sample_size=8, min_seq_len=8)
-    torch.testing.assert_close(out[:, :, :20], out2[:, :, :20])
+    for seen in (1, 13, 20):  # query seen - 1 sits at position cut - 1; keys from cut on are the future
+        cut = nk - nq + seen
+        k2, v2 = x.k.clone(), x.v.clone()
+        k2[:, :, cut:] = 50.0
+        v2[:, :, cut:] = 1e4
+        out2 = attn(k2, v2, bucket_size=8, sample_size=8, min_seq_len=8)
+        torch.testing.assert_close(out[:, :, :seen], out2[:, :, :seen], rtol=1e-12, atol=1e-12)
+        assert (out2[:, :, seen:] - out[:, :, seen:]).abs().max() > 1  # the future keys did change something
     full = attn(x.k, x.v, bucket_size=nk, sample_size=0, min_seq_len=8)
     assert (full - common.softmax_attention(x.q, x.k, x.v, causal=True)).abs().max().item() < 1e-10
 
@@ -96,3 +99,37 @@ def test_large_norms_float32_finite_and_bad_options():
         common.get_attention("kdeformer", sample_size=-1)
     with pytest.raises(ValueError, match="same head dim"):
         common.get_attention("kdeformer")(x.q, x.k[..., :8], x.v)
+
+
+def test_fused_output_equals_the_partial_sums_and_is_a_convex_combination():
+    x = synthetic_qkv("clustered", 2, 2, 70, 90, 8, dtype=torch.float64)
+    for nq in (70, 5):  # fewer queries than blocks: most query rows of the blocks are padding
+        q = x.q[:, :, :nq]
+        fused = kde_output(q, x.k, x.v, 0.5, 7, 16, 24, torch.Generator().manual_seed(3))
+        sums = kde_partial(q, x.k, x.v, 0.5, 7, 16, 24, torch.Generator().manual_seed(3)).output()
+        torch.testing.assert_close(fused, sums, rtol=1e-10, atol=1e-10)
+        # weights are positive: each output row lies inside the range of the value rows
+        assert (fused <= x.v.amax(2, keepdim=True) + 1e-9).all() and (fused >= x.v.amin(2, keepdim=True) - 1e-9).all()
+
+
+def test_operator_norm_by_power_iteration_is_a_close_lower_bound():
+    v = synthetic_qkv("gaussian", 2, 3, 1, 200, 6, dtype=torch.float64).k
+    exact = torch.linalg.matrix_norm(v, ord=2)
+    for iterations, ratio in ((8, 0.9), (1000, 1 - 1e-4)):  # a Rayleigh quotient never exceeds the top eigenvalue
+        est = operator_norm(v, iterations=iterations, generator=torch.Generator().manual_seed(0))
+        assert (est <= exact * (1 + 1e-12)).all() and (est >= ratio * exact).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_flow_and_match_exact_at_full_budget(causal):
+    x = synthetic_qkv("gaussian", 1, 2, 48, 48, 8, dtype=torch.float64)
+    grads = {}
+    for name, options in (("exact", {}), ("kdeformer", dict(bucket_size=48, sample_size=8, min_seq_len=12, seed=0))):
+        q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+        out = common.get_attention(name, **options)(q, k, v, causal=causal)
+        grads[name] = torch.autograd.grad((out * x.v[..., :1, :]).sum(), (q, k, v))
+    for g_kde, g_exact in zip(grads["kdeformer"], grads["exact"]):
+        torch.testing.assert_close(g_kde, g_exact, rtol=1e-8, atol=1e-10)
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    out = common.get_attention("kdeformer", bucket_size=8, sample_size=8, seed=0)(q, k, v, causal=causal)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
