@@ -145,16 +145,21 @@ def main(argv=None) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     fig, axes = plotting.new_figure(ncols=args.batch, nrows=len(names), width=1.6, height=1.7)
-    for i, name in enumerate(names):
+    # one contrast stretch for every panel (the exact images' range), so that differences between rows show
+    low, high = images["exact"].amin().item(), images["exact"].amax().item()
+    for i, (name, row) in enumerate(zip(names, rows)):
         for j in range(args.batch):
             ax = axes[i][j]
-            ax.imshow(((images[name][j].permute(1, 2, 0).cpu() + 1) / 2).clamp(0, 1))
+            ax.imshow(((images[name][j].permute(1, 2, 0).cpu() - low) / (high - low)).clamp(0, 1))
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
             if j == 0:
-                ax.set_ylabel(name)
-    fig.suptitle("BigGAN-style generator, random weights: images per attention method")
+                ax.set_ylabel(f"{name}\nimage err {row['rel_err_image']:.1%}", fontsize=8)
+    weights = f"checkpoint {args.checkpoint.name}" if args.checkpoint else "seeded random weights"
+    fig.suptitle(f"BigGAN-style generator ({weights}), {args.resolution}x{args.resolution}: images per attention "
+                 f"method\n(contrast stretched to the exact images' range; err = relative Frobenius error vs exact)",
+                 fontsize=8)
     print(f"wrote {plotting.save_figure(fig, args.out / 'kdeformer_biggan.png')}")
     return rows
 

@@ -4,7 +4,8 @@ import csv
 import pytest
 import torch
 
-from kdeformer import demo_biggan, demo_glove
+from common.data import synthetic_qkv
+from kdeformer import benchmark, demo_biggan, demo_glove
 
 
 def test_demo_glove_quick_on_standin_and_on_a_glove_file(tmp_path, capsys):
@@ -39,3 +40,15 @@ def test_demo_biggan_quick_exact_row_is_zero_and_checkpoint_roundtrip(tmp_path):
     torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not match Generator"):
         demo_biggan.build_generator("exact", 32, 0, tmp_path / "bad.pt")
+
+
+def test_benchmark_rows_profile_and_figure(tmp_path):
+    x = synthetic_qkv("clustered", 1, 1, 256, 256, 16, dtype=torch.float64)
+    rows = benchmark.measure(x.q, x.k, x.v, [(32, 64), (256, 0)], num_bits=7, repeats=2, seed=0, progress=False)
+    assert [r["method"] for r in rows] == ["exact", "kdeformer", "kdeformer"]
+    assert rows[0]["speedup"] == 1.0 and all(r["time_s"] > 0 for r in rows)
+    assert rows[1]["rel_spec_err"] > 0 and rows[2]["rel_spec_err"] < 1e-10  # one bucket of all keys is exact
+    stages = benchmark.stage_profile(x.q, x.k, x.v, (32, 64), num_bits=7, seed=0)
+    assert set(benchmark.STAGES) < set(stages) and all(stages[s] > 0 for s in benchmark.STAGES)
+    assert benchmark.plot(rows, "clustered test data", 256, tmp_path / "speed.png").stat().st_size > 1000
+    assert benchmark.parse_config("256:1024") == (256, 1024)
