@@ -77,7 +77,7 @@ def main(argv=None) -> list[dict]:
             sel = {r["l"]: r["inner_products"] for r in rows if r["method"] == method and r["e"] == e}
             print(f"| {method} | {e} | " + " | ".join(f"{sel[l]:.1f}" for l in shown) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "tree_inner_products.csv").open("w", newline="") as f:
+    with (args.out / f"tree_inner_products_P{args.P}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -96,7 +96,7 @@ def main(argv=None) -> list[dict]:
     ax.set_ylabel("inner products per query (count)")
     ax.set_title(f"tree descent, L = {args.L}, P = {args.P}, {args.data} q/k", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
-    print(f"wrote {plotting.save_figure(fig, args.out / 'tree_inner_products.png')}")
+    print(f"wrote {plotting.save_figure(fig, args.out / f'tree_inner_products_P{args.P}.png')}")
     return rows
 
 

@@ -136,6 +136,7 @@ class TreeAttention(AttentionMethod):
         ia, ib = (x.expand(b, -1, -1).unsqueeze(1).expand(-1, h, -1, -1) for x in (start, stop))
         s = Summaries((stop - start).expand(b, -1, -1), start, stop, gather_rows(ck, ib) - gather_rows(ck, ia),
                       gather_rows(cv, ib) - gather_rows(cv, ia))
+        self.last_inner_products = (s.count > 0).sum(-1)  # one q . sum_k per non-empty bud
         return combine(q, s, s.count > 0, scale, self.bud_value)
 
     @classmethod
