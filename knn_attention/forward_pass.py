@@ -34,6 +34,7 @@ from common.validation import check_choice, check_int
 from .backward_pass import SampledGradientAttention
 from .index import (EXACT_INDEX_TYPES, IndexOptions, SearchTimes, causal_local_keys, causal_top_k_indices,
                     top_k_indices)
+from .ivf_blocked import ivf_blocked_attention
 from .softmax_expectation import (expectation_estimate, lazy_gumbel_sample, retrieved_set,
                                   sample_tail_uniform)
 
@@ -53,23 +54,27 @@ class KNNAttention(AttentionMethod):
     """kNN attention with a faiss top-k set and one of three estimators (see the module docstring).
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
-    index ('flat' | 'ivf' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
-    gradient ('autograd' | 'sampled'), seed. ``last_times`` holds the index build / search seconds of the last call.
+    index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
+    tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), seed. ``last_times`` holds the index build / search seconds of the last call.
     """
 
     randomized = True
 
     def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str = "topk_uniform_tail",
-                 index: str = "flat", nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32,
-                 ef_search: int = 64, causal_block: int | None = None, gradient: str | None = None,
-                 seed: int | None = None, check_finite: bool = True):
+                 index: str = "flat", nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
+                 ef_search: int = 64, causal_block: int | None = None, tail_block: int = 64,
+                 gradient: str | None = None, seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
         self.estimator = check_choice(estimator, "estimator", "knn", ESTIMATORS)
         self.index = index
         self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search)
+        if index == "ivf_blas" and k is not None:
+            raise ValueError("knn: index='ivf_blas' retrieves whole cells (|S_i| = the keys of the nprobe probed "
+                             "cells, about nprobe * Nk / nlist); set nprobe and nlist instead of k")
         self.causal_block = None if causal_block is None else check_int(causal_block, "causal_block", "knn", minimum=1)
+        self.tail_block = check_int(tail_block, "tail_block", "knn", minimum=1)
         self.gradient = check_choice(gradient or ("sampled" if estimator == "gumbel" else "autograd"),
                                      "gradient", "knn", GRADIENTS)
         if self.estimator == "gumbel" and self.gradient == "autograd":
@@ -104,13 +109,26 @@ class KNNAttention(AttentionMethod):
         top = retrieved_set(q, k, hits, counts, scale, local)
         return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device))[0]
 
+    def _attend_ivf_blocked(self, q, k, v, num, scale):
+        nlist = self.index_options.nlist or 4 * default_budget(k.shape[2])
+        gen, seed = self.generator(q.device), 0 if self.seed is None else self.seed
+        return torch.stack([torch.stack([
+            ivf_blocked_attention(q[b, h], k[b, h], v[b, h], scale, num, self.estimator != "topk", nlist,
+                                  self.index_options.nprobe, self.tail_block, gen, seed, self.last_times)
+            for h in range(q.shape[1])]) for b in range(q.shape[0])])
+
     def attend(self, q, k, v, causal, scale):
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+        num = default_budget(nk) if self.num_samples is None else self.num_samples
+        self.last_times = SearchTimes()
+        if self.index == "ivf_blas":
+            if causal:
+                raise ValueError("knn: index='ivf_blas' is not available with causal=True (its k-means cells are "
+                                 "built from all keys, future ones included); use 'flat', 'hnsw' or 'torch'")
+            return self._attend_ivf_blocked(q, k, v, num, scale)
         top_k = default_budget(nk) if self.k is None else self.k
         if top_k > nk:
             raise ValueError(f"knn: k={top_k} is larger than the number of keys Nk={nk}")
-        num = default_budget(nk) if self.num_samples is None else self.num_samples
-        self.last_times = SearchTimes()
         counts = allowed_key_counts(nq, nk, causal, q.device)
         local = None
         if causal:

@@ -5,6 +5,8 @@ For each (batch, head) an inner-product index is built over that head's keys and
 - ``flat``: exact maximum inner product search (faiss ``IndexFlatIP``; O(Nq Nk d) but a single BLAS call);
 - ``ivf``: inverted file (faiss ``IndexIVFFlat``, k-means with ``nlist`` cells, ``nprobe`` cells searched):
   sub-quadratic, approximate;
+- ``ivf_blas``: the same inverted-file idea, S_i = every key of the probed cells, scored by dense matmuls fused
+  with the estimator (``ivf_blocked.py``; it never materialises per-query index lists, so it does not go here);
 - ``hnsw``: hierarchical navigable small-world graph (faiss ``IndexHNSWFlat``, ``hnsw_m`` links,
   ``ef_search``): sub-quadratic, approximate;
 - ``torch``: exact top-k of the dense score matrix with ``torch.topk`` (quadratic memory; useful on GPU,
@@ -28,16 +30,18 @@ import torch
 
 from common.validation import check_choice, check_int
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "torch")
+INDEX_TYPES = ("flat", "ivf", "ivf_blas", "hnsw", "torch")
+DEFAULT_NPROBE = {"ivf": 8, "ivf_blas": 8}
 EXACT_INDEX_TYPES = ("flat", "torch")
 
 
 @dataclass
 class IndexOptions:
-    """Index type and its parameters (defaults: nlist = 4 sqrt(Nk), nprobe = 8, hnsw_m = 32, ef_search = 64)."""
+    """Index type and its parameters (defaults: nlist = ceil(sqrt(Nk)) for ``ivf``, 4 ceil(sqrt(Nk)) for
+    ``ivf_blas``; nprobe = 8; hnsw_m = 32, ef_search = 64)."""
     kind: str = "flat"
     nlist: int | None = None
-    nprobe: int = 8
+    nprobe: int | None = None
     hnsw_m: int = 32
     ef_search: int = 64
 
@@ -45,6 +49,8 @@ class IndexOptions:
         check_choice(self.kind, "index", "knn", INDEX_TYPES)
         if self.nlist is not None:
             check_int(self.nlist, "nlist", "knn", minimum=1)
+        if self.nprobe is None:
+            self.nprobe = DEFAULT_NPROBE.get(self.kind, 8)
         for name in ("nprobe", "hnsw_m", "ef_search"):
             check_int(getattr(self, name), name, "knn", minimum=1)
 
@@ -62,9 +68,11 @@ def _faiss_index(keys: np.ndarray, opts: IndexOptions):
     if opts.kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif opts.kind == "ivf":
-        nlist = min(opts.nlist or max(1, int(4 * math.sqrt(n))), n)
+        nlist = min(opts.nlist or math.ceil(math.sqrt(n)), n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.min_points_per_centroid = 1  # small n: no warning spam; k-means still sees every key
+        index.cp.min_points_per_centroid = 1  # small n: no warning spam
+        index.cp.max_points_per_centroid = 32  # k-means trained on a subsample of 32 nlist keys
+        index.cp.niter = 10
         index.train(keys)
         index.nprobe = min(opts.nprobe, nlist)
     else:

@@ -85,7 +85,9 @@ def test_causal_never_reads_future_keys(estimator):
     v2[:, :, 25:] = 1e3
     out2 = attn(k2, v2)
     assert out2[:, :, :25].abs().max() < 1e2
-    if estimator == "topk":  # deterministic: the prefix output must be identical
+    if estimator != "gumbel":
+        # topk is deterministic and the tail draws of a query depend only on its prefix size, so with the same
+        # seed the prefix output must be identical (the Gumbel sampler's draw count depends on every row)
         torch.testing.assert_close(out[:, :, :25], out2[:, :, :25])
     torch.testing.assert_close(out[:, :, 0], x.v[:, :, 0])  # query 0 reads key 0 only
 
