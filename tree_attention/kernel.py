@@ -80,13 +80,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--draws", type=int, default=200, help="independent feature draws per point")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="(the analysis runs on the CPU)")
-    parser.add_argument("--quick", action="store_true", help="--draws 30, fewer points")
+    parser.add_argument("--quick", action="store_true", help="at most 30 draws, fewer points")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS)
     args = parser.parse_args(argv)
     if args.R is None:
         args.R = 64 if args.method == "RandomFourierFeatures" else 128
     if args.quick:
-        args.draws = 30
+        args.draws = min(args.draws, 30)
     scale = args.scaling / math.sqrt(args.D)
     options = dict(orthogonal=bool(args.orth), relu_power=args.exp)
     g = torch.Generator().manual_seed(args.seed)

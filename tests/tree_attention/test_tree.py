@@ -60,11 +60,12 @@ def test_children_summaries_sum_to_parent():
             heap.insert(*(torch.zeros(2, d, dtype=torch.float64) for d in (4, 3, 5)))
 
 
-@pytest.mark.parametrize("method", ["alignment", "FAVOR+", "time-decay", "tree-less"])
-def test_no_future_key_is_read(method):
+@pytest.mark.parametrize("bud_value", ["count", "report"])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_future_key_is_read(method, bud_value):
     x = synthetic_qkv("gaussian", 1, 2, 40, 40, 8, dtype=torch.float64)
-    attn = lambda k, v: common.get_attention("tree", method=method, number_of_terms_exponent=0.6, seed=4)(
-        x.q, k, v, causal=True)
+    attn = lambda k, v: common.get_attention("tree", method=method, number_of_terms_exponent=0.6, seed=4,
+                                             bud_value=bud_value)(x.q, k, v, causal=True)
     out = attn(x.k, x.v)
     k2, v2 = x.k.clone(), x.v.clone()
     k2[:, :, 25:] = 10 * x.q[:, :, :15]
@@ -206,7 +207,7 @@ def test_kernel_cli_reproduces_the_report_ratio(tmp_path, capsys):
     from tree_attention import kernel
     # the report's ~264: Eq. (9) at |q| = |k| = 8, D = 64, S = 1/8, R = 128, q . k = 0
     assert kernel.favor_ratio_eq9(8, 8, 0.0, 1 / 8, 128) == pytest.approx(264, abs=1)
-    stats = kernel.main(["--method", "FAVOR+", "--quick", "--out", str(tmp_path)])
+    stats = kernel.main(["--method", "FAVOR+", "--quick", "--draws", "10", "--out", str(tmp_path)])
     assert "Eq. (9)" in capsys.readouterr().out and (tmp_path / "tree_kernel_FAVORplus.png").exists()
     assert stats["orthogonal"]["true"] == pytest.approx(1.0)
     # the empirical ratio of so heavy-tailed an estimate stays far below Eq. (9) with a few dozen draws
