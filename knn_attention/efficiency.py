@@ -142,7 +142,8 @@ def main(argv=None) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['input']} | {r['n']} | {r['config']} | {r['exact_s']:.3f} | {r['knn_s']:.3f} | "
-              f"{r['speedup']:.2f} | {r['index_build_s']:.3f} | {r['index_search_s']:.3f} | {100 * r['rel_fro']:.1f}% |")
+              f"{r['speedup']:.2f} | {r['index_build_s']:.3f} | {r['index_search_s']:.3f} | "
+              f"{100 * r['rel_fro']:.1f}% |")
     png = plot(rows, args.inputs, args.configs, args.d, args.threads, args.out / "knn_efficiency.png")
     print(f"wrote {png} and {args.out / 'knn_efficiency.csv'}")
     return rows

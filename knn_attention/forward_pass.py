@@ -17,6 +17,10 @@ grown block by block, ``index.causal_top_k_indices``) plus every key of its own 
 samples come from the rest of the prefix. No future key is ever retrieved, scored or sampled, so the output does
 not depend on future keys at all (tested by perturbing them).
 
+Index: ``flat`` / ``ivf`` / ``hnsw`` / ``torch`` (``index.py``) return per-query top-k ids, then the estimator
+gathers those rows; ``ivf_blas`` (``ivf_blocked.py``, non-causal, (a) and (b) only) takes S_i = the keys of the
+probed k-means cells and evaluates the estimator cell by cell with dense matmuls, the fast path on a CPU.
+
 Gradients: ``gradient='autograd'`` differentiates the estimator (a) or (b) through the gathered keys (indices are
 held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators (``backward_pass.py``); the
 ``gumbel`` estimator only has the latter.
@@ -55,7 +59,8 @@ class KNNAttention(AttentionMethod):
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
     index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
-    tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), seed. ``last_times`` holds the index build / search seconds of the last call.
+    tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), seed.
+    ``last_times`` holds the index build / search seconds of the last call.
     """
 
     randomized = True

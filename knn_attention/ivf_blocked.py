@@ -9,9 +9,12 @@ because the queries that probe the same cell share its keys:
 1. cells: faiss k-means (``faiss.Kmeans``, trained on a subsample of 32 points per centroid, 10 iterations) puts
    ``nlist`` centroids c_1..c_nlist among the keys (default nlist = 4 ceil(sqrt(n)), cells of about sqrt(n) / 4
    keys); every key joins its nearest centroid's cell; keys and values are stored sorted by cell;
-2. probe: query i visits the ``nprobe`` non-empty cells of largest q_i . c (the cells whose keys it scores highest
-   on average); its retrieved set S_i is every key of those cells: |S_i| is about nprobe n / nlist (2 sqrt(n) with
-   the default nprobe = 8), the k of the paper, here set through nprobe and nlist;
+2. probe: query i visits the ``nprobe`` non-empty cells whose centroid has the largest cosine with q_i. (Ranking by
+   q_i . c, the mean score of the cell, favours long centroids: a cell that straddles two clusters has a short
+   centroid and loses to long far-away ones; measured at n = 2^16 on ``clustered_concentrated`` input: 16% error
+   with q . c, 4.9% with the cosine, on 4,096 of the queries.) Its retrieved set S_i is every key of those cells:
+   |S_i| is about nprobe n / nlist (2 sqrt(n) with the default nprobe = 8), the k of the paper, set through
+   nprobe and nlist;
 3. sums: one sweep over the cells; for cell c one dense matmul scores all queries that probe it against all its
    keys and adds exp(s_ij - m_i) v_j to their numerators (and exp(s_ij - m_i) to their denominators), m_i a running
    maximum, the sums being rescaled by exp(m_old - m_new) when it grows (the online softmax).
@@ -72,9 +75,10 @@ def build_cells(keys: torch.Tensor, nlist: int, seed: int = 0) -> Cells:
 
 
 def _probes(q: torch.Tensor, cells: Cells, nprobe: int) -> torch.Tensor:
-    """(Nq, nprobe') ids of the non-empty cells of largest q . c (step 2)."""
+    """(Nq, nprobe') ids of the non-empty cells whose centroid c has the largest cosine with q (step 2)."""
     sizes = torch.tensor(np.diff(cells.starts), device=q.device)
-    score = (q.detach() @ cells.centroids.T).masked_fill(sizes == 0, float("-inf"))
+    directions = cells.centroids / cells.centroids.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    score = (q.detach() @ directions.T).masked_fill(sizes == 0, float("-inf"))
     return score.topk(min(nprobe, int((sizes > 0).sum())), dim=-1).indices
 
 
