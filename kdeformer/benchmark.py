@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from common import get_attention, plotting
 from common.bench import time_callable
+from common.cli import script_parser
 from common.metrics import relative_spectral_error
 
 from .demo_glove import load_inputs
@@ -117,7 +118,8 @@ def plot(rows: list[dict], source: str, n: int, path: Path) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="KDEformer speed-up and error vs exact attention at one n.")
+    parser = script_parser("KDEformer speed-up and error vs exact attention at one n.",
+                           quick_help="n = 2048, batch 1, clustered stand-in, 2 rounds")
     parser.add_argument("--glove", type=Path, default=None, help="GloVe-format text file (else a labelled stand-in)")
     parser.add_argument("--standin", choices=["shakespeare", "clustered"], default="shakespeare")
     parser.add_argument("--n", type=int, default=16384, help="sequence length")
@@ -129,10 +131,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (seeds) per configuration")
     parser.add_argument("--profile", action="store_true", help="print a stage breakdown of the first config")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="n = 2048, batch 1, clustered stand-in, 2 rounds")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.batch, args.repeats, args.standin = 2048, 1, 2, "clustered"

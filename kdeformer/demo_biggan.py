@@ -18,7 +18,6 @@ but the images are not natural images, so the paper's FID / inception-score comp
 """
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from common import get_attention, plotting
 from common.bench import time_callable
+from common.cli import script_parser
 from common.metrics import relative_frobenius_error
 
 METHOD_OPTIONS = {"exact": {}, "kdeformer": {"bucket_size": 64, "sample_size": 128},
@@ -104,16 +104,13 @@ def build_generator(attention: str, resolution: int, seed: int, checkpoint: Path
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="BigGAN-style generator with its self-attention swapped.")
+    parser = script_parser("BigGAN-style generator with its self-attention swapped.",
+                           quick_help="32x32, batch 2, one timed run")
     parser.add_argument("--attention", default="all", choices=["all", *METHOD_OPTIONS])
     parser.add_argument("--checkpoint", type=Path, default=None, help="state_dict of Generator (see module doc)")
     parser.add_argument("--resolution", type=int, default=64, choices=[32, 64])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="32x32, batch 2, one timed run")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
     args = parser.parse_args(argv)
     if args.quick:
         args.resolution, args.batch, args.repeats = 32, 2, 1

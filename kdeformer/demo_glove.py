@@ -17,7 +17,6 @@ clustered synthetic vectors (d = 100; what ``--quick`` uses, so that it needs no
 """
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from common import get_attention, plotting
 from common.bench import time_callable
+from common.cli import script_parser
 from common.compare import shakespeare_qkv
 from common.data import load_glove, synthetic_qkv
 from common.metrics import relative_spectral_error
@@ -104,7 +104,8 @@ def plot(rows: list[dict], source: str, n: int, path: Path) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="KDEformer's GloVe experiment (error vs budget and time).")
+    parser = script_parser("KDEformer's GloVe experiment (error vs budget and time).",
+                           quick_help="n = 512, batch 2, budgets 32 and 128, clustered stand-in, one run")
     parser.add_argument("--glove", type=Path, default=None, help="GloVe-format text file")
     parser.add_argument("--standin", choices=["shakespeare", "clustered"], default="shakespeare",
                         help="data when no --glove is given (--quick uses clustered)")
@@ -112,10 +113,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="n = 512, batch 2, budgets 32 and 128, clustered stand-in, one run")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.batch, args.budgets, args.repeats, args.standin = 512, 2, [32, 128], 1, "clustered"

@@ -16,7 +16,6 @@ set (``common.bench.peak_memory_bytes``). The CPU is shared: run it under ``floc
 """
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tqdm import tqdm
 import common
 from common import plotting
 from common.bench import peak_memory_bytes, time_callable
+from common.cli import script_parser
 from common.data import synthetic_qkv
 
 METHODS = ("exact", "srf")
@@ -100,18 +100,15 @@ def plot(rows: list[dict], args, path: Path) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__.split("\n")[0],
+                           quick_help="L = 256 .. 1024, one repeat: seconds",
+                           out_help="folder for srf_benchmark.csv / .png")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="L = 256 .. 1024, one repeat: seconds")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for srf_benchmark.csv / .png")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -26,7 +26,6 @@ their closed form) and the three couplings are no longer separated by the measur
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from common import plotting
+from common.cli import script_parser
 
 from .features import FEATURE_TYPES, random_matrix
 
@@ -119,15 +119,13 @@ def plot(rows: list[dict], norm_fixed: float, m_fixed: int, path: Path) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__.split("\n")[0],
+                           quick_help="a small grid that runs in seconds",
+                           device_help="only 'cpu': the sweep is small and float64",
+                           out_help="folder for srf_variance.png / .csv")
     parser.add_argument("--dim", type=int, default=6, help="input dimension d")
     parser.add_argument("--pairs", type=int, default=64, help="pairs (x, y) per setting")
     parser.add_argument("--draws", type=int, default=2000, help="independent feature draws per pair")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="only 'cpu': the sweep is small and float64")
-    parser.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for srf_variance.png / .csv")
     args = parser.parse_args(argv)
     if args.device != "cpu":
         parser.error("--device: this sweep runs on the CPU only")

@@ -8,7 +8,7 @@ bud, its expansion into children and the new bud list, round by round, and ends 
 """
 from __future__ import annotations
 
-import argparse
+from common.cli import script_parser
 
 from .mass_estimators import METHODS
 from .np_attention import report_example
@@ -17,11 +17,11 @@ KEY_LEAF = 8 - 1 + 3  # the leaf of key 3 in the L = 8 tree
 
 
 def main(argv=None) -> list[int]:
-    parser = argparse.ArgumentParser(description="The report's L = 8 tree attention example, verbose descent.")
+    parser = script_parser("The report's L = 8 tree attention example, verbose descent.",
+                           quick_help="(the example is already seconds-sized)",
+                           device_help="(the example runs on the CPU, one token at a time)",
+                           with_out=False)
     parser.add_argument("--method", default="alignment", choices=[m for m in METHODS if m != "tree-less"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="(the example runs on the CPU, one token at a time)")
-    parser.add_argument("--quick", action="store_true", help="(the example is already seconds-sized)")
     parser.add_argument("--profile", action="store_true",
                         help="line-profile tree.descend (needs the optional package line_profiler)")
     args = parser.parse_args(argv)

@@ -14,13 +14,12 @@ The perplexity bench (``inference_bench.py``) records the same count on the nano
 """
 from __future__ import annotations
 
-import argparse
 import csv
-from pathlib import Path
 
 import torch
 
 from common import plotting
+from common.cli import script_parser
 from common.data import synthetic_qkv
 
 from .mass_estimators import METHODS, MassEstimator
@@ -41,17 +40,15 @@ def count_inner_products(method: str, L: int, P: int, e: float, positions: torch
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="Inner products per query of the tree descent vs l.")
+    parser = script_parser("Inner products per query of the tree descent vs l.",
+                           quick_help="L = 256",
+                           device_help="(the count runs on the CPU)")
     parser.add_argument("--L", type=int, default=1024, help="keys (a power of two)")
     parser.add_argument("--P", type=int, default=32, help="parallelism")
     parser.add_argument("--exponents", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--methods", nargs="+", default=["alignment", "uniform", "FAVOR+"],
                         choices=[m for m in METHODS if m != "tree-less"])
     parser.add_argument("--data", default="clustered", help="synthetic q/k kind (common.data.synthetic_qkv)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="(the count runs on the CPU)")
-    parser.add_argument("--quick", action="store_true", help="L = 256")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
     args = parser.parse_args(argv)
     if args.quick:
         args.L = 256

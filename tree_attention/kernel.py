@@ -19,13 +19,12 @@ FAVOR+ReLU features ReLU(w . x)^p (higher: more discriminative, more variance); 
 """
 from __future__ import annotations
 
-import argparse
 import math
-from pathlib import Path
 
 import torch
 
 from common import plotting
+from common.cli import script_parser
 
 from .mass_estimators import MassEstimator
 
@@ -68,7 +67,9 @@ def favor_ratio_eq9(q_norm: float, k_norm: float, cosine: float, scale: float, R
 
 def main(argv=None) -> dict:
     """Prints the test-example statistics, writes the figure; returns {'orthogonal': stats, 'aligned': stats}."""
-    parser = argparse.ArgumentParser(description="Mean, std and std/mean of kernel estimates vs the true kernel.")
+    parser = script_parser("Mean, std and std/mean of kernel estimates vs the true kernel.",
+                           quick_help="at most 30 draws, fewer points",
+                           device_help="(the analysis runs on the CPU)")
     parser.add_argument("--method", default="FAVOR+", choices=KERNEL_METHODS)
     parser.add_argument("--D", type=int, default=64, help="head dimension")
     parser.add_argument("--R", type=int, default=None, help="random features (default 128; 64 for RandomFourierFeatures)")
@@ -78,10 +79,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--scaling", type=float, default=1.0, help="factor on S = 1/sqrt(D)")
     parser.add_argument("--exp", type=float, default=1.0, help="exponent p of the FAVOR+ReLU features ReLU(.)^p")
     parser.add_argument("--draws", type=int, default=200, help="independent feature draws per point")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="(the analysis runs on the CPU)")
-    parser.add_argument("--quick", action="store_true", help="at most 30 draws, fewer points")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
     args = parser.parse_args(argv)
     if args.R is None:
         args.R = 64 if args.method == "RandomFourierFeatures" else 128
