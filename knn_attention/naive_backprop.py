@@ -11,7 +11,6 @@ These are the targets the sampled estimators of ``backward_pass.py`` are unbiase
 """
 from __future__ import annotations
 
-import torch
 
 from common.attention import attention_weights
 from common.validation import resolve_scale
