@@ -156,6 +156,19 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def read_csv(paths) -> list[dict]:
+    """Rows written by :func:`write_csv` (e.g. by runs on another machine), typed again."""
+    rows = []
+    for path in paths:
+        with Path(path).open(newline="") as f:
+            for r in csv.DictReader(f):
+                rows.append({**r, "n": int(r["n"]), "causal": r["causal"] == "True", "options": json.loads(r["options"]),
+                             **{k: float(r[k]) for k in ("time_s", "ratio_to_exact", "rel_fro", "rel_spec", "max_abs")},
+                             "kl": float(r["kl"]) if r["kl"] else None,
+                             "peak_mem_bytes": int(r["peak_mem_bytes"]) if r["peak_mem_bytes"] else None})
+    return rows
+
+
 def plot_pareto(rows: list[dict], path: Path, causal: bool = False) -> Path:
     """Relative Frobenius error vs time / exact time at the largest n, one curve per method, a panel per input."""
     inputs = sorted({r["input"] for r in rows})
@@ -219,18 +232,23 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="n = 256 and 1024, one timed run")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for the CSV and figures")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
+                        help="run nothing: merge these compare.csv files (e.g. from a GPU) and re-plot them")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats = [256, 1024], 1
     inputs = list(args.inputs) + (["glove"] if args.glove and "glove" not in args.inputs else [])
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     torch.manual_seed(args.seed)
-    rows = run_comparison(inputs, args.n, causal_modes, args.methods, heads=args.heads, head_dim=args.head_dim,
-                          seed=args.seed, repeats=args.repeats, glove=args.glove, device=args.device,
-                          progress=not args.no_progress)
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+    else:
+        rows = run_comparison(inputs, args.n, causal_modes, args.methods, heads=args.heads, head_dim=args.head_dim,
+                              seed=args.seed, repeats=args.repeats, glove=args.glove, device=args.device,
+                              progress=not args.no_progress)
     print(markdown_table(rows))
     written = [write_csv(rows, args.out / "compare.csv"), plot_pareto(rows, args.out / "compare_pareto.png")]
-    if len(args.n) > 1:
+    if len({r["n"] for r in rows}) > 1:
         written.append(plot_scaling(rows, args.out / "compare_scaling.png"))
     print("wrote " + ", ".join(map(str, written)))
     return rows

@@ -38,6 +38,10 @@ def test_compare_grid_every_method_appears(tmp_path):
     assert (tmp_path / "compare.csv").read_text().startswith("input,n,causal")
     assert {(r["n"], r["causal"]) for r in rows} == {(64, False), (64, True), (128, False), (128, True)}
     assert (tmp_path / "compare_pareto.png").stat().st_size > 1000
+    merged = compare.main(["--from_csv", str(tmp_path / "compare.csv"), "--out", str(tmp_path / "again")])
+    assert merged == compare.read_csv([tmp_path / "compare.csv"])
+    assert [(r["method"], r["n"], r["causal"], r["options"], r["rel_fro"]) for r in merged] == \
+        [(r["method"], r["n"], r["causal"], {**r["options"]}, r["rel_fro"]) for r in rows]
     assert (tmp_path / "compare_scaling.png").stat().st_size > 1000
 
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The comparison on a lent GPU at long sequences, in one call (about 9 minutes). Usage, from the repository root:
+#   OUT=<folder> PY=python3 bash common/gpu_compare.sh
+# Writes $OUT/compare_n<N>.csv per length and $OUT/gpu_compare.log; re-plot them here with
+#   python -m common.compare --from_csv <files> --out assets/gpu
+# Every method runs at every length but tree and knn at n = 65,536: tree's descent is a Python loop of rounds,
+# and knn's faiss flat search runs on the host CPU (faiss-cpu: there is no faiss in the GPU image).
+set -u
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+nvidia-smi -L
+$PY -c "import torch, faiss; print('torch', torch.__version__, 'faiss', faiss.__version__)"
+run() {  # run N SECONDS [method ...]
+  local n=$1 limit=$2; shift 2
+  timeout "$limit" $PY -m common.compare --device cuda --n "$n" --inputs gaussian clustered --no-progress \
+    --out "/tmp/compare_$n" ${@:+--methods "$@"} >> "$OUT/gpu_compare.log" 2>&1
+  echo "n=$n exit $?" | tee -a "$OUT/gpu_compare.log"
+  cp "/tmp/compare_$n/compare.csv" "$OUT/compare_n$n.csv" 2>/dev/null
+}
+run 4096 100
+run 16384 200
+run 65536 240 exact kdeformer performer reformer sblocal srf uniform
