@@ -87,13 +87,17 @@ def peak_memory_bytes(fn, device="cpu") -> tuple[object, int | None]:
     return result, max(0, after - before) * 1024
 
 
+KL_MAX_ENTRIES = 2 ** 28  # the KL needs both B x H x Nq x Nk attention matrices; beyond this size it is skipped
+
+
 def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool = False, scale=None,
                      repeats: int = 3, warmup: int = 1, measure_memory: bool = True, on_row=None) -> list[dict]:
     """Run each (name, options) on one input; return one row per method.
 
     Row keys: method, options, time_s (median), ratio_to_exact (time / exact's time in this run), rel_fro,
     rel_spec (output errors vs exact), max_abs, kl (of attention rows, when the method exposes
-    ``attention_matrix``, else None), peak_mem_bytes. ``exact`` is always run first as the reference.
+    ``attention_matrix`` and the matrices hold at most ``KL_MAX_ENTRIES`` entries, else None), peak_mem_bytes.
+    ``exact`` is always run first as the reference.
     ``on_row(row)`` is called after each row (e.g. to advance a progress bar).
     """
     device = q.device
@@ -112,7 +116,8 @@ def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool =
             timing = exact_time if name == "exact" else time_callable(
                 call, warmup=max(0, warmup - 1), repeats=repeats, device=device).median_s
             kl = None
-            if hasattr(attn, "attention_matrix"):
+            small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= KL_MAX_ENTRIES
+            if hasattr(attn, "attention_matrix") and small:
                 if exact_weights is None:
                     exact_weights = attention_weights(q, k, causal=causal, scale=scale)
                 kl = metrics.kl_divergence_rows(exact_weights, attn.attention_matrix(q, k, causal=causal, scale=scale))

@@ -87,7 +87,8 @@ class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
 class TreeAttention(AttentionMethod):
     """Tree attention over a whole causal sequence (module docstring). Options: method, number_of_terms_exponent
     e in (0, 1], parallelism P (power of two), R (random features), base (time-decay), bud_value ('count' or
-    'report'), seed. Non-causal calls treat every query as sitting after all keys."""
+    'report'), seed. Non-causal calls treat every query as sitting after all keys. Runs on the CPU: tensors on
+    another device are copied to the CPU for the call and the output is copied back (no GPU implementation)."""
 
     randomized = True
 
@@ -103,6 +104,8 @@ class TreeAttention(AttentionMethod):
         MassEstimator(method, 1, 1.0, R, base)  # validates R / base now, not at the first call
 
     def attend(self, q, k, v, causal, scale):
+        if q.device.type != "cpu":  # the descent is index bookkeeping written for the CPU; the result goes back
+            return self.attend(q.cpu(), k.cpu(), v.cpu(), causal, scale).to(q.device)
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
         positions = torch.arange(nq) + (nk - nq) if causal else torch.full((nq,), nk - 1)
         n_terms = number_of_terms(positions + 1, self.number_of_terms_exponent)
