@@ -5,7 +5,7 @@
 #   python -m common.compare --from_csv <files> --out assets/gpu
 # Every method runs at n = 4096; tree (which runs on the host CPU: its descent is index bookkeeping) is left out
 # from n = 16,384 on, and knn (whose faiss flat search runs on the host CPU: faiss-cpu, as there is no faiss in
-# the GPU image) at n = 65,536.
+# the GPU image) and uniform (its gathers of B H n l D floats need 64 GiB) at n = 65,536. NS="16384" runs one length.
 set -u
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
@@ -18,6 +18,10 @@ run() {  # run N SECONDS [method ...]
   echo "n=$n exit $?" | tee -a "$OUT/gpu_compare.log"
   cp "/tmp/compare_$n/compare.csv" "$OUT/compare_n$n.csv" 2>/dev/null
 }
-run 4096 100
-run 16384 200 exact kdeformer knn performer reformer sblocal srf uniform
-run 65536 240 exact kdeformer performer reformer sblocal srf uniform
+for n in ${NS:-4096 16384 65536}; do
+  case $n in
+    4096) run 4096 100 ;;
+    16384) run 16384 200 exact kdeformer knn performer reformer sblocal srf uniform ;;
+    65536) run 65536 300 exact kdeformer performer reformer sblocal srf ;;
+  esac
+done
