@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.partial_sums import PartialSums, from_logits
+
 
 @dataclass
 class Cells:
@@ -108,18 +110,13 @@ def ivf_blocked_attention(q, k, v, scale: float, num_samples: int, with_tail: bo
         times.build_s += mid - start
         times.search_s += time.perf_counter() - mid
     ks, vs = k[cells.order], v[cells.order]
-    # step 3: sweep the cells with a running maximum m_i per query (the sums are rescaled when it grows)
-    num = torch.zeros(nq, v.shape[1], dtype=q.dtype, device=q.device)
-    den = torch.zeros(nq, dtype=q.dtype, device=q.device)
-    m = torch.full((nq,), float("-inf"), dtype=q.dtype, device=q.device)
+    # step 3: sweep the cells, merging each cell's sums into the running ones (the online softmax)
+    sums = PartialSums(q.new_zeros(nq, v.shape[1]), q.new_zeros(nq), q.new_full((nq,), float("-inf")))
     for c, rows in pairs:
-        s = (q[rows] @ ks[cells.starts[c]:cells.starts[c + 1]].T) * scale
-        new_m = torch.maximum(m[rows], s.detach().amax(-1))
-        decay = torch.exp(m[rows] - new_m)
-        w = torch.exp(s - new_m.unsqueeze(1))
-        num[rows] = num[rows] * decay.unsqueeze(1) + w @ vs[cells.starts[c]:cells.starts[c + 1]]
-        den[rows] = den[rows] * decay + w.sum(-1)
-        m[rows] = new_m
+        cell = slice(cells.starts[c], cells.starts[c + 1])
+        merged = PartialSums(sums.num[rows], sums.den[rows], sums.shift[rows]).merge(
+            from_logits((q[rows] @ ks[cell].T) * scale, vs[cell], "qk,kv->qv"))
+        sums.num[rows], sums.den[rows], sums.shift[rows] = merged.num, merged.den, merged.shift
     if with_tail:
         blocks = math.ceil(nq / tail_block)
         draws = torch.randint(nk, (blocks, num_samples), generator=generator, device=q.device)
@@ -129,10 +126,9 @@ def ivf_blocked_attention(q, k, v, scale: float, num_samples: int, with_tail: bo
         probed = torch.zeros(nq, len(cells.starts) - 1, dtype=torch.bool, device=q.device).scatter_(1, probes, True)
         draw_cell = cells.cell_of_key[draws].repeat_interleave(tail_block, 0)[:nq]  # (Nq, l)
         tail_s = tail_s.masked_fill(probed.gather(1, draw_cell), float("-inf"))  # draws inside S_i drop out
-        new_m = torch.maximum(m, tail_s.detach().amax(-1))
-        decay = torch.exp(m - new_m)
-        w = torch.exp(tail_s - new_m.unsqueeze(1)) * (nk / num_samples)
-        wb = torch.nn.functional.pad(w, (0, 0, 0, pad)).view(blocks, tail_block, num_samples)
-        num = num * decay.unsqueeze(1) + (wb @ v[draws]).reshape(-1, v.shape[1])[:nq]
-        den = den * decay + w.sum(-1)
-    return num / den.unsqueeze(-1)
+        # log(n / l) added to the scores is the n / l weight of each draw
+        logits = torch.nn.functional.pad(tail_s + math.log(nk / num_samples), (0, 0, 0, pad), value=float("-inf"))
+        tail = from_logits(logits.view(blocks, tail_block, num_samples), v[draws], "btl,blv->btv")
+        sums = sums.merge(PartialSums(tail.num.reshape(-1, v.shape[1])[:nq], tail.den.reshape(-1)[:nq],
+                                      tail.shift.reshape(-1)[:nq]))
+    return sums.output()
