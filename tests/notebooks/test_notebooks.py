@@ -12,4 +12,4 @@ def test_all_six_notebooks_exist():
 @pytest.mark.parametrize("name", notebook_names())
 def test_notebook_runs_in_quick_mode(name, tmp_path):
     execute_notebook(name, quick=True, out=tmp_path, timeout_s=600)
-    assert any(p.suffix == ".png" for p in tmp_path.iterdir()) or name == "tree_attention"
+    assert any(p.suffix == ".png" for p in tmp_path.iterdir())
