@@ -25,18 +25,23 @@ from .registry import register
 from .validation import check_qkv, resolve_scale
 
 
+def causal_query_positions(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+    """p_i = i + (Nk - Nq): the position of query i in the key sequence (the queries are the last Nq positions,
+    "bottom-right" alignment); under ``causal=True`` query i reads exactly the keys j <= p_i."""
+    return torch.arange(n_queries, device=device) + (n_keys - n_queries)
+
+
 def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
-    """Boolean (Nq, Nk) mask, True where query i may read key j, i.e. j <= i + (Nk - Nq)."""
-    i = torch.arange(n_queries, device=device).unsqueeze(1)
+    """Boolean (Nq, Nk) mask, True where query i may read key j, i.e. j <= p_i = i + (Nk - Nq)."""
     j = torch.arange(n_keys, device=device).unsqueeze(0)
-    return j <= i + (n_keys - n_queries)
+    return j <= causal_query_positions(n_queries, n_keys, device).unsqueeze(1)
 
 
 def allowed_key_counts(n_queries: int, n_keys: int, causal: bool, device=None) -> torch.Tensor:
     """|P_i|, the number of keys query i may read: Nk, or i + 1 + (Nk - Nq) under the causal convention."""
     if not causal:
         return torch.full((n_queries,), n_keys, device=device, dtype=torch.long)
-    return torch.arange(n_queries, device=device) + 1 + (n_keys - n_queries)
+    return causal_query_positions(n_queries, n_keys, device) + 1
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

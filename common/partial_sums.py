@@ -28,6 +28,23 @@ class PartialSums:
         return PartialSums(self.num * a.unsqueeze(-1) + other.num * b.unsqueeze(-1),
                            self.den * a + other.den * b, shift)
 
+    @staticmethod
+    def empty(query_shape: tuple, dv: int, like: torch.Tensor) -> "PartialSums":
+        """The sums over no key at all (N = D = 0, shift -inf) for queries of shape ``query_shape``, e.g.
+        (B, H, Nq); dtype and device follow ``like``. Merging anything into it gives that thing."""
+        return PartialSums(like.new_zeros(*query_shape, dv), like.new_zeros(query_shape),
+                           like.new_full(query_shape, float("-inf")))
+
+    def map_queries(self, fn) -> "PartialSums":
+        """Apply ``fn`` to the query dimensions of all three parts at once.
+
+        ``fn`` takes a tensor (*Q, C) and rearranges its query dimensions *Q only: a reshape of them, a slice, a
+        row gather or an un-sort. It sees num as (*Q, Dv) and den, shift as (*Q, 1), so one lambda such as
+        ``lambda t: t.view(b, h, -1, t.shape[-1])`` or ``lambda t: t[:, :, :n]`` serves all three.
+        """
+        return PartialSums(fn(self.num), fn(self.den.unsqueeze(-1)).squeeze(-1),
+                           fn(self.shift.unsqueeze(-1)).squeeze(-1))
+
     def output(self) -> torch.Tensor:
         """N / D."""
         return self.num / self.den.unsqueeze(-1)

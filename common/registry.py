@@ -5,6 +5,8 @@
 
     attn = get_attention("knn", k=32, seed=0)   # an nn.Module: attn(q, k, v, causal=False, scale=None)
     available()                                 # ['exact', 'kdeformer', 'knn', ...]
+    methods(causal=True, trainable=True)        # the names that can train a GPT
+    budget_options("knn", 1024, seed=0)         # the option sets a comparison runs, seeded where randomised
 
 The method packages register themselves when imported; the registry imports them on first use, so that
 ``common`` alone is enough to reach every method.
@@ -72,3 +74,26 @@ def get_attention(name: str, **options):
         raise ValueError(f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; "
                          f"accepted: {', '.join(accepted) or '(none)'}")
     return cls(**options)
+
+
+def methods(causal: bool = False, trainable: bool = False) -> list[str]:
+    """Registered names, ``exact`` first, restricted to those that can run ``causal=True`` (if ``causal``) and
+    that have gradients (if ``trainable``). The one place that answers "which methods can do X"."""
+    names = [n for n in available()
+             if (not causal or method_class(n).supports_causal) and (not trainable or method_class(n).trainable)]
+    return sorted(names, key=lambda n: (n != "exact", n))
+
+
+def method_options(name: str, options: dict | None = None, seed: int | None = None) -> dict:
+    """``options`` for ``name``, with ``seed`` added when the method is randomised and no seed was given, so
+    that a run repeats exactly; a deterministic method gets no seed."""
+    options = dict(options or {})
+    if method_class(name).randomized and options.get("seed") is None and seed is not None:
+        options["seed"] = seed
+    return options
+
+
+def budget_options(name: str, n_keys: int, seed: int | None = None) -> list[dict]:
+    """The option sets of increasing work that ``name`` declares for ``n_keys`` keys (``budgets``), each
+    through :func:`method_options`."""
+    return [method_options(name, budget, seed) for budget in method_class(name).budgets(n_keys)]
