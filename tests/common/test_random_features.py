@@ -1,11 +1,12 @@
-"""Random projection matrices (features.py): simplex geometry, chi norms, orthogonal blocks, N(0, I) marginals."""
+"""common.random_features: projections (simplex geometry, chi norms, orthogonal blocks, N(0, I) marginals) and
+Performer's closed-form variance (Lemma 2)."""
 import math
 
 import pytest
 import torch
 
-from srf_attention.features import (gaussian_random_matrix, haar_orthogonal, orthogonal_random_matrix, random_matrix,
-                                    simplex_directions, simplex_random_matrix)
+from common.random_features import (favor_relative_variance, gaussian_random_matrix, haar_orthogonal,
+                                    orthogonal_random_matrix, random_matrix, simplex_directions, simplex_random_matrix)
 
 gen = lambda seed=0: torch.Generator().manual_seed(seed)
 
@@ -73,3 +74,20 @@ def test_bad_arguments_are_named():
         gaussian_random_matrix(4, 4, norm="unit")
     with pytest.raises(ValueError, match="unknown feature_type"):
         random_matrix("sobol", 4, 4)
+
+
+def test_favor_relative_variance_lemma2_float_and_tensor():
+    """(exp(|x + y|^2) - 1) / m: the float and tensor forms agree, and a Monte Carlo variance of m = 1 iid feature
+    (200,000 draws, |x + y|^2 = 0.5) is within 5 standard errors of it (the fourth moment is finite there)."""
+    assert favor_relative_variance(0.0, 4) == 0.0
+    assert favor_relative_variance(1.0, 2) == pytest.approx(math.expm1(1.0) / 2, rel=1e-15)
+    t = favor_relative_variance(torch.tensor([0.0, 1.0], dtype=torch.float64), 2)
+    torch.testing.assert_close(t, torch.tensor([0.0, math.expm1(1.0) / 2], dtype=torch.float64))
+    x = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    y = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    w = gaussian_random_matrix(200000, 2, generator=gen(5), dtype=torch.float64)
+    ratio = torch.exp(w @ (x + y) - 0.5 * (x @ x + y @ y)) / torch.exp(x @ y)   # K^ / K per draw, m = 1
+    stderr = ((ratio - 1) ** 2).std().item() / math.sqrt(w.shape[0])
+    assert abs(((ratio - 1) ** 2).mean().item() - favor_relative_variance(((x + y) ** 2).sum().item(), 1)) < 5 * stderr
+    with pytest.raises(ValueError, match="favor_relative_variance: nb_features"):
+        favor_relative_variance(1.0, 0)
