@@ -32,6 +32,7 @@ import math
 import torch
 
 from common.attention import AttentionMethod, allowed_key_counts, gather_rows
+from common.partial_sums import from_logits
 from common.registry import register
 from common.validation import check_choice, check_int
 
@@ -105,10 +106,9 @@ class KNNAttention(AttentionMethod):
         tail_scores = torch.einsum("bhqd,bhqsd->bhqs", q, gather_rows(k, tail_idx)) * scale
         # log(|T_i| / l) added to the tail scores is the (n - k)/l weight; -inf drops an empty tail.
         log_w = torch.log(top.tail_size.to(q.dtype) / num).unsqueeze(-1)
-        weights = torch.softmax(torch.cat([top.scores, tail_scores + log_w], dim=-1), dim=-1)
-        w_top, w_tail = weights.split([top.scores.shape[-1], num], dim=-1)
-        return (torch.einsum("bhqk,bhqkv->bhqv", w_top, v_top)
-                + torch.einsum("bhqs,bhqsv->bhqv", w_tail, gather_rows(v, tail_idx)))
+        exact_part = from_logits(top.scores, v_top, "bhqk,bhqkv->bhqv")
+        tail_part = from_logits(tail_scores + log_w, gather_rows(v, tail_idx), "bhqs,bhqsv->bhqv")
+        return exact_part.merge(tail_part).output()
 
     def _samples(self, q, k, hits, counts, local, num, scale):
         top = retrieved_set(q, k, hits, counts, scale, local)

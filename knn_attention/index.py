@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.attention import causal_query_positions
 from common.validation import check_choice, check_int
 
 INDEX_TYPES = ("flat", "ivf", "ivf_blas", "hnsw", "torch")
@@ -103,7 +104,7 @@ def causal_top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, block: in
                          "future keys); use 'flat', 'hnsw' or 'torch'")
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    positions = torch.arange(nq) + (nk - nq)
+    positions = causal_query_positions(nq, nk)
     out = torch.full((b, h, nq, top_k), -1, dtype=torch.long)
     qd, kd = q.detach(), k.detach()
     qn = qd.to("cpu", torch.float32).numpy() if opts.kind != "torch" else None
@@ -139,7 +140,7 @@ def causal_top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, block: in
 def causal_local_keys(n_queries: int, n_keys: int, block: int, device=None) -> torch.Tensor:
     """(Nq, block) ids of the keys of each query's own block up to its position p_i (-1 pads): the part of S_i
     that :func:`causal_top_k_indices` leaves to exact evaluation."""
-    positions = torch.arange(n_queries, device=device) + (n_keys - n_queries)
+    positions = causal_query_positions(n_queries, n_keys, device)
     local = (positions // block * block).unsqueeze(1) + torch.arange(block, device=device)
     return local.masked_fill(local > positions.unsqueeze(1), -1)
 

@@ -111,10 +111,10 @@ def ivf_blocked_attention(q, k, v, scale: float, num_samples: int, with_tail: bo
         times.search_s += time.perf_counter() - mid
     ks, vs = k[cells.order], v[cells.order]
     # step 3: sweep the cells, merging each cell's sums into the running ones (the online softmax)
-    sums = PartialSums(q.new_zeros(nq, v.shape[1]), q.new_zeros(nq), q.new_full((nq,), float("-inf")))
+    sums = PartialSums.empty((nq,), v.shape[1], q)
     for c, rows in pairs:
         cell = slice(cells.starts[c], cells.starts[c + 1])
-        merged = PartialSums(sums.num[rows], sums.den[rows], sums.shift[rows]).merge(
+        merged = sums.map_queries(lambda t, rows=rows: t[rows]).merge(
             from_logits((q[rows] @ ks[cell].T) * scale, vs[cell], "qk,kv->qv"))
         sums.num[rows], sums.den[rows], sums.shift[rows] = merged.num, merged.den, merged.shift
     if with_tail:
@@ -129,6 +129,5 @@ def ivf_blocked_attention(q, k, v, scale: float, num_samples: int, with_tail: bo
         # log(n / l) added to the scores is the n / l weight of each draw
         logits = torch.nn.functional.pad(tail_s + math.log(nk / num_samples), (0, 0, 0, pad), value=float("-inf"))
         tail = from_logits(logits.view(blocks, tail_block, num_samples), v[draws], "btl,blv->btv")
-        sums = sums.merge(PartialSums(tail.num.reshape(-1, v.shape[1])[:nq], tail.den.reshape(-1)[:nq],
-                                      tail.shift.reshape(-1)[:nq]))
+        sums = sums.merge(tail.map_queries(lambda t: t.reshape(-1, t.shape[-1])[:nq]))
     return sums.output()
