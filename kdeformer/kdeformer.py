@@ -144,9 +144,7 @@ def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_s
     """The same estimate as :func:`kde_output` (same draws for the same generator state), kept as sums."""
     blocks = kde_blocks(q, k, v, num_bits, bucket_size, sample_size, generator)
     logits = torch.einsum("bhnqd,bhnkd->bhnqk", blocks.queries, blocks.keys) * scale + blocks.bias
-    parts = from_logits(logits, blocks.values, "bhnqk,bhnkv->bhnqv")
-    return PartialSums(blocks.unsort(parts.num), blocks.unsort(parts.den.unsqueeze(-1)).squeeze(-1),
-                       blocks.unsort(parts.shift.unsqueeze(-1)).squeeze(-1))
+    return from_logits(logits, blocks.values, "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
 def exact_partial(q, k, v, scale: float, causal: bool) -> PartialSums:
@@ -186,21 +184,17 @@ class KDEformerAttention(AttentionMethod):
         q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
         fold = lambda t, parts: t.reshape(b, h * parts, padded // parts, t.shape[-1])
         leaves = exact_partial(fold(q, 2 ** levels), fold(k, 2 ** levels), fold(v, 2 ** levels), scale, True)
-        parts = PartialSums(leaves.num.reshape(b, h, padded, -1), leaves.den.reshape(b, h, padded),
-                            leaves.shift.reshape(b, h, padded))
+        parts = leaves.map_queries(lambda t: t.reshape(b, h, padded, t.shape[-1]))
         for level in range(levels):
             segments, half = 2 ** level, padded // 2 ** (level + 1)
             halves = lambda t, i: t.view(b, h, segments, 2, half, t.shape[-1])[:, :, :, i].reshape(
                 b, h * segments, half, t.shape[-1])
             off = kde_partial(halves(q, 1), halves(k, 0), halves(v, 0), scale, *self._options(q.device))
             # the off-diagonal sums belong to the right halves; left halves get an empty piece
-            def to_rows(x, empty):  # (B, H * segments, half, ...) -> (B, H, padded, ...)
-                x = x.view(b, h, segments, half, *x.shape[3:])
-                return torch.stack([torch.full_like(x, empty), x], dim=3).reshape(b, h, padded, *x.shape[4:])
-
-            parts = parts.merge(PartialSums(to_rows(off.num, 0.0), to_rows(off.den, 0.0),
-                                            to_rows(off.shift, float("-inf"))))
-        return PartialSums(parts.num[:, :, :n], parts.den[:, :, :n], parts.shift[:, :, :n])
+            off = off.map_queries(lambda t: t.view(b, h, segments, 1, half, t.shape[-1]))
+            off = PartialSums.cat([PartialSums.empty(off.den.shape, v.shape[-1], like=off.num), off], dim=3)
+            parts = parts.merge(off.map_queries(lambda t: t.reshape(b, h, padded, t.shape[-1])))
+        return parts.map_queries(lambda t: t[:, :, :n])
 
     def attend(self, q, k, v, causal, scale):
         if not causal:

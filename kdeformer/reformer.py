@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from common.attention import AttentionMethod, gather_rows
+from common.attention import AttentionMethod, causal_query_positions, gather_rows
 from common.partial_sums import PartialSums, from_logits
 from common.registry import register
 from common.validation import check_int
@@ -38,7 +38,7 @@ def lsh_round(q, k, v, scale: float, bucket_size: int, n_buckets: int, causal: b
     n_chunks = math.ceil(nk / bucket_size)
     q_chunk = math.ceil(nq / n_chunks)
     pos_k = torch.arange(nk, device=q.device)
-    pos_q = torch.arange(nq, device=q.device) + (nk - nq)
+    pos_q = causal_query_positions(nq, nk, q.device)
     # sort by bucket, ties by position: key = bucket * N + position
     perm_k = torch.sort(rotation_buckets(k, rotation) * nk + pos_k, dim=-1).indices
     perm_q = torch.sort(rotation_buckets(q, rotation) * nk + pos_q, dim=-1).indices
@@ -60,10 +60,8 @@ def lsh_round(q, k, v, scale: float, bucket_size: int, n_buckets: int, causal: b
         qpos = pos_q[perm_q_pad].view(b, h, n_chunks, q_chunk, 1)
         allowed = allowed & (pk.unsqueeze(3) < qpos)  # strictly past; the own key is added exactly below
     parts = from_logits(logits.masked_fill(~allowed, float("-inf")), vc, "bhcqk,bhckv->bhcqv")
-    parts = PartialSums(parts.num.view(b, h, -1, dv), parts.den.view(b, h, -1), parts.shift.view(b, h, -1))
     inverse = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(nq, device=q.device).expand(b, h, nq))
-    parts = PartialSums(gather_rows(parts.num, inverse), torch.gather(parts.den, -1, inverse),
-                        torch.gather(parts.shift, -1, inverse))
+    parts = parts.map_queries(lambda t: gather_rows(t.reshape(b, h, n_chunks * q_chunk, t.shape[-1]), inverse))
     if causal:  # the own position's key, exactly (it was masked out of the chunks so no row is empty)
         k_own, v_own = k[:, :, pos_q], v[:, :, pos_q]
         parts = parts.merge(from_logits(((q * k_own).sum(-1) * scale).unsqueeze(-1), v_own.unsqueeze(3),
