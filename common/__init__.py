@@ -7,9 +7,10 @@
 from .attention import (AttentionMethod, ExactAttention, KVCache, allowed_key_counts, attention_scores,
                         attention_weights, causal_mask, causal_query_positions, gather_rows, softmax_attention)
 from .registry import available, budget_options, get_attention, method_class, method_options, methods, register
-from .validation import check_qkv
+from .validation import NonFiniteError, check_qkv
 from . import baselines  # noqa: F401  (registers "uniform")
 
 __all__ = ["AttentionMethod", "ExactAttention", "KVCache", "allowed_key_counts", "attention_scores", "attention_weights",
            "available", "budget_options", "causal_mask", "causal_query_positions", "check_qkv", "gather_rows",
-           "get_attention", "method_class", "method_options", "methods", "register", "softmax_attention"]
+           "get_attention", "method_class", "method_options", "methods", "NonFiniteError", "register",
+           "softmax_attention"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register
-from .validation import check_qkv, resolve_scale
+from .validation import check_finite_result, check_qkv, resolve_scale
 
 
 def causal_query_positions(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
@@ -84,18 +84,25 @@ class AttentionMethod(nn.Module):
     """Base of every registered method: ``out = method(q, k, v, causal=False, scale=None)``.
 
     Subclasses implement :meth:`attend` and may set the class attributes below. ``forward`` validates the
-    inputs once (shared messages, DESIGN.md) and refuses what the method cannot honour.
+    inputs once (shared messages, DESIGN.md) and refuses what the method cannot honour; it answers an empty batch
+    (B = 0 or H = 0) itself with an empty (B, H, Nq, Dv) tensor, as SDPA does, without calling ``attend``; and,
+    when ``check_finite`` is on (the inputs were checked finite), it raises
+    :class:`~common.validation.NonFiniteError` naming the method if ``attend`` returned a nan or inf.
 
     Class attributes:
         supports_causal: False -> ``causal=True`` raises a ValueError naming the method.
         trainable: False -> the method is inference-only and raises if its inputs require grad.
         randomized: True -> the method draws random numbers from ``self.generator`` (seeded by ``seed``).
+        exact_tolerance: relative Frobenius error vs exact attention that :meth:`exact_options` guarantees on
+            float64 inputs (1e-6: exact up to rounding; a method whose exact options only approach exact raises it
+            and says why in its docstring).
     """
 
     name = "attention"
     supports_causal = True
     trainable = True
     randomized = False
+    exact_tolerance = 1e-6
 
     def __init__(self, seed: int | None = None, check_finite: bool = True):
         super().__init__()
@@ -131,7 +138,14 @@ class AttentionMethod(nn.Module):
         if not self.trainable and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise RuntimeError(f"{self.name} is inference-only (no gradient); call it under torch.no_grad() "
                                "or detach the inputs")
-        return self.attend(q, k, v, causal, resolve_scale(scale, q.shape[-1]))
+        if q.shape[0] == 0 or q.shape[1] == 0:
+            # Empty batch or heads: nothing to attend, an empty (B, H, Nq, Dv) result as SDPA gives; written as
+            # products of the empty inputs so that dtype, device and the autograd graph follow them.
+            return torch.matmul(torch.matmul(q, k.transpose(-2, -1)), v)
+        out = self.attend(q, k, v, causal, resolve_scale(scale, q.shape[-1]))
+        if self.check_finite:
+            check_finite_result(out, self.name)
+        return out
 
     def attend(self, q, k, v, causal: bool, scale: float) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -156,6 +170,12 @@ class AttentionMethod(nn.Module):
     def budgets(cls, n_keys: int) -> list[dict]:
         """Option sets of increasing work for comparisons at sequence length ``n_keys`` (common.compare)."""
         return [{}]
+
+    @classmethod
+    def exact_options(cls, n_keys: int) -> dict | None:
+        """Options under which the method computes exact attention on ``n_keys`` keys (to ``exact_tolerance``),
+        or None when no budget does (the default). The contract suite (tests/contract) checks them."""
+        return None
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -200,6 +220,10 @@ class ExactAttention(AttentionMethod):
     """Exact softmax attention through ``torch.nn.functional.scaled_dot_product_attention`` (eq. 1)."""
 
     name = "exact"
+
+    @classmethod
+    def exact_options(cls, n_keys):
+        return {}
 
     def attend(self, q, k, v, causal, scale):
         nq, nk = q.shape[-2], k.shape[-2]

@@ -24,6 +24,9 @@ class UniformSamplingAttention(AttentionMethod):
     """Self-normalised estimate of softmax attention from ``num_samples`` uniform key samples per query.
 
     Cost O(Nq * num_samples * D). Options: ``num_samples`` (>= 1), ``seed``.
+
+    No budget makes it exact (``exact_options`` is None): the samples are drawn with replacement, so even
+    num_samples >= Nk misses keys with positive probability; the error falls as 1/sqrt(num_samples) instead.
     """
 
     randomized = True

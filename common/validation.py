@@ -14,6 +14,20 @@ import math
 import torch
 
 
+class NonFiniteError(RuntimeError):
+    """A method produced a non-finite value (nan or inf) from finite inputs: a numerical failure of the method
+    (overflow, 0/0), never silently returned (DESIGN.md, "Numerics")."""
+
+
+def check_finite_result(t: torch.Tensor, method: str, what: str = "output") -> torch.Tensor:
+    """Return ``t`` if every entry is finite, else raise :class:`NonFiniteError` naming ``method`` and ``what``."""
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise NonFiniteError(f"{method}: {what} has {bad} non-finite value(s) (nan or inf) although the inputs are "
+                             f"finite (dtype {t.dtype}); this is a numerical failure of {method}, please report it")
+    return t
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, method: str = "attention", check_finite: bool = True) -> None:
     """Raise ``ValueError``/``TypeError`` naming ``method`` and the argument if the inputs break the contract.

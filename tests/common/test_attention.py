@@ -98,3 +98,38 @@ def test_gather_rows_and_allowed_counts():
         gather_rows(x, torch.zeros(1, 3, 2, dtype=torch.long))
     assert allowed_key_counts(3, 5, True).tolist() == [3, 4, 5]
     assert allowed_key_counts(3, 5, False).tolist() == [5, 5, 5]
+
+
+@pytest.mark.parametrize("shape", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads_returns_empty_like_sdpa(shape):
+    b, h = shape
+    q, k, v = torch.randn(b, h, 3, 4), torch.randn(b, h, 5, 4), torch.randn(b, h, 5, 6)
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    for name in ("exact", "uniform"):
+        out = common.get_attention(name, **common.method_options(name, seed=0))(q, k, v, causal=True)
+        assert out.shape == sdpa.shape == (b, h, 3, 6) and out.dtype == torch.float32
+    half = common.get_attention("exact")(q.half(), k.half(), v.half())
+    assert half.shape == (b, h, 3, 6) and half.dtype == torch.float16
+    with pytest.raises(ValueError, match="empty sequence"):  # an empty sequence is still refused
+        common.get_attention("exact")(q[:, :, :0], k, v)
+
+
+class _Overflowing(common.AttentionMethod):
+    name = "overflowing"
+
+    def attend(self, q, k, v, causal, scale):
+        return torch.exp(torch.matmul(q, k.transpose(-2, -1)) * scale * 1e4) @ v
+
+
+def test_non_finite_output_from_finite_inputs_is_an_error_naming_the_method():
+    q = torch.ones(1, 1, 2, 3)
+    with pytest.raises(common.NonFiniteError, match="overflowing: output has 6 non-finite"):
+        _Overflowing()(q, q, q)
+    assert torch.isinf(_Overflowing(check_finite=False)(q, q, q)).all()  # the switch turns both checks off
+    torch.testing.assert_close(_Overflowing()(q * 0, q, q), torch.full((1, 1, 2, 3), 2.0))  # finite: passes
+
+
+def test_exact_options():
+    assert common.method_class("exact").exact_options(7) == {}
+    assert common.method_class("uniform").exact_options(7) is None  # sampling with replacement is never exact
+    assert common.AttentionMethod.exact_options(7) is None
