@@ -28,6 +28,7 @@ held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -92,6 +93,7 @@ class KNNAttention(AttentionMethod):
                              f"top-k index, one of {EXACT_INDEX_TYPES}, got index={index!r}: with an approximate "
                              "index the tail bound is not guaranteed and samples would not follow the softmax")
         self.last_times = SearchTimes()
+        self._warned_clamp = False
 
     # --- the three estimators on a chunk of queries ---------------------------------------------------
     def _estimate(self, q, k, v, hits, counts, local, num, scale):
@@ -122,18 +124,35 @@ class KNNAttention(AttentionMethod):
                                   self.index_options.nprobe, self.tail_block, gen, seed, self.last_times)
             for h in range(q.shape[1])]) for b in range(q.shape[0])])
 
+    def _budgets(self, nk: int) -> tuple[int, int]:
+        """(k, l) for Nk keys: the defaults ceil(sqrt(Nk)), or the options, k clamped to Nk when larger (e.g. k = 8
+        while decoding after a 6-token prompt) with one warning per instance (contract: budgets clamp, never
+        crash). l is not clamped: samples are drawn with replacement, so any l is valid (and l > Nk still lowers
+        the variance)."""
+        if self.k is not None and self.k > nk and not self._warned_clamp:
+            warnings.warn(f"knn: k={self.k} is larger than the number of keys Nk={nk}; using k={nk} (budgets are "
+                          "clamped to the keys available; warned once per instance)", stacklevel=4)
+            self._warned_clamp = True
+        top_k = default_budget(nk) if self.k is None else min(self.k, nk)
+        return top_k, default_budget(nk) if self.num_samples is None else self.num_samples
+
     def attend(self, q, k, v, causal, scale):
+        """float16 / bfloat16 inputs are attended in float32 (scores, exponentials, normalisers and the
+        max-subtracted sums of ``common.partial_sums`` all in float32; the index is float32 anyway) and the output
+        is cast back to the input's dtype, as SDPA returns it."""
+        if q.dtype in (torch.float16, torch.bfloat16):
+            return self._attend(q.float(), k.float(), v.float(), causal, scale).to(q.dtype)
+        return self._attend(q, k, v, causal, scale)
+
+    def _attend(self, q, k, v, causal, scale):
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
-        num = default_budget(nk) if self.num_samples is None else self.num_samples
+        top_k, num = self._budgets(nk)
         self.last_times = SearchTimes()
         if self.index == "ivf_blas":
             if causal:
                 raise ValueError("knn: index='ivf_blas' is not available with causal=True (its k-means cells are "
                                  "built from all keys, future ones included); use 'flat', 'hnsw' or 'torch'")
             return self._attend_ivf_blocked(q, k, v, num, scale)
-        top_k = default_budget(nk) if self.k is None else self.k
-        if top_k > nk:
-            raise ValueError(f"knn: k={top_k} is larger than the number of keys Nk={nk}")
         counts = allowed_key_counts(nq, nk, causal, q.device)
         local = None
         if causal:
@@ -156,6 +175,12 @@ class KNNAttention(AttentionMethod):
             else:
                 outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale))
         return torch.cat(outs, dim=2)
+
+    @classmethod
+    def exact_options(cls, n_keys: int) -> dict:
+        """k = Nk with estimator (a): every key is retrieved (exact ``torch`` top-k), the softmax over S_i = P_i
+        is the exact row (equal to exact attention up to rounding; tested to 1e-6 in float64)."""
+        return {"k": n_keys, "estimator": "topk", "index": "torch"}
 
     @classmethod
     def budgets(cls, n_keys):
