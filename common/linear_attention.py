@@ -1,36 +1,147 @@
-"""Linear attention with a feature map: out_i = phi(q_i)^T sum_j phi(k_j) v_j^T / phi(q_i)^T sum_j phi(k_j)
-(Katharopoulos et al. 2020, eq. 4-6), the engine of every random-feature method (Performer, ScatterBrain's low-rank
-part). Non-causal it is one (m x Dv) product; causal it needs prefix sums, computed chunkwise: keys before the
-current chunk are summarised in an (m x Dv) state, keys inside it are handled by a small masked product, so memory
-is O(L m + C^2) and an L x m x Dv cumulative tensor is never built.
+"""Linear attention with a feature map, the engine of every random-feature method (Performer, SRF, ScatterBrain's
+low-rank part), written once.
+
+With features phi(q_i), phi(k_j) in R^m (``common.random_features``) the kernel exp(S q.k) is estimated by
+phi(q).phi(k), and attention becomes linear attention (Katharopoulos et al. 2020, eq. 4-6; Choromanski et al. 2021,
+"Rethinking Attention with Performers", Sec. 2, FAVOR+ attention):
+
+    non-causal:  o_i = phi(q_i)^T (S_0 + sum_j phi(k_j) v_j^T),
+    causal:      the same with the sum over j <= p_i only (prefix sums, Performer's unidirectional case),
+
+with S_0 an optional ``initial_state`` (B, H, m, Dv), the sum over earlier positions that recurrent decoding
+carries. The functions here return that *unnormalised* sum, as flash-linear-attention's ``chunk_linear_attn`` with
+``normalize=False`` does; the softmax normaliser phi(q_i)^T sum_j phi(k_j) is the same sum with values 1, so a
+caller appends a column of ones to V (:func:`augment_values`) and divides at the end (:func:`split_augmented`).
+
+Causal follows the repository's convention (``common.causal_query_positions``): query i is at position
+p_i = i + Nk - Nq and reads keys j <= p_i; with Nq < Nk the first Nk - Nq keys are read by every query.
+
+Two forms compute the same thing, and the tests check one against the other:
+- :func:`linear_attention`: the reference, the masked quadratic form (phi(Q) phi(K)^T * M) V, O(Nq Nk) memory.
+- :func:`chunk_linear_attention`: the chunkwise form used by the methods. Inside a chunk of C positions the masked
+  C x C product, across chunks one (m x Dv) state per chunk (a cumulative sum over chunks), so memory is
+  O(L m + L C + (L / C) m Dv), never an L x m x Dv cumulative tensor. Non-causal it is one (m x Dv) product.
+
+Both take ``initial_state`` and return ``(o, final_state)``, ``final_state`` = S_0 + sum over every key
+(B, H, m, Dv), or None unless ``output_final_state`` (the argument names of flash-linear-attention).
+
+Numerics: sums are accumulated in the dtype of the inputs; callers with half-precision inputs pass float32
+features and values (see ``srf_attention.fast_attention``).
 """
 from __future__ import annotations
 
 import torch
 
+from .attention import causal_mask
 
-def linear_attention_sums(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool,
-                          chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(numerator (B, H, Nq, Dv), denominator (B, H, Nq)) of linear attention.
 
-    phi_q: (B, H, Nq, m), phi_k: (B, H, Nk, m), v: (B, H, Nk, Dv). Causal follows the repository's convention
-    (query i reads keys j <= i + Nk - Nq).
+def augment_values(v: torch.Tensor) -> torch.Tensor:
+    """[v, 1]: values with a column of ones, so that one linear attention yields numerator and denominator."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def split_augmented(out: torch.Tensor) -> torch.Tensor:
+    """Numerator / denominator of an augmented output (..., Dv + 1) -> (..., Dv).
+
+    The denominator is a sum of positive terms; it can only be zero when every term underflowed (features of
+    very large inputs), and then the numerator is zero too: the floor keeps the result finite (zero) there.
     """
+    numerator, denominator = out[..., :-1], out[..., -1:]
+    return numerator / denominator.clamp_min(torch.finfo(out.dtype).tiny)
+
+
+def _check(name, q, k, v, causal, initial_state):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[-1] != k.shape[-1] or k.shape[2] != v.shape[2] \
+            or q.shape[:2] != k.shape[:2] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"{name}: expected features q (B, H, Nq, m), k (B, H, Nk, m) and values v (B, H, Nk, Dv), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"{name}: causal needs Nq <= Nk (queries are the last Nq positions), got Nq={q.shape[2]}, "
+                         f"Nk={k.shape[2]}")
+    expected = (*k.shape[:2], k.shape[-1], v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f"{name}: initial_state must have shape (B, H, m, Dv) = {expected}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _final_state(k, v, initial_state, output_final_state):
+    if not output_final_state:
+        return None
+    state = k.transpose(-2, -1) @ v
+    return state if initial_state is None else state + initial_state
+
+
+def chunk_states(k_chunks: torch.Tensor, v_chunks: torch.Tensor, initial_state: torch.Tensor | None = None,
+                 reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state each chunk starts from: S_0 + sum over the chunks before it of phi(K_c)^T V_c (after it, with
+    ``reverse``), shape (B, H, n, m, e); and the state after every chunk, S_0 + the sum over all (B, H, m, e).
+
+    k_chunks: (B, H, n, C, m), v_chunks: (B, H, n, C, e). An exclusive cumulative sum over chunks: no state is
+    obtained by subtracting one sum from another, so nothing cancels.
+    """
+    chunk_kv = k_chunks.transpose(-2, -1) @ v_chunks                # (B, H, n, m, e): each chunk's own sum
+    if reverse:
+        chunk_kv = chunk_kv.flip(2)
+    inclusive = chunk_kv.cumsum(dim=2)                              # sums up to the end of each chunk
+    before = torch.cat([torch.zeros_like(chunk_kv[:, :, :1]), inclusive[:, :, :-1]], dim=2)
+    final = inclusive[:, :, -1]
+    if initial_state is not None:
+        before = before + initial_state.unsqueeze(2)
+        final = final + initial_state
+    return (before.flip(2) if reverse else before), final
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                     initial_state: torch.Tensor | None = None, output_final_state: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference form: o = (phi(Q) phi(K)^T * M) V + phi(Q) S_0, with M the causal mask (all ones if not causal).
+
+    q: (B, H, Nq, m) query features, k: (B, H, Nk, m) key features, v: (B, H, Nk, Dv); causal needs Nq <= Nk.
+    Returns (o (B, H, Nq, Dv), final_state (B, H, m, Dv) or None).
+    """
+    _check("linear_attention", q, k, v, causal, initial_state)
+    scores = q @ k.transpose(-2, -1)
+    if causal:
+        scores = scores * causal_mask(q.shape[2], k.shape[2], q.device)
+    out = scores @ v
+    if initial_state is not None:
+        out = out + q @ initial_state
+    return out, _final_state(k, v, initial_state, output_final_state)
+
+
+def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           chunk_size: int = 64, initial_state: torch.Tensor | None = None,
+                           output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise form of :func:`linear_attention` (same arguments and result, to float rounding).
+
+    Causal with Nq < Nk: the first Nk - Nq keys are read by every query, so they are folded into the state first.
+    """
+    _check("chunk_linear_attention", q, k, v, causal, initial_state)
     if not causal:
-        kv = torch.einsum("bhkm,bhkv->bhmv", phi_k, v)
-        return torch.einsum("bhqm,bhmv->bhqv", phi_q, kv), torch.einsum("bhqm,bhm->bhq", phi_q, phi_k.sum(2))
-    nq, nk = phi_q.shape[2], phi_k.shape[2]
-    offset = nk - nq
-    state_kv = torch.einsum("bhkm,bhkv->bhmv", phi_k[:, :, :offset], v[:, :, :offset])
-    state_k = phi_k[:, :, :offset].sum(2)
-    nums, dens = [], []
-    for start in range(0, nq, chunk):
-        stop = min(start + chunk, nq)
-        fq = phi_q[:, :, start:stop]
-        fk, vc = phi_k[:, :, offset + start:offset + stop], v[:, :, offset + start:offset + stop]
-        within = torch.tril(fq @ fk.transpose(-1, -2))  # query i reads chunk keys up to its own position
-        nums.append(torch.einsum("bhqm,bhmv->bhqv", fq, state_kv) + within @ vc)
-        dens.append(torch.einsum("bhqm,bhm->bhq", fq, state_k) + within.sum(-1))
-        state_kv = state_kv + torch.einsum("bhkm,bhkv->bhmv", fk, vc)
-        state_k = state_k + fk.sum(2)
-    return torch.cat(nums, 2), torch.cat(dens, 2)
+        state = k.transpose(-2, -1) @ v
+        if initial_state is not None:
+            state = state + initial_state
+        return q @ state, state if output_final_state else None
+    b, h, length, m = q.shape
+    past = k.shape[2] - length
+    state = initial_state
+    if past:
+        state = _final_state(k[:, :, :past], v[:, :, :past], initial_state, True)
+        k, v = k[:, :, past:], v[:, :, past:]
+    e = v.shape[-1]
+    if length == 0:
+        return v.new_zeros(b, h, 0, e), _final_state(k, v, state, output_final_state)
+    chunk_size = min(chunk_size, length)  # a short input (one generated token) is one chunk, not padded
+    pad = (-length) % chunk_size
+    if pad:  # zero keys add nothing to the sums; the padded queries are dropped below
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    n = (length + pad) // chunk_size
+    qc, kc = q.reshape(b, h, n, chunk_size, m), k.reshape(b, h, n, chunk_size, m)
+    vc = v.reshape(b, h, n, chunk_size, e)
+
+    before, final = chunk_states(kc, vc, state)
+    inter = qc @ before                                             # keys of earlier chunks (and the state)
+    within = causal_mask(chunk_size, chunk_size, q.device)          # keys j <= i inside the chunk
+    intra = ((qc @ kc.transpose(-2, -1)) * within) @ vc
+    out = (inter + intra).reshape(b, h, n * chunk_size, e)[:, :, :length]
+    return out, final if output_final_state else None

@@ -7,7 +7,8 @@ random features of Performer's Lemma 1)
 
     exp(S q.k) = E[phi(q) . phi(k)],   phi(x) = exp(W x' - |x'|^2/2) / sqrt(m),   x' = sqrt(S) x,
 
-with lower variance (their Sec. 3: the lowest MSE among weight-independent couplings). Attention is then linear attention (``linear_attention.py``).
+with lower variance (their Sec. 3: the lowest MSE among weight-independent couplings). Attention is then linear
+attention (``common.linear_attention``); features and projections come from ``common.random_features``.
 
 Three ways of running it, as the package README promises:
 
@@ -20,7 +21,8 @@ Three ways of running it, as the package README promises:
 - ``mode='generation'``: new tokens read the state and update it: O(m * Dv) memory, whatever the context length.
 
 The state. kv = sum_j phi~(k_j) v_j^T (m, Dv) and denominator = sum_j phi~(k_j) (m,), where phi~(k) =
-phi(k) exp(-key_maxima) is the key feature stabilised by the largest key logit seen so far (``feature_map.py``).
+phi(k) exp(-key_maxima) is the key feature stabilised by the largest key logit seen so far
+(``common.random_features.positive_random_features``).
 A new key with a larger logit raises key_maxima; the state is then multiplied by exp(old - new) <= 1, so no term
 ever overflows, and the factor cancels between numerator and denominator exactly as in the parallel form.
 """
@@ -35,10 +37,10 @@ from common.attention import AttentionMethod, causal_mask
 from common.registry import register
 from common.validation import check_choice, check_int, check_qkv, resolve_scale
 
-from .feature_map import positive_random_features
-from .features import FEATURE_TYPES, NORMS, random_matrix
+from common.linear_attention import augment_values, chunk_linear_attention, split_augmented
+from common.random_features import FEATURE_TYPES, NORMS, positive_random_features, random_matrix
+
 from .flash_linear_attention import check_available as check_flash_available, flash_linear_attention
-from .linear_attention import augment_values, causal_linear_attention, noncausal_linear_attention, split_augmented
 
 MODES = ("train", "prefill", "generation")
 ATTN_FNS = {"train": ("torch", "flash"), "prefill": ("parallel", "chunkwise-recurrent", "recurrent"),
@@ -57,8 +59,8 @@ class FastAttention(nn.Module):
         head_dim: D, the size of queries and keys.
         nb_features: m, the number of random features (default: head_dim, one simplex block).
         causal: whether query i reads only keys j <= i (needed by prefill and generation).
-        feature_type: 'simplex' (SimRF), 'orthogonal' (ORF, Performer) or 'iid' (``features.py``).
-        norm: 'chi' (unbiased) or 'fixed' row norms (``features.py``).
+        feature_type: 'simplex' (SimRF), 'orthogonal' (ORF, Performer) or 'iid' (``common.random_features``).
+        norm: 'chi' (unbiased) or 'fixed' row norms (``common.random_features``).
         chunk_size: C of the chunked prefix sums and of chunkwise-recurrent prefill.
         seed: seeds the generator that draws W (and every redraw), so that a run repeats exactly.
     """
@@ -125,12 +127,8 @@ class FastAttention(nn.Module):
         v_aug = augment_values(v)
         if attn_fn == "flash":
             out = flash_linear_attention(qf, kf, v_aug, causal)
-        elif not causal:
-            out, _ = noncausal_linear_attention(qf, kf, v_aug)
         else:
-            past = k.shape[2] - q.shape[2]
-            state = kf[:, :, :past].transpose(-2, -1) @ v_aug[:, :, :past] if past else None
-            out, _ = causal_linear_attention(qf, kf[:, :, past:], v_aug[:, :, past:], self.chunk_size, state)
+            out, _ = chunk_linear_attention(qf, kf, v_aug, causal, self.chunk_size)
         return split_augmented(out).to(dtype)
 
     # --- mode='prefill' and 'generation' ------------------------------------------------------------------
@@ -146,7 +144,8 @@ class FastAttention(nn.Module):
             state = state * torch.exp(key_maxima - new_maxima)
             kf = kf * torch.exp(c - new_maxima)
             c = new_maxima
-        out, state = causal_linear_attention(self.query_features(q, scale), kf, augment_values(v), chunk_size, state)
+        out, state = chunk_linear_attention(self.query_features(q, scale), kf, augment_values(v), True, chunk_size,
+                                            initial_state=state, output_final_state=True)
         return out, state, c
 
     def _run_blocks(self, q, k, v, state, key_maxima, scale, block: int):

@@ -1,6 +1,6 @@
 """A fused Triton kernel of linear attention (no softmax): the ``attn_fn='flash'`` path of FastAttention's train mode.
 
-It computes the same thing as ``linear_attention.py`` (Performer Sec. 2, causal by prefix sums) for given
+It computes the same thing as ``common.linear_attention`` (Performer Sec. 2, causal by prefix sums) for given
 features phi(Q), phi(K) and augmented values [V, 1]: each program owns one (batch*head, block of value columns),
 walks the sequence chunk by chunk and keeps the running state sum_j phi(k_j) v_j^T (m x block) in registers, so
 neither the per-chunk states nor the chunk score matrices ever reach GPU memory:
@@ -13,18 +13,17 @@ operation): gradients are exact, the forward is fused, the backward is not. Ever
 dot products (no TF32), since the features of long sequences are summed over thousands of positions.
 
 Needs a CUDA device and Triton; elsewhere :func:`check_available` raises naming the alternative,
-``attn_fn='torch'``. Check it on a GPU with ``python -m srf_attention.flash_linear_attention``, which compares it
-with the PyTorch form and times both.
+``attn_fn='torch'``. Check it on a GPU with ``python -m srf_attention.benchmark_flash``, which compares it with the
+PyTorch form and times both.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 
 import torch
 
-from .linear_attention import causal_linear_attention, noncausal_linear_attention
+from common.linear_attention import chunk_linear_attention
 
 BLOCK = 64  # positions per chunk
 MAX_FEATURES = 128  # with m padded to 256 the tiles need 320 KiB of shared memory, more than an H100 has
@@ -120,9 +119,7 @@ class _FlashLinearAttention(torch.autograd.Function):
 
 def torch_linear_attention(qf, kf, v_aug, causal: bool) -> torch.Tensor:
     """The PyTorch form the kernel must equal (queries and keys of one length)."""
-    if causal:
-        return causal_linear_attention(qf, kf, v_aug, BLOCK)[0]
-    return noncausal_linear_attention(qf, kf, v_aug)[0]
+    return chunk_linear_attention(qf, kf, v_aug, causal, BLOCK)[0]
 
 
 def flash_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v_aug: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -139,63 +136,3 @@ def flash_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v_aug: torch.Tens
     if past:
         qf = torch.cat([qf.new_zeros(*qf.shape[:2], past, qf.shape[-1]), qf], dim=2)
     return _FlashLinearAttention.apply(qf, kf, v_aug, causal)[:, :, past:]
-
-
-def main(argv=None) -> None:
-    """On a GPU: compare the kernel with the PyTorch form (outputs and gradients) and time both."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="the correctness checks only, no timing")
-    args = parser.parse_args(argv)
-    check_available(torch.device(args.device))
-    from common.bench import time_callable
-    from common.data import synthetic_qkv
-    from .fast_attention import FastAttention
-
-    torch.manual_seed(args.seed)
-    worst = 0.0
-    print("| causal | dtype | B,H,L,D,m | max |flash - torch| (output) | max rel. grad diff |\n|---|---|---|---|---|")
-    for causal in (False, True):
-        for dtype in (torch.float32, torch.bfloat16):
-            for (b, h, n, d, m) in ((1, 1, 1, 8, 8), (2, 3, 100, 16, 20), (1, 4, 1000, 64, 64), (1, 2, 4097, 64, 100)):
-                x = synthetic_qkv("gaussian", b, h, n, n, d, seed=args.seed, dtype=dtype, device=args.device)
-                fast = FastAttention(d, m, causal=causal, seed=args.seed).to(args.device)
-                ins = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
-                grad_out = torch.randn_like(x.v)
-                outs, grads = [], []
-                for attn_fn in ("torch", "flash"):
-                    out = fast(*ins, attn_fn=attn_fn)
-                    grads.append(torch.autograd.grad(out, ins, grad_out))
-                    outs.append(out.float())
-                diff = (outs[0] - outs[1]).abs().max().item()
-                gdiff = max(((g0.float() - g1.float()).abs().max() / g0.float().abs().max().clamp_min(1e-30)).item()
-                            for g0, g1 in zip(*grads))
-                worst = max(worst, diff if dtype == torch.float32 else 0.0)
-                print(f"| {causal} | {str(dtype)[6:]} | {b},{h},{n},{d},{m} | {diff:.2e} | {gdiff:.2e} |")
-    print(f"worst float32 output difference: {worst:.2e}")
-    if args.quick:
-        return
-    print("\n| causal | L | torch fwd (ms) | flash fwd (ms) | torch fwd+bwd (ms) | flash fwd+bwd (ms) | exact fwd+bwd (ms) |"
-          "\n|---|---|---|---|---|---|---|")
-    b, h, d, m = 1, 8, 64, 64
-    for causal in (True, False):
-        for n in (4096, 16384, 65536):
-            x = synthetic_qkv("gaussian", b, h, n, n, d, seed=args.seed, device=args.device)
-            fast = FastAttention(d, m, causal=causal, seed=args.seed).to(args.device)
-            ins = [t.clone().requires_grad_() for t in (x.q, x.k, x.v)]
-            row = []
-            for attn_fn in ("torch", "flash"):
-                with torch.no_grad():
-                    row.append(time_callable(lambda: fast(x.q, x.k, x.v, attn_fn=attn_fn), warmup=2, repeats=5,
-                                             device=args.device).median_s)
-            for attn_fn in ("torch", "flash"):
-                row.append(time_callable(lambda: fast(*ins, attn_fn=attn_fn).sum().backward(), warmup=2,
-                                         repeats=5, device=args.device).median_s)
-            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(*ins, is_causal=causal).sum().backward()
-            row.append(time_callable(sdpa, warmup=2, repeats=5, device=args.device).median_s)
-            print(f"| {causal} | {n} | " + " | ".join(f"{1e3 * t:.2f}" for t in row) + " |")
-
-
-if __name__ == "__main__":
-    main()

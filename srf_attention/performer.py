@@ -2,14 +2,15 @@
 
 FAVOR+ estimates the softmax kernel with positive random features (their Lemma 1) whose projections are
 orthogonal random features (ORFs: exactly orthogonal directions within each block of D rows, chi_D norms), which
-lower the estimator's MSE below that of iid features (their Theorem 2), and computes attention in linear time (their Sec. 2; causal by prefix sums).
-It is the baseline of KDEformer's experiments. The implementation is the one of simplex random features
-(``srf_attention.fast_attention``): the two methods differ only in the coupling of the projection rows, so one
-class serves both. ``redraw=True`` draws new features at every training call (Performer's feature
-redrawing); otherwise the features are drawn once, from ``seed``.
+lower the estimator's MSE below that of iid features (their Theorem 2), and computes attention in linear time
+(their Sec. 2; causal by prefix sums). It is a baseline of KDEformer's experiments. It lives here because it is
+simplex random features (``fast_attention.py``) with another coupling of the projection rows, so one class serves
+both. ``redraw=True`` draws new features at every training call (Performer's feature redrawing); otherwise the
+features are drawn once, from ``seed``.
 """
 from common.registry import register
-from srf_attention.fast_attention import SRFAttention
+
+from .fast_attention import SRFAttention
 
 
 @register("performer")

@@ -3,12 +3,13 @@
 Reid et al. (ICML 2023) prove that simplex coupling gives the lowest MSE among weight-independent couplings of
 positive random features (their Sec. 3) and show it in a pointwise kernel estimation experiment (Sec. 6.1):
 the MSE grows with the norms of the inputs, and SimRF < ORF < iid throughout. This script measures that with the
-features of ``features.py``, for the softmax kernel K(x, y) = exp(x.y) and its estimate (their eq. 1
+features of ``common.random_features``, for the softmax kernel K(x, y) = exp(x.y) and its estimate (their eq. 1
 with Performer's Lemma 1)
 
     K^(x, y) = (1/m) sum_i exp(w_i.(x + y) - (|x|^2 + |y|^2)/2).
 
-For iid rows the MSE is known in closed form (Choromanski et al. 2021, Lemma 2):
+For iid rows the MSE is known in closed form (Choromanski et al. 2021, Lemma 2;
+``common.random_features.favor_relative_variance``):
 
     MSE_iid / K^2 = (exp(|x + y|^2) - 1) / m,
 
@@ -35,8 +36,7 @@ from tqdm import tqdm
 
 from common import plotting
 from common.cli import script_parser
-
-from .features import FEATURE_TYPES, random_matrix
+from common.random_features import FEATURE_TYPES, favor_relative_variance, positive_random_features, random_matrix
 
 LABELS = {"iid": "iid (FAVOR+ with iid rows)", "orthogonal": "ORF (Performer)", "simplex": "SimRF (Reid et al.)"}
 
@@ -52,9 +52,12 @@ def kernel_estimates(feature_type: str, x: torch.Tensor, y: torch.Tensor, nb_fea
     if nb_features % d:
         raise ValueError(f"kernel_estimates: nb_features must be a multiple of the dimension d={d}, "
                          f"got {nb_features}")
-    w = random_matrix(feature_type, nb_features * draws, d, generator=generator, dtype=torch.float64)
-    log_terms = (x + y) @ w.T - 0.5 * ((x * x).sum(-1, keepdim=True) + (y * y).sum(-1, keepdim=True))
-    return torch.exp(log_terms).view(x.shape[0], draws, nb_features).mean(-1).T
+    total = nb_features * draws
+    w = random_matrix(feature_type, total, d, generator=generator, dtype=torch.float64)
+    no_offset = torch.zeros((), dtype=torch.float64)
+    phi_x, phi_y = (positive_random_features(t, w, 1.0, offset=no_offset)[0] for t in (x, y))
+    # phi carries 1/sqrt(total) each; the estimate of one draw averages its own nb_features terms
+    return (phi_x * phi_y * total).view(x.shape[0], draws, nb_features).mean(-1).T
 
 
 def normalised_mse(feature_type: str, x: torch.Tensor, y: torch.Tensor, nb_features: int, draws: int,
@@ -63,11 +66,6 @@ def normalised_mse(feature_type: str, x: torch.Tensor, y: torch.Tensor, nb_featu
     exact = torch.exp((x * y).sum(-1))
     squared = ((kernel_estimates(feature_type, x, y, nb_features, draws, generator) - exact) / exact) ** 2
     return squared.mean(0), squared.std(0) / math.sqrt(draws)
-
-
-def iid_normalised_mse(x: torch.Tensor, y: torch.Tensor, nb_features: int) -> torch.Tensor:
-    """Closed form of the iid normalised MSE, (exp(|x + y|^2) - 1) / m (Choromanski et al. 2021, Lemma 2)."""
-    return torch.expm1(((x + y) ** 2).sum(-1)) / nb_features
 
 
 def sample_pairs(n_pairs: int, dim: int, norm: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +85,7 @@ def sweep(norms, feature_counts, dim: int, n_pairs: int, draws: int, seed: int, 
             rows.append(dict(feature_type=feature_type, norm=norm, nb_features=m, dim=dim,
                              mean_norm_mse=mse.mean().item(),
                              stderr=(stderr.pow(2).sum().sqrt() / n_pairs).item(),
-                             iid_closed_form=iid_normalised_mse(x, y, m).mean().item()))
+                             iid_closed_form=favor_relative_variance(((x + y) ** 2).sum(-1), m).mean().item()))
     return rows
 
 

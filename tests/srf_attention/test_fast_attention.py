@@ -8,7 +8,7 @@ import torch
 import common
 from common.metrics import relative_frobenius_error
 from common.data import synthetic_qkv
-from kdeformer.performer import PerformerAttention
+from srf_attention.performer import PerformerAttention
 from srf_attention.fast_attention import FastAttention, SRFAttention
 
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from common.random_features import favor_relative_variance
 from srf_attention import variance
 
 
@@ -16,7 +17,7 @@ def test_iid_mse_matches_closed_form_and_simplex_beats_orthogonal_beats_iid():
     for feature_type in ("simplex", "orthogonal", "iid"):
         mse, stderr = variance.normalised_mse(feature_type, x, y, 6, 4000, torch.Generator().manual_seed(1))
         stats[feature_type] = (mse.mean().item(), stderr.pow(2).sum().sqrt().item() / 32)
-    closed = variance.iid_normalised_mse(x, y, 6).mean().item()
+    closed = favor_relative_variance(((x + y) ** 2).sum(-1), 6).mean().item()
     assert abs(stats["iid"][0] - closed) < 4 * stats["iid"][1], (stats, closed)
     for low, high in (("simplex", "orthogonal"), ("orthogonal", "iid")):
         gap = stats[high][0] - stats[low][0]

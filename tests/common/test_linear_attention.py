@@ -1,0 +1,75 @@
+"""common.linear_attention: the chunkwise form equals the reference (masked quadratic) form, state in and out."""
+import pytest
+import torch
+
+from common.linear_attention import (augment_values, chunk_linear_attention, chunk_states, linear_attention,
+                                     split_augmented)
+
+
+def features(b, h, n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, h, n, m, generator=g, dtype=torch.float64)   # positive, as random features are
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (2, 2), (37, 37), (64, 64), (1, 37), (13, 37), (0, 5)])
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+def test_chunk_form_equals_reference(causal, nq, nk, chunk_size):
+    q, k = features(2, 3, nq, 5, 0), features(2, 3, nk, 5, 1)
+    v = torch.randn(2, 3, nk, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    state = torch.rand(2, 3, 5, 4, dtype=torch.float64)
+    for initial in (None, state):
+        ref, ref_final = linear_attention(q, k, v, causal, initial_state=initial, output_final_state=True)
+        out, final = chunk_linear_attention(q, k, v, causal, chunk_size, initial_state=initial,
+                                            output_final_state=True)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(final, ref_final, atol=1e-12, rtol=1e-12)
+        assert chunk_linear_attention(q, k, v, causal, chunk_size, initial_state=initial)[1] is None
+
+
+def test_reference_is_the_definition_and_state_carries_a_sequence_in_pieces():
+    """o_i = sum_{j <= i} (q_i . k_j) v_j written as a loop; and attending a sequence in two pieces, the second from
+    the first's final state, equals attending it whole."""
+    q, k = features(1, 2, 9, 3, 3), features(1, 2, 9, 3, 4)
+    v = torch.randn(1, 2, 9, 2, dtype=torch.float64)
+    loop = torch.stack([sum((q[:, :, i] * k[:, :, j]).sum(-1, keepdim=True) * v[:, :, j] for j in range(i + 1))
+                        for i in range(9)], 2)
+    torch.testing.assert_close(linear_attention(q, k, v, True)[0], loop)
+    whole, whole_final = chunk_linear_attention(q, k, v, True, 4, output_final_state=True)
+    first, state = chunk_linear_attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], True, 4, output_final_state=True)
+    second, final = chunk_linear_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], True, 4, initial_state=state,
+                                           output_final_state=True)
+    torch.testing.assert_close(torch.cat([first, second], 2), whole)
+    torch.testing.assert_close(final, whole_final)
+
+
+def test_chunk_states_forward_and_reverse_are_exclusive_sums():
+    k, v = features(1, 1, 12, 3, 5).view(1, 1, 4, 3, 3), torch.randn(1, 1, 4, 3, 2, dtype=torch.float64)
+    own = k.transpose(-2, -1) @ v
+    before, final = chunk_states(k, v)
+    after, _ = chunk_states(k, v, reverse=True)
+    for c in range(4):
+        torch.testing.assert_close(before[:, :, c], own[:, :, :c].sum(2))
+        torch.testing.assert_close(after[:, :, c], own[:, :, c + 1:].sum(2))
+    torch.testing.assert_close(final, own.sum(2))
+
+
+def test_gradients_and_augmented_values():
+    q, k = (features(1, 1, 7, 3, s).requires_grad_() for s in (6, 7))
+    v = torch.randn(1, 1, 7, 2, dtype=torch.float64, requires_grad=True)
+    for causal in (False, True):
+        torch.autograd.gradcheck(lambda a, b, c: chunk_linear_attention(a, b, c, causal, 3)[0], (q, k, v))
+    out = split_augmented(chunk_linear_attention(q, k, augment_values(v), True, 3)[0])
+    weights = torch.tril(q @ k.transpose(-2, -1))
+    torch.testing.assert_close(out, (weights / weights.sum(-1, keepdim=True)) @ v)
+
+
+def test_bad_shapes_are_named():
+    q, k, v = torch.rand(1, 1, 4, 3), torch.rand(1, 1, 4, 3), torch.rand(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="chunk_linear_attention: expected features"):
+        chunk_linear_attention(q, torch.rand(1, 1, 4, 5), v)
+    with pytest.raises(ValueError, match=r"linear_attention: initial_state must have shape \(B, H, m, Dv\)"):
+        linear_attention(q, k, v, initial_state=torch.rand(1, 1, 2, 3))
+    for form in (linear_attention, chunk_linear_attention):
+        with pytest.raises(ValueError, match="causal needs Nq <= Nk"):
+            form(torch.rand(1, 1, 6, 3), k, v, True)
