@@ -33,7 +33,7 @@ def count_inner_products(method: str, L: int, P: int, e: float, positions: torch
     x = synthetic_qkv(data, batch, H, L, L, D, seed=seed, dtype=torch.float64)
     q = x.q[:, :, positions]
     est = MassEstimator(method, D, D ** -0.5, generator=torch.Generator().manual_seed(seed))
-    summaries = PrefixSummaries(x.k, x.v, est.features(x.k) if est.uses_features else None, L, positions)
+    summaries = PrefixSummaries(x.k, x.v, L, positions, est)
     _, inner = descend(summaries, est, q, positions, number_of_terms(positions + 1, e), L, P,
                        torch.Generator().manual_seed(seed + 1))
     return inner

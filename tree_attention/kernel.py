@@ -25,6 +25,7 @@ import torch
 
 from common import plotting
 from common.cli import script_parser
+from common.random_features import favor_relative_variance
 
 from .mass_estimators import MassEstimator
 
@@ -60,9 +61,10 @@ def kernel_statistics(method: str, q, k, scale: float, R: int, draws: int, seed:
 
 
 def favor_ratio_eq9(q_norm: float, k_norm: float, cosine: float, scale: float, R: int) -> float:
-    """std / mean of FAVOR+ with R i.i.d. positive features: sqrt((exp(|x + y|^2) - 1) / R), x = sqrt(S) q."""
+    """std / mean of FAVOR+ with R i.i.d. positive features: sqrt((exp(|x + y|^2) - 1) / R), x = sqrt(S) q
+    (the report's Eq. (9) = Performer's Lemma 2, ``common.random_features.favor_relative_variance``)."""
     sum_sq = scale * (q_norm ** 2 + k_norm ** 2 + 2 * cosine * q_norm * k_norm)
-    return math.sqrt(math.expm1(sum_sq) / R)
+    return math.sqrt(favor_relative_variance(sum_sq, R))
 
 
 def main(argv=None) -> dict:

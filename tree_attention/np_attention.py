@@ -21,12 +21,12 @@ import math
 
 import torch
 
-from common.attention import AttentionMethod, gather_rows
+from common.attention import AttentionMethod, causal_query_positions
 from common.registry import register
 from common.validation import check_choice, check_int
 
 from .mass_estimators import METHODS, MassEstimator
-from .tree import HeapSummaries, PrefixSummaries, Summaries, combine, descend
+from .tree import EXPANSION_RULES, HeapSummaries, PrefixSummaries, Summaries, combine, descend
 
 BUD_VALUES = ("count", "report")
 
@@ -53,9 +53,10 @@ class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
     """Incremental tree attention for one sequence: D head dim, S score scale, P parallelism, L leaves, H heads."""
 
     def __init__(self, D: int, S: float, P: int, L: int, H: int, method: str, R: int = 64, base: float = 0.9,
-                 verbose: bool = False, seed: int = 0):
+                 verbose: bool = False, seed: int = 0, expansions: str = "needed"):
         super().__init__()
         _check_tree_options(method, P, L)
+        self.expansions = check_choice(expansions, "expansions", "tree", EXPANSION_RULES)
         if method == "tree-less":
             raise ValueError("attention_kernel: 'tree-less' has no tree; use TreeAttention (get_attention('tree'))")
         self.D, self.S, self.P, self.L, self.H, self.verbose = D, S, P, L, H, verbose
@@ -77,7 +78,7 @@ class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
         position = torch.tensor([self.heap.length - 1])
         qb = q.view(1, self.H, 1, self.D)
         buds, _ = descend(self.heap, self.estimator, qb, position, torch.tensor([T]), self.L, self.P,
-                          self.generator, self.verbose)
+                          self.generator, self.verbose, self.expansions)
         self.last_buds = buds[0, 0][buds[0, 0] >= 0].tolist()
         s = self.heap(buds.clamp_min(0))
         return combine(qb, s, (buds >= 0) & (s.count > 0), self.S, "report")[0, :, 0]
@@ -87,58 +88,78 @@ class attention_kernel(torch.nn.Module):  # noqa: N801  (the report's name)
 class TreeAttention(AttentionMethod):
     """Tree attention over a whole causal sequence (module docstring). Options: method, number_of_terms_exponent
     e in (0, 1], parallelism P (power of two), R (random features), base (time-decay), bud_value ('count' or
-    'report'), seed. Non-causal calls treat every query as sitting after all keys. Runs on the CPU: tensors on
-    another device are copied to the CPU for the call and the output is copied back (no GPU implementation)."""
+    'report'), expansions ('needed': T buds exactly, or 'P': the report's P expansions per round, ``tree.py``),
+    query_block (queries per descent: bounds the memory, O(B H query_block (T + P) D)), seed. Non-causal calls
+    treat every query as sitting after all keys. Runs on the inputs' device (the descent included; no host copy).
+
+    Precision: float16 / bfloat16 inputs are computed in float32 (features, masses, sums, the softmax over buds,
+    max-subtracted by ``torch.softmax``) and the output is cast back to the input dtype; float32 and float64 stay
+    as they are. A nan or inf mass estimate raises ``NonFiniteError`` naming the method (mass_estimators.py
+    keeps the features' exponentials stabilised, so it does not arise for scores up to 1e4)."""
 
     randomized = True
 
     def __init__(self, method: str = "alignment", number_of_terms_exponent: float = 0.5, parallelism: int = 4,
-                 R: int = 64, base: float = 0.9, bud_value: str = "count", seed: int | None = None,
-                 check_finite: bool = True):
+                 R: int = 64, base: float = 0.9, bud_value: str = "count", expansions: str = "needed",
+                 query_block: int = 4096, seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         _check_tree_options(method, parallelism, None, number_of_terms_exponent)
         self.method, self.number_of_terms_exponent, self.parallelism = method, number_of_terms_exponent, parallelism
         self.R, self.base = R, base
         self.bud_value = check_choice(bud_value, "bud_value", "tree", BUD_VALUES)
+        self.expansions = check_choice(expansions, "expansions", "tree", EXPANSION_RULES)
+        self.query_block = check_int(query_block, "query_block", "tree", minimum=1)
         self.last_inner_products = None
         MassEstimator(method, 1, 1.0, R, base)  # validates R / base now, not at the first call
 
+    @classmethod
+    def exact_options(cls, n_keys):
+        """e = 1 with the count-weighted combination: every visible key ends as its own bud (exact, any method)."""
+        return {"number_of_terms_exponent": 1.0, "bud_value": "count"}
+
     def attend(self, q, k, v, causal, scale):
-        if q.device.type != "cpu":  # the descent is index bookkeeping written for the CPU; the result goes back
-            return self.attend(q.cpu(), k.cpu(), v.cpu(), causal, scale).to(q.device)
+        work = torch.promote_types(q.dtype, torch.float32)
+        if q.dtype != work:  # float16 / bfloat16: computed in float32, returned in the input dtype
+            return self.attend(q.to(work), k.to(work), v.to(work), causal, scale).to(q.dtype)
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
-        positions = torch.arange(nq) + (nk - nq) if causal else torch.full((nq,), nk - 1)
+        positions = causal_query_positions(nq, nk, q.device) if causal else torch.full((nq,), nk - 1, device=q.device)
         n_terms = number_of_terms(positions + 1, self.number_of_terms_exponent)
         if self.method == "tree-less":
             return self._tree_less(q, k, v, positions, n_terms, scale)
         L = 1 << max(0, math.ceil(math.log2(nk)))
         P = min(self.parallelism, L)
-        estimator = MassEstimator(self.method, d, scale, self.R, self.base, self.generator(q.device))
-        feats = estimator.features(k) if estimator.uses_features else None
-        summaries = PrefixSummaries(k, v, feats, L, positions.to(q.device))
-        with torch.no_grad():  # the descent is discrete; gradients flow through the buds' summaries below
-            buds, self.last_inner_products = descend(summaries, estimator, q.detach(), positions, n_terms, L, P,
-                                                 self.generator("cpu"))
-        s = summaries(buds.clamp_min(0))
-        return combine(q, s, (buds >= 0) & (s.count > 0), scale, self.bud_value)
+        generator = self.generator(q.device)
+        estimator = MassEstimator(self.method, d, scale, self.R, self.base, generator)
+        summaries_all = PrefixSummaries(k, v, L, positions, estimator)
+        outputs, inner_products = [], []
+        for i in range(0, nq, self.query_block):  # independent queries: one descent per block
+            block = slice(i, i + self.query_block)
+            summaries = summaries_all.for_queries(positions[block])
+            with torch.no_grad():  # the descent is discrete; gradients flow through the buds' summaries below
+                buds, inner = descend(summaries, estimator, q[:, :, block].detach(), positions[block],
+                                      n_terms[block], L, P, generator, expansions=self.expansions)
+            s = summaries(buds.clamp_min(0))
+            outputs.append(combine(q[:, :, block], s, (buds >= 0) & (s.count > 0), scale, self.bud_value))
+            inner_products.append(inner)
+        self.last_inner_products = torch.cat(inner_products, 1)
+        return torch.cat(outputs, 2)
 
     def _tree_less(self, q, k, v, positions, n_terms, scale):
         """Buds: the T - 1 most recent keys, and one bud with all older keys."""
         window = int(n_terms.max())
-        offsets = torch.arange(window)  # bud j < T - 1 is the key at t - j; bud T - 1 the range [0, t - T + 2)
+        offsets = torch.arange(window, device=q.device)  # bud j < T - 1: the key at t - j; bud T - 1: [0, t - T + 2)
         recent = positions.view(-1, 1) - offsets
         valid_recent = (offsets < (n_terms - 1).view(-1, 1)) & (recent >= 0)
         older_stop = (positions + 1 - (n_terms - 1)).clamp_min(0)
         start = torch.where(valid_recent, recent, torch.zeros_like(recent))
         stop = torch.where(valid_recent, recent + 1, torch.zeros_like(recent))
-        start = torch.cat([start, torch.zeros(len(positions), 1, dtype=torch.long)], 1).unsqueeze(0)
+        start = torch.cat([start, torch.zeros_like(start[:, :1])], 1).unsqueeze(0)
         stop = torch.cat([stop, older_stop.view(-1, 1)], 1).unsqueeze(0)
-        b, h = q.shape[:2]
-        cum = lambda x: torch.nn.functional.pad(x.cumsum(2), (0, 0, 1, 0))
-        ck, cv = cum(k), cum(v)
-        ia, ib = (x.expand(b, -1, -1).unsqueeze(1).expand(-1, h, -1, -1) for x in (start, stop))
-        s = Summaries((stop - start).expand(b, -1, -1), start, stop, gather_rows(ck, ib) - gather_rows(ck, ia),
-                      gather_rows(cv, ib) - gather_rows(cv, ia))
+        b = q.shape[0]
+        start, stop = start.expand(b, -1, -1), stop.expand(b, -1, -1)
+        summaries = PrefixSummaries(k, v, 1, positions)
+        s = Summaries(stop - start, start, stop, summaries.range_sums(start, stop, "k"),
+                      summaries.range_sums(start, stop, "v"))
         self.last_inner_products = (s.count > 0).sum(-1)  # one q . sum_k per non-empty bud
         return combine(q, s, s.count > 0, scale, self.bud_value)
 

@@ -12,11 +12,22 @@ once, never touching a key after t).
 
 Descent (:func:`descend`), for a query at position t with l = t + 1 visible keys: the buds start as the (at most)
 P nodes of the level that covers the prefix, i.e. the level whose nodes hold 2^ceil(log2 l) / P positions (the
-leaves when 2^ceil(log2 l) < P), those that hold a visible key; each round samples up to P buds with pm > 0 without
-replacement in proportion to their estimated mass pm (``mass_estimators.py``; Gumbel-top-P sampling) and replaces
-each by its children (an empty right child, beyond t, is dropped: the left child takes the parent's place), until
-there are T = ceil(l^e) buds or no bud with pm > 0 is left. A bud holding a single visible key (a leaf, or a node
-whose other keys lie beyond t) has pm 0: it is final. All heads share the descent.
+leaves when 2^ceil(log2 l) < P), those that hold a visible key; each round samples up to P buds without
+replacement in proportion to their estimated mass pm (``mass_estimators.py``; Gumbel-top-P sampling; once the buds
+with pm > 0 run out within a round, the rest are drawn uniformly among the buds with pm 0, as the original's 1e-10
+added to every pm does) and replaces each by its children (an empty right child, beyond t, is dropped: the left
+child takes the parent's place), until there are T = ceil(l^e) buds or every bud is final. A bud holding a single
+visible key (a leaf, or a node whose other keys lie beyond t) has pm 0 and is final. All heads share the descent.
+Two round rules (``expansions``): 'needed' (ours, the default) expands min(P, T - buds) buds, so a query ends with
+exactly T buds (or all its l leaves); 'P' (the report's code) expands P buds per round while there are fewer than
+T, so it ends with T to T + P - 1 buds.
+
+Rounds are bounded (:func:`max_rounds`): a round that expands min(need, P) buds adds that many minus those whose
+right child is empty, and those (nodes holding position t) are at most one per level, log2 L in all; a round with
+fewer eligible buds than it needs expands all of them, so the shallowest eligible bud goes down one level, at most
+log2 L times. So at most ceil((T + log2 L) / P) + 2 log2 L + 2 rounds, whatever the estimates; the loop runs over
+rounds (levels), batched over the batch and the queries with tensor ops on the inputs' device, with no host
+round-trip inside it except the optional early exit (on by default on the CPU, where it costs nothing).
 
 Inner products. The report keeps each bud's alignment q . sum_k: a starting bud costs one inner product, and an
 expansion costs one (the right child's; the left child's alignment is the parent's minus the right child's; an
@@ -27,12 +38,14 @@ final combination (:func:`combine`) reads the T buds' key and value sums once mo
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 
 from common.attention import gather_rows
+from common.validation import NonFiniteError
 
 
 def node_level(nodes: torch.Tensor) -> torch.Tensor:
@@ -60,10 +73,16 @@ class Summaries:
 class PrefixSummaries:
     """Summaries from cumulative sums over positions: node sums restricted to positions <= t of each query.
 
-    k, v: (B, H, N, D); feats: (B, H, N, F) or None (the mass estimator's key features); positions: (n,)."""
+    k, v: (B, H, N, D); positions: (n,) (on k's device); estimator: the mass estimator whose key features are
+    summed too (stabilised with one offset per (batch, head), ``feat_offset`` (B, H, 1, 1): mass_estimators.py),
+    or None."""
 
-    def __init__(self, k, v, feats, L: int, positions: torch.Tensor):
+    def __init__(self, k, v, L: int, positions: torch.Tensor, estimator=None):
         pad = lambda x: torch.nn.functional.pad(x.cumsum(2), (0, 0, 1, 0))  # C[p] = sum of the first p rows
+        feats, self.feat_offset = None, 0.0
+        if estimator is not None and estimator.uses_features:
+            with torch.no_grad():  # the features steer the descent only
+                feats, self.feat_offset = estimator.log_scaled_features(k.detach(), "global")
         self.cumulative = {"k": pad(k), "v": pad(v), "feat": None if feats is None else pad(feats)}
         self.L, self.positions, self.heads = L, positions, k.shape[1]
 
@@ -74,12 +93,22 @@ class PrefixSummaries:
         a, b = torch.minimum(start, limit), torch.minimum(stop, limit)
         return b - a, a, b
 
-    def sums(self, nodes: torch.Tensor, name: str) -> torch.Tensor:
-        """Sums (B, H, n, c, F) over each node's visible positions of 'k', 'v' or 'feat'."""
-        _, a, b = self.span(nodes)
+    def for_queries(self, positions: torch.Tensor) -> "PrefixSummaries":
+        """The same sums read by the queries at ``positions`` (a block of them)."""
+        view = copy.copy(self)
+        view.positions = positions
+        return view
+
+    def range_sums(self, a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
+        """Sums (B, H, n, c, F) of 'k', 'v' or 'feat' over the positions [a, b) (B, n, c)."""
         ia, ib = (x.unsqueeze(1).expand(-1, self.heads, -1, -1) for x in (a, b))
         c = self.cumulative[name]
         return gather_rows(c, ib) - gather_rows(c, ia)
+
+    def sums(self, nodes: torch.Tensor, name: str) -> torch.Tensor:
+        """Sums (B, H, n, c, F) over each node's visible positions of 'k', 'v' or 'feat'."""
+        _, a, b = self.span(nodes)
+        return self.range_sums(a, b, name)
 
     def __call__(self, nodes: torch.Tensor) -> Summaries:
         return Summaries(*self.span(nodes), self.sums(nodes, "k"), self.sums(nodes, "v"))
@@ -90,7 +119,7 @@ class HeapSummaries:
 
     def __init__(self, L: int, heads: int, head_dim: int, value_dim: int, feat_dim: int | None, dtype=torch.float64):
         n_nodes = 2 * L - 1
-        self.L, self.length = L, 0
+        self.L, self.length, self.feat_offset = L, 0, 0.0  # features kept without stabiliser (float64)
         self.count = torch.zeros(n_nodes, dtype=torch.long)
         self.arrays = {"k": torch.zeros(heads, n_nodes, head_dim, dtype=dtype),
                        "v": torch.zeros(heads, n_nodes, value_dim, dtype=dtype),
@@ -133,43 +162,71 @@ def starting_buds(positions: torch.Tensor, L: int, P: int) -> torch.Tensor:
     cover = torch.ceil(torch.log2(l.double()) - 1e-12).long().clamp_min(0)  # 2^cover >= l
     p_eff = torch.minimum(torch.full_like(cover, P), 1 << cover)
     level = int(math.log2(L)) - cover + torch.log2(p_eff.double()).round().long()
-    nodes = ((1 << level) - 1).view(-1, 1) + torch.arange(P).view(1, -1)
+    column = torch.arange(P, device=positions.device).view(1, -1)
+    nodes = ((1 << level) - 1).view(-1, 1) + column
     start, _ = node_span(nodes, L)
-    keep = (torch.arange(P).view(1, -1) < p_eff.view(-1, 1)) & (start <= positions.view(-1, 1))
+    keep = (column < p_eff.view(-1, 1)) & (start <= positions.view(-1, 1))
     return torch.where(keep, nodes, torch.full_like(nodes, -1))
 
 
+EXPANSION_RULES = ("needed", "P")
+
+
+def max_rounds(max_terms: int, L: int, P: int) -> int:
+    """A bound on the rounds of a descent to at most ``max_terms`` buds over L leaves (module docstring):
+    ceil((T + log2 L) / P) rounds that expand min(need, P) buds, log2 L + 1 more that end on an empty right child,
+    log2 L with fewer eligible buds than needed."""
+    depth = int(math.log2(L))
+    return -(-(max_terms + depth) // P) + 2 * depth + 2
+
+
 def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_terms: torch.Tensor, L: int, P: int,
-            generator: torch.Generator, verbose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            generator: torch.Generator, verbose: bool = False, expansions: str = "needed",
+            early_exit: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Buds (B, n, cap) (node ids, -1 = none) of each query after the descent, and the inner products (node
     evaluations q . sum) that it spent, (B, n) (module docstring).
 
-    q: (B, H, n, D); positions: (n,) the query positions t; n_terms: (n,) T = ceil((t + 1)^e).
-    The pm of a bud is read from its kept inner product (``estimator.score_source``: q . sum_k or
-    phi(q) . sum phi(k)); an expansion evaluates the right child and gets the left one by subtraction.
+    q: (B, H, n, D); positions: (n,) the query positions t; n_terms: (n,) T = ceil((t + 1)^e); all on one device,
+    where the descent runs (``generator`` on that device too). The pm of a bud is read from its kept inner product
+    (``estimator.score_source``: q . sum_k or phi(q) . sum phi(k)); an expansion evaluates the right child and
+    gets the left one by subtraction. ``expansions``: 'needed' expands min(P, T - buds) buds per round (T buds
+    exactly), 'P' expands P per round while there are fewer than T buds (the report's code: T to T + P - 1 buds).
+    The loop runs at most :func:`max_rounds` rounds; ``early_exit`` (default: on the CPU only) stops as soon as no
+    query needs another round, which asks the device whether any does (a host round-trip per round elsewhere).
+    A NaN or +inf mass estimate raises ``common.validation.NonFiniteError`` naming the method.
     """
+    if expansions not in EXPANSION_RULES:
+        raise ValueError(f"tree: expansions must be one of {EXPANSION_RULES}, got {expansions!r}")
     b, h, n, _ = q.shape
+    device = q.device
+    early_exit = device.type == "cpu" if early_exit is None else early_exit
     cap = int(n_terms.max()) + P
     source = estimator.score_source
-    query = None if source is None else (q if source == "k" else estimator.features(q))
+    query, log_offset = None, 0.0
+    if source == "k":
+        query = q
+    elif source == "feat":
+        query, query_offset = estimator.log_scaled_features(q, "row")
+        log_offset = query_offset + summaries.feat_offset
 
     def evaluate(nodes):  # (B, H, n, c) inner products of the query with the nodes' sums (0 where no node)
-        if query is None:
-            return None
         return torch.einsum("bhnf,bhncf->bhnc", query, summaries.sums(nodes.clamp_min(0), source)) * (nodes >= 0).unsqueeze(1)
 
-    buds = torch.full((b, n, cap + 1), -1, dtype=torch.long)  # the last column is a sink for unused writes
+    buds = torch.full((b, n, cap + 1), -1, dtype=torch.long, device=device)  # the last column: a sink for writes
     buds[:, :, :P] = starting_buds(positions, L, P)
-    scores = None if query is None else torch.zeros((b, h, n, cap + 1), dtype=query.dtype)
+    scores = None if query is None else torch.zeros((b, h, n, cap + 1), dtype=query.dtype, device=device)
     if scores is not None:
         scores[..., :P] = evaluate(buds[:, :, :P])
-    used = torch.full((b, n), P, dtype=torch.long)
+    used = torch.full((b, n), P, dtype=torch.long, device=device)
     inner_products = (buds[:, :, :P] >= 0).sum(-1)
     target = n_terms.view(1, n).expand(b, n)
+    invalid = torch.zeros((), dtype=torch.bool, device=device)
+    heads_index = lambda idx: idx.unsqueeze(1).expand(-1, h, -1, -1)
     if verbose:
         print(f"query at position {int(positions[0])} (l = {int(positions[0]) + 1} keys), T = {int(n_terms[0])}; "
               f"starting buds: {buds[0, 0, :P][buds[0, 0, :P] >= 0].tolist()}")
-    while True:
+    rounds = max_rounds(cap - P, L, P)
+    for round_ in range(rounds + 1):
         nodes = buds[:, :, :cap].clone()
         live = nodes >= 0
         count, start, stop = summaries.span(nodes.clamp_min(0))
@@ -177,38 +234,48 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         eligible = live & (count > 1)  # pm 0 for a bud with one visible key: nothing to descend to
         need = (target - live.sum(-1)).clamp_min(0)
         active = (need > 0) & eligible.any(-1)
-        if not active.any():
-            return nodes, inner_products
-        log_pm = estimator.log_mass(None if scores is None else scores[..., :cap], count, start, stop, positions)
-        log_pm = log_pm.masked_fill(~eligible, float("-inf"))
-        stalled = eligible.any(-1, keepdim=True) & ~torch.isfinite(log_pm).any(-1, keepdim=True)
-        log_pm = torch.where(stalled & eligible, torch.zeros_like(log_pm), log_pm)  # all pm 0: uniform
-        u = torch.rand(log_pm.shape, generator=generator, dtype=torch.float64).clamp_min(1e-300)
-        keys = log_pm.double() - torch.log(-torch.log(u))  # Gumbel-top-P: P draws without replacement, prop. to pm
-        top_keys, slots = keys.topk(min(P, cap), dim=-1)
-        m = torch.minimum(need, torch.full_like(need, P)) * active
-        chosen = torch.isfinite(top_keys) & (torch.arange(slots.shape[-1]) < m.unsqueeze(-1))
-        parent = torch.gather(nodes, -1, slots)
+        if round_ == rounds or (early_exit and not active.any()):
+            break
+        log_pm = estimator.log_mass(None if scores is None else scores[..., :cap], count, start, stop, positions,
+                                    log_offset)
+        invalid |= (eligible & active.unsqueeze(-1) & (torch.isnan(log_pm) | (log_pm == float("inf")))).any()
+        positive = eligible & (log_pm > float("-inf")) & (log_pm < float("inf"))
+        u = torch.rand(log_pm.shape, generator=generator, dtype=torch.float64, device=device).clamp_min(1e-300)
+        gumbel = -torch.log(-torch.log(u))
+        # Gumbel-top-P among the buds with pm > 0 (P draws without replacement, prop. to pm), then, where fewer
+        # are needed than they hold, uniformly among those with pm 0 (the original's + 1e-10 on every pm)
+        first_keys, first = torch.where(positive, log_pm.double() + gumbel, float("-inf")).topk(P, dim=-1)
+        second_keys, second = torch.where(eligible & ~positive, gumbel, float("-inf")).topk(P, dim=-1)
+        valid = torch.isfinite(torch.cat([first_keys, second_keys], -1))
+        m = (need.clamp_max(P) if expansions == "needed" else torch.full_like(need, P)) * active
+        chosen = valid & (valid.long().cumsum(-1) <= m.unsqueeze(-1))
+        slots = torch.where(chosen, torch.cat([first, second], -1), cap)  # the others write to the sink
+        parent = torch.gather(buds, -1, slots)
         left, right = 2 * parent + 1, 2 * parent + 2
         right_start, _ = node_span(right, L)
-        right = right.masked_fill(right_start > positions.view(1, n, 1), -1)  # beyond t: empty
-        two_children = chosen & (right >= 0)
+        right = right.masked_fill(~chosen | (right_start > positions.view(1, n, 1)), -1)  # beyond t: empty
+        two_children = right >= 0
         rank = two_children.long().cumsum(-1) - 1
-        target_slot = torch.where(two_children, used.unsqueeze(-1) + rank, torch.full_like(rank, cap))
+        target_slot = torch.where(two_children, used.unsqueeze(-1) + rank, cap)
         if scores is not None:  # right child: one inner product; left child: the parent's minus the right's
-            right_scores = evaluate(torch.where(two_children, right, -1))
-            heads_index = lambda idx: idx.unsqueeze(1).expand(-1, h, -1, -1)
+            right_scores = evaluate(right)
             parent_scores = torch.gather(scores, -1, heads_index(slots))
             scores.scatter_(-1, heads_index(slots), parent_scores - right_scores)
             scores.scatter_(-1, heads_index(target_slot), right_scores)
-        buds.scatter_(-1, slots, torch.where(chosen, left, parent))
-        buds.scatter_(-1, target_slot, torch.where(two_children, right, -1))
+        buds.scatter_(-1, slots, torch.where(chosen, left, -1))
+        buds.scatter_(-1, target_slot, right)
         buds[:, :, cap] = -1
         used += two_children.sum(-1)
         inner_products += two_children.sum(-1)
         if verbose:
             _print_round(nodes[0, 0], summaries, log_pm[0, 0], parent[0, 0][chosen[0, 0]],
                          right[0, 0][chosen[0, 0]], buds[0, 0, :cap], q)
+    if invalid:
+        raise NonFiniteError(f"tree: the {estimator.method!r} attention-mass estimate is nan or inf (overflow of "
+                             f"its features at these scores); use method='alignment' or rescale q and k")
+    if active.any():
+        raise RuntimeError(f"tree: the descent did not end within its bound of {rounds} rounds (a bug: please report)")
+    return nodes, inner_products
 
 
 def _print_round(nodes, summaries, log_pm, expanded_nodes, right_children, new_buds, q):

@@ -8,8 +8,9 @@ import torch
 import common
 from common.data import synthetic_qkv
 from tree_attention.mass_estimators import METHODS, MassEstimator
-from tree_attention.np_attention import attention_kernel, report_example
-from tree_attention.tree import HeapSummaries, PrefixSummaries, node_span
+from common.validation import NonFiniteError
+from tree_attention.np_attention import TreeAttention, attention_kernel, number_of_terms, report_example
+from tree_attention.tree import HeapSummaries, PrefixSummaries, descend, max_rounds, node_span, starting_buds
 
 TREE_METHODS = [m for m in METHODS if m != "tree-less"]
 
@@ -73,18 +74,28 @@ def test_no_future_key_is_read(method, bud_value):
     torch.testing.assert_close(out[:, :, :25], attn(k2, v2)[:, :, :25])
 
 
+def node_log_mass(est, summaries, q, nodes, positions):
+    """log pm of ``nodes`` (B, n, c) for the queries q (B, H, n, D), as the descent reads it."""
+    count, start, stop = summaries.span(nodes)
+    score, offset = None, 0.0
+    if est.score_source == "k":
+        score = torch.einsum("bhnf,bhncf->bhnc", q, summaries.sums(nodes, "k"))
+    elif est.score_source == "feat":
+        query, offset = est.log_scaled_features(q, "row")
+        score = torch.einsum("bhnf,bhncf->bhnc", query, summaries.sums(nodes, "feat"))
+        offset = offset + summaries.feat_offset
+    return est.log_mass(score, count, start, stop, positions, offset)
+
+
 @pytest.mark.parametrize("method", TREE_METHODS)
 def test_mass_estimates_non_negative_and_zero_on_leaves(method):
     x = synthetic_qkv("gaussian", 1, 2, 16, 16, 8, dtype=torch.float64)
     est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
-    feats = est.features(x.k) if est.uses_features else None
     positions = torch.arange(16)
-    summaries = PrefixSummaries(x.k, x.v, feats, 16, positions)
+    summaries = PrefixSummaries(x.k, x.v, 16, positions, est)
     nodes = torch.arange(31).view(1, 1, 31).expand(1, 16, 31)  # every node of the tree, for every query
-    count, start, stop = summaries.span(nodes)
-    score = None if est.score_source is None else torch.einsum(
-        "bhnf,bhncf->bhnc", x.q if est.score_source == "k" else est.features(x.q), summaries.sums(nodes, est.score_source))
-    pm = est.log_mass(score, count, start, stop, positions).exp()
+    pm = node_log_mass(est, summaries, x.q, nodes, positions).exp()
+    count = summaries.span(nodes)[0]
     assert (pm >= 0).all() and torch.isfinite(pm).all()
     assert (pm[:, :, 15:] == 0).all()  # the 16 leaves (nodes 15..30)
     assert (pm[count <= 1] == 0).all()  # and any node with a single visible key
@@ -121,14 +132,12 @@ def test_error_falls_with_exponent():
 def test_inner_products_count_the_buds(method, P):
     """Each starting bud and each two-child expansion costs one inner product and adds one bud, so the count
     equals the final number of buds, which is at least min(T, l) and at most T + P - 1 (or the starting buds)."""
-    from tree_attention.np_attention import number_of_terms
-    from tree_attention.tree import descend, starting_buds
     x = synthetic_qkv("clustered", 2, 2, 64, 64, 8, dtype=torch.float64)
     est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
     positions = torch.arange(64)
     l = positions + 1
     T = number_of_terms(l, 0.6)
-    summaries = PrefixSummaries(x.k, x.v, est.features(x.k) if est.uses_features else None, 64, positions)
+    summaries = PrefixSummaries(x.k, x.v, 64, positions, est)
     buds, inner = descend(summaries, est, x.q, positions, T, 64, P, torch.Generator().manual_seed(1))
     n_buds = (buds >= 0).sum(-1)
     assert torch.equal(inner, n_buds)
@@ -241,3 +250,192 @@ def test_inference_bench_on_a_tiny_trained_model(tmp_path, monkeypatch):
     assert float(lines[-2].split()[1]) == pytest.approx(sparse)
     with pytest.raises(ValueError, match="percentage_of_test_set"):
         inference_bench.validation_blocks(0, 0, 16)
+
+
+# --- issue 12: common's feature map with its stabiliser keeps the descent -----------------------------------------
+
+class Unstabilised(MassEstimator):
+    """The same estimator with plain features (offset 0): the pm before the stabiliser."""
+
+    def log_scaled_features(self, x, offset="row"):
+        phi, c = super().log_scaled_features(x, "row")  # times exp(its offset): the plain features
+        return phi * torch.exp(c), x.new_zeros(())
+
+
+@pytest.mark.parametrize("method", ["FAVOR+", "RandomFourierFeatures", "FAVOR+ReLU"])
+def test_stabilised_features_leave_masses_and_descent_unchanged(method):
+    """Offsets per query row and per (batch, head) of keys, added back per head before the heads are summed: the
+    same log pm on every node to 1e-9, and the same buds from the same random stream."""
+    x = synthetic_qkv("clustered", 2, 3, 32, 32, 8, dtype=torch.float64)
+    positions = torch.arange(32)
+    est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    plain = Unstabilised(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(est.projection, plain.projection)
+    stable, unstable = PrefixSummaries(x.k, x.v, 32, positions, est), PrefixSummaries(x.k, x.v, 32, positions, plain)
+    if method in ("FAVOR+", "RandomFourierFeatures"):
+        assert (stable.feat_offset != 0).all()  # the stabiliser is on
+    nodes = torch.arange(63).view(1, 1, 63).expand(2, 32, 63)
+    a, b = node_log_mass(est, stable, x.q, nodes, positions), node_log_mass(plain, unstable, x.q, nodes, positions)
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+    torch.testing.assert_close(a[torch.isfinite(a)], b[torch.isfinite(b)], rtol=1e-9, atol=1e-9)
+    T = number_of_terms(positions + 1, 0.7)
+    buds = [descend(s, e, x.q, positions, T, 32, 4, torch.Generator().manual_seed(1))[0]
+            for s, e in ((stable, est), (unstable, plain))]
+    assert torch.equal(buds[0], buds[1])
+
+
+def test_favor_features_are_commons():
+    """FAVOR+'s pm uses common.random_features.positive_random_features (one formula), Eq. (9) common's Lemma 2."""
+    from common.random_features import favor_relative_variance, positive_random_features
+    from tree_attention import kernel
+    est = MassEstimator("FAVOR+", 8, 0.3, R=16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    phi, c = est.log_scaled_features(x, "global")
+    ref, ref_c = positive_random_features(x, est.projection, 0.3, "global")
+    assert torch.equal(phi, ref) and torch.equal(c, ref_c)
+    assert kernel.favor_ratio_eq9(3.0, 2.0, 0.5, 0.2, 64) == pytest.approx(
+        math.sqrt(favor_relative_variance(0.2 * (9 + 4 + 2 * 0.5 * 6), 64)), rel=1e-15)
+
+
+# --- issue 17 item 1: half precision, large scores, bounded descent -----------------------------------------------
+
+@pytest.mark.parametrize("method", ["RandomFourierFeatures", "FAVOR+"])
+def test_issue17_half_input_returns_finite(method):
+    """The issue's repro (it never returned: NaN masses from float16 features overflowing, and a `while True`),
+    over the six seeds of the report."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    for seed in range(6):
+        out = TreeAttention(method=method, seed=seed)((q * 1.5).half(), k.half(), v.half())
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("method", METHODS)
+def test_scores_up_to_1e4_give_finite_output_in_the_input_dtype(method, dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    s = 8 ** -0.5 * (q @ k.transpose(-1, -2)).abs().max()
+    q, k = q * (1e4 / s).sqrt(), k * (1e4 / s).sqrt()  # the largest |score| is 1e4
+    for causal in (True, False):
+        out = TreeAttention(method=method, number_of_terms_exponent=0.6, seed=0)(*(t.to(dtype) for t in (q, k, v)),
+                                                                                 causal=causal)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_non_finite_mass_raises_naming_the_method():
+    class Broken(MassEstimator):
+        def log_mass(self, *args):
+            return super().log_mass(*args) * float("nan")
+
+    x = synthetic_qkv("gaussian", 1, 2, 16, 16, 8, dtype=torch.float64)
+    est = Broken("alignment", 8, 8 ** -0.5)
+    positions = torch.arange(16)
+    with pytest.raises(NonFiniteError, match="tree: the 'alignment' attention-mass estimate is nan"):
+        descend(PrefixSummaries(x.k, x.v, 16, positions, est), est, x.q, positions,
+                number_of_terms(positions + 1, 0.8), 16, 2, torch.Generator().manual_seed(0))
+
+
+# --- issue 16: the report's round rule ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+@pytest.mark.parametrize("method", ["alignment", "RandomFourierFeatures"])
+def test_round_rules_needed_hits_T_report_overshoots_by_less_than_P(method, P):
+    x = synthetic_qkv("clustered", 2, 2, 64, 64, 8, dtype=torch.float64)
+    est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64)
+    T = number_of_terms(positions + 1, 0.6)
+    start = (starting_buds(positions, 64, P) >= 0).sum(-1)
+    summaries = PrefixSummaries(x.k, x.v, 64, positions, est)
+    counts = {}
+    for rule in ("needed", "P"):
+        buds, inner = descend(summaries, est, x.q, positions, T, 64, P, torch.Generator().manual_seed(1),
+                              expansions=rule)
+        counts[rule] = (buds >= 0).sum(-1)
+        assert torch.equal(inner, counts[rule])
+    sampled = start < T  # queries whose descent runs (the others keep their starting buds)
+    assert torch.equal(counts["needed"], torch.maximum(T, start).expand(2, -1))
+    over = counts["P"] - T
+    assert (over[:, sampled] >= 0).all() and (over[:, sampled] < P).all()
+    assert (over[:, sampled] > 0).any()  # the report's rule does overshoot
+    out = {rule: TreeAttention(parallelism=P, expansions=rule, seed=0)(x.q, x.k, x.v, causal=True)
+           for rule in ("needed", "P")}
+    assert not torch.equal(out["needed"], out["P"])
+    with pytest.raises(ValueError, match="expansions"):
+        TreeAttention(expansions="all")
+
+
+# --- issue 13: the descent on the inputs' device, no host round-trip per round --------------------------------------
+
+@pytest.mark.parametrize("rule", ["needed", "P"])
+@pytest.mark.parametrize("method", TREE_METHODS)
+def test_fixed_rounds_equal_early_exit(method, rule):
+    """Without the early exit the descent runs its max_rounds bound: the extra rounds change nothing (and the
+    bound holds, or descend raises)."""
+    x = synthetic_qkv("clustered", 1, 2, 32, 32, 8, dtype=torch.float64)
+    est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(32)
+    summaries = PrefixSummaries(x.k, x.v, 32, positions, est)
+    T = number_of_terms(positions + 1, 0.7)
+    runs = [descend(summaries, est, x.q, positions, T, 32, 4, torch.Generator().manual_seed(1), expansions=rule,
+                    early_exit=flag) for flag in (True, False)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_descent_loop_has_no_host_round_trip(monkeypatch):
+    """Host reads (item, bool, int, tolist, cpu, numpy) are counted while the descent runs its fixed rounds (as
+    it does on a GPU): the count does not grow with the number of rounds."""
+    x = synthetic_qkv("clustered", 1, 2, 64, 64, 8, dtype=torch.float64)
+    est = MassEstimator("FAVOR+", 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64)
+    summaries = PrefixSummaries(x.k, x.v, 64, positions, est)
+    calls = []
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **kw: (calls.append(_n), _o(self, *a, **kw))[1])
+    counts = []
+    for e in (0.3, 0.9):  # few rounds, many rounds
+        calls.clear()
+        descend(summaries, est, x.q, positions, number_of_terms(positions + 1, e), 64, 2,
+                torch.Generator().manual_seed(1), early_exit=False)
+        counts.append(len(calls))
+    monkeypatch.undo()
+    assert max_rounds(int(number_of_terms(torch.tensor([64]), 0.9)), 64, 2) > max_rounds(4, 64, 2) + 10
+    assert counts[0] == counts[1] <= 3, calls
+
+
+def test_exact_options_give_exact_attention():
+    for method in METHODS:
+        options = TreeAttention.exact_options(21)
+        x = synthetic_qkv("gaussian", 1, 2, 9, 21, 8, dtype=torch.float64)
+        for causal in (True, False):
+            out = TreeAttention(method=method, parallelism=4, seed=0, **options)(x.q, x.k, x.v, causal=causal)
+            assert (out - common.softmax_attention(x.q, x.k, x.v, causal=causal)).abs().max().item() < 1e-10
+
+
+def test_query_blocks_change_only_the_random_stream():
+    """Blocks of queries run separate descents: at e = 1 (no sampling choice matters) the output is the same."""
+    x = synthetic_qkv("gaussian", 1, 2, 40, 40, 8, dtype=torch.float64)
+    full = TreeAttention(number_of_terms_exponent=1.0, seed=0)
+    blocks = TreeAttention(number_of_terms_exponent=1.0, seed=0, query_block=7)
+    torch.testing.assert_close(full(x.q, x.k, x.v, causal=True), blocks(x.q, x.k, x.v, causal=True))
+    assert torch.equal(full.last_inner_products, blocks.last_inner_products)
+    blocks(x.q, x.k, x.v, causal=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_descent_stays_on_the_device(method):
+    """On CUDA the output and the inner products come from the GPU; e = 1 is exact there; the inner products
+    (fixed by T, P and the start level under the 'needed' rule) equal the CPU run's; half inputs stay finite."""
+    x = synthetic_qkv("clustered", 2, 2, 64, 64, 8, dtype=torch.float64)
+    q, k, v = (t.cuda() for t in (x.q, x.k, x.v))
+    attn = TreeAttention(method=method, number_of_terms_exponent=1.0, seed=0)
+    out = attn(q, k, v, causal=True)
+    assert out.device.type == "cuda" and attn.last_inner_products.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), common.softmax_attention(x.q, x.k, x.v, causal=True), rtol=0, atol=1e-10)
+    gpu, cpu = (TreeAttention(method=method, number_of_terms_exponent=0.6, seed=0) for _ in range(2))
+    out = gpu(q.half(), k.half(), v.half(), causal=True)
+    cpu(x.q.half(), x.k.half(), x.v.half(), causal=True)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.equal(gpu.last_inner_products.cpu(), cpu.last_inner_products)
