@@ -256,7 +256,8 @@ class SRFAttention(AttentionMethod):
     ``redraw`` (new features at every call in training mode), ``attn_fn`` ('torch', or 'flash': the Triton
     kernel, CUDA only), ``seed``. The projection is built at the first
     call, when the head dim is known; later calls must use the same head dim. Cost O(N m (D + Dv)).
-    Incremental decoding keeps the O(m Dv) state :class:`SRFState` instead of a KV cache.
+    Incremental decoding keeps the O(m Dv) state :class:`SRFState` instead of a KV cache. ``exact_options`` is
+    None (the base class's): no finite number of features makes the estimate exact; its error falls as 1/sqrt(m).
     """
 
     feature_type = "simplex"

@@ -21,7 +21,7 @@ def scatterbrain_reference(q, k, v, causal, local_size, nb_features, seed):
     phi = lambda x: torch.exp(math.sqrt(scale) * x @ w.T - 0.5 * scale * (x * x).sum(-1, keepdim=True)) \
         / math.sqrt(nb_features)
     low = phi(q) @ phi(k).transpose(-2, -1)
-    query_pos = torch.arange(nq) + nk - nq
+    query_pos = common.causal_query_positions(nq, nk)
     key_pos = torch.arange(nk)
     local = (query_pos.div(local_size, rounding_mode="floor").unsqueeze(1)
              == key_pos.div(local_size, rounding_mode="floor").unsqueeze(0))
