@@ -32,6 +32,7 @@ the first query are visible to every query and are one more non-causal block.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,18 @@ def operator_norm(v: torch.Tensor, iterations: int = 8, generator=None) -> torch
 
 
 def residual_probabilities(v: torch.Tensor, generator=None) -> torch.Tensor:
-    """p_j ∝ ||v_j|| / ||V||_op + 1/n, normalised over keys; (B, H, N)."""
+    """p_j ∝ ||v_j|| / ||V||_op + 1/n, normalised over keys; (B, H, N), in float32 for half-precision v (norms and
+    the Gram matrix of the power iteration would lose digits or overflow in bfloat16 / float16)."""
     n = v.shape[2]
+    v = v.to(accumulation_dtype(v.dtype))
     raw = v.norm(dim=-1) / operator_norm(v, generator=generator).clamp_min(1e-30).unsqueeze(-1) + 1.0 / n
     return raw / raw.sum(-1, keepdim=True)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bfloat16 / float16 inputs (random draws, sampling probabilities, log-weights and explicit sums are
+    computed in it), else the input dtype itself (float32, float64)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @dataclass
@@ -70,7 +79,9 @@ class KDEBlocks:
 
     queries (B, H, nb, Q, D): the LSH-sorted queries, Q = ceil(Nq / nb) rows per block (zero rows pad the last);
     keys (B, H, nb, K, D), values (B, H, nb, K, Dv): K = bucket_size LSH keys of the block, then the m samples;
-    bias (B, H, nb, 1, K): the log-weight added to each logit (0, log 1/(p_j m), or -inf = excluded);
+    bias (B, H, nb, 1, K): the log-weight added to each logit (0, log 1/(p_j m), or -inf = excluded), in
+    :func:`accumulation_dtype` (the fused call rounds it to the input dtype: in bfloat16 a log-weight near
+    log(n / m) ~ 3 keeps about 1% of relative precision in its weight);
     inverse (B, H, Nq): the row of each original query in the flattened (nb * Q) block order.
     """
     queries: torch.Tensor
@@ -82,7 +93,7 @@ class KDEBlocks:
     def unsort(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, H, nb, Q, ...) per-block rows -> (B, H, Nq, ...) in the original query order."""
         b, h, nb, nq_block = rows.shape[:4]
-        flat = rows.reshape(b, h, nb * nq_block, -1)
+        flat = rows.reshape(b, h, nb * nq_block, math.prod(rows.shape[4:]))
         out = gather_rows(flat, self.inverse)
         return out.view(*out.shape[:3], *rows.shape[4:])
 
@@ -95,10 +106,11 @@ def kde_blocks(q, k, v, num_bits: int, bucket_size: int, sample_size: int, gener
     b, h, nq, d = q.shape
     nk = k.shape[2]
     device = q.device
+    bucket_size = min(bucket_size, nk)  # one block holds every key: more would only be padding
     n_blocks = math.ceil(nk / bucket_size)
     q_block = math.ceil(nq / n_blocks)
     with record_function("kdeformer.lsh_sort"):
-        projections = random_projections(d, num_bits, generator, q.dtype, device)
+        projections = random_projections(d, num_bits, generator, accumulation_dtype(q.dtype), device)
         perm_k, perm_q = sort_by_bucket(k, projections), sort_by_bucket(q, projections)
         # padding indices point at row 0; padded keys are excluded by the bias, padded queries dropped by unsort
         perm_k_pad = F.pad(perm_k, (0, n_blocks * bucket_size - nk))
@@ -106,7 +118,8 @@ def kde_blocks(q, k, v, num_bits: int, bucket_size: int, sample_size: int, gener
         inverse = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(nq, device=device).expand(b, h, nq))
     key_index = perm_k_pad.view(b, h, n_blocks, bucket_size)  # the keys each query block reads
     key_is_pad = (torch.arange(n_blocks * bucket_size, device=device) >= nk).view(n_blocks, bucket_size)
-    bias = torch.zeros(n_blocks, bucket_size, dtype=q.dtype, device=device).masked_fill(key_is_pad, float("-inf"))
+    bias = torch.zeros(n_blocks, bucket_size, dtype=accumulation_dtype(q.dtype), device=device).masked_fill(
+        key_is_pad, float("-inf"))
     bias = bias.expand(b, h, n_blocks, bucket_size)
     if sample_size > 0 and n_blocks > 1:  # one block is all of A: nothing left to sample
         with record_function("kdeformer.residual_sample"):
@@ -117,7 +130,8 @@ def kde_blocks(q, k, v, num_bits: int, bucket_size: int, sample_size: int, gener
                 -1, perm_k, (torch.arange(nk, device=device) // bucket_size).expand(b, h, nk))
             in_own_block = torch.gather(key_block, -1, samples).unsqueeze(2) == \
                 torch.arange(n_blocks, device=device).view(n_blocks, 1)  # (B, H, nb, m)
-            log_weight = -torch.log(torch.gather(probs, -1, samples) * sample_size)  # weight 1 / (p_j m)
+            # weight 1 / (p_j m); probabilities and bias are in accumulation_dtype (float32 for half inputs)
+            log_weight = -torch.log(torch.gather(probs, -1, samples) * sample_size)
             key_index = torch.cat([key_index, samples.unsqueeze(2).expand(b, h, n_blocks, sample_size)], dim=3)
             bias = torch.cat([bias, log_weight.unsqueeze(2).masked_fill(in_own_block, float("-inf"))], dim=3)
     with record_function("kdeformer.gather"):  # one gather each: the block's keys and the samples
@@ -134,31 +148,41 @@ def kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_si
     flat = lambda x: x.reshape(b * h, nb, x.shape[3], x.shape[4])
     with record_function("kdeformer.block_attention"):
         out = F.scaled_dot_product_attention(flat(blocks.queries), flat(blocks.keys), flat(blocks.values),
-                                             attn_mask=flat(blocks.bias), scale=scale)
+                                             attn_mask=flat(blocks.bias).to(q.dtype), scale=scale)
     with record_function("kdeformer.unsort"):
-        return blocks.unsort(out.view(b, h, nb, rows, -1))
+        return blocks.unsort(out.view(b, h, nb, rows, v.shape[-1]))
 
 
 def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int,
                 generator: torch.Generator) -> PartialSums:
-    """The same estimate as :func:`kde_output` (same draws for the same generator state), kept as sums."""
+    """The same estimate as :func:`kde_output` (same draws for the same generator state), kept as sums; logits,
+    max-subtracted exponentials and sums in :func:`accumulation_dtype` (float32 for half-precision inputs)."""
     blocks = kde_blocks(q, k, v, num_bits, bucket_size, sample_size, generator)
-    logits = torch.einsum("bhnqd,bhnkd->bhnqk", blocks.queries, blocks.keys) * scale + blocks.bias
-    return from_logits(logits, blocks.values, "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
+    up = lambda t: t.to(accumulation_dtype(t.dtype))
+    logits = torch.einsum("bhnqd,bhnkd->bhnqk", up(blocks.queries), up(blocks.keys)) * scale + up(blocks.bias)
+    return from_logits(logits, up(blocks.values), "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
 def exact_partial(q, k, v, scale: float, causal: bool) -> PartialSums:
-    """Exact sums over all keys (causal: j <= i + Nk - Nq)."""
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    """Exact sums over all keys (causal: j <= i + Nk - Nq), in :func:`accumulation_dtype`."""
+    up = lambda t: t.to(accumulation_dtype(t.dtype))
+    logits = torch.matmul(up(q), up(k).transpose(-1, -2)) * scale
     if causal:
         logits = logits.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    return from_logits(logits, v)
+    return from_logits(logits, up(v))
 
 
 @register("kdeformer")
 class KDEformerAttention(AttentionMethod):
     """KDEformer attention (module docstring). Options: num_bits r (7), bucket_size (64), sample_size (64),
-    min_seq_len (causal: diagonal chunks at most this long are exact; default 2 * bucket_size), seed."""
+    min_seq_len (causal: diagonal chunks at most this long are exact; default 2 * bucket_size), seed.
+
+    A bucket_size larger than the keys of a call (e.g. a short prompt while decoding) is clamped to Nk, which makes
+    the call exact, and said once per instance (``warnings.warn``). sample_size may exceed Nk: the residual samples
+    are drawn with replacement. Output dtype = input dtype; for bfloat16 / float16 inputs the fused path's softmax
+    is the SDPA kernel's (max-subtracted, accumulated in float32) and everything else (probabilities, log-weights,
+    the causal path's explicit sums) is computed in float32 (:func:`accumulation_dtype`).
+    """
 
     randomized = True
 
@@ -170,9 +194,21 @@ class KDEformerAttention(AttentionMethod):
         self.sample_size = check_int(sample_size, "sample_size", "kdeformer", minimum=0)
         self.min_seq_len = 2 * bucket_size if min_seq_len is None else check_int(
             min_seq_len, "min_seq_len", "kdeformer", minimum=1)
+        self._warned_clamp = False
 
     def _options(self, device):
         return self.num_bits, self.bucket_size, self.sample_size, self.generator(device)
+
+    def _warn_if_clamped(self, n_keys: int) -> None:
+        if self.bucket_size > n_keys and not self._warned_clamp:
+            self._warned_clamp = True
+            warnings.warn(f"kdeformer: bucket_size={self.bucket_size} is larger than the number of keys Nk={n_keys}; "
+                          "clamped to Nk (one block of all keys: exact). Said once per instance.", stacklevel=3)
+
+    @classmethod
+    def exact_options(cls, n_keys):
+        """One LSH block holding every key is exact attention (no residual is left to sample), causal or not."""
+        return {"bucket_size": n_keys, "sample_size": 0}
 
     def _causal(self, q, k, v, scale) -> PartialSums:
         """HyperAttention's recursive causal split of a square (n x n) mask, one batched call per level."""
@@ -197,14 +233,15 @@ class KDEformerAttention(AttentionMethod):
         return parts.map_queries(lambda t: t[:, :, :n])
 
     def attend(self, q, k, v, causal, scale):
+        nq, nk = q.shape[2], k.shape[2]
+        self._warn_if_clamped(nk)
         if not causal:
             return kde_output(q, k, v, scale, *self._options(q.device))
-        nq, nk = q.shape[2], k.shape[2]
         parts = self._causal(q, k[:, :, nk - nq:], v[:, :, nk - nq:], scale)
         if nk > nq:  # keys before the first query's position are visible to every query
             parts = parts.merge(kde_partial(q, k[:, :, :nk - nq], v[:, :, :nk - nq], scale,
                                             *self._options(q.device)))
-        return parts.output()
+        return parts.output().to(q.dtype)
 
     @classmethod
     def budgets(cls, n_keys):

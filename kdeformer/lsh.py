@@ -32,8 +32,11 @@ def random_projections(head_dim: int, num_bits: int, generator: torch.Generator,
 
 
 def bucket_positions(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-    """Gray-order position of each vector's SimHash bucket: x (..., N, d) -> (..., N) long in [0, 2^r)."""
-    bits = (x @ projections.to(x.dtype) > 0).long()
+    """Gray-order position of each vector's SimHash bucket: x (..., N, d) -> (..., N) long in [0, 2^r).
+
+    The products are taken in the dtype of ``projections`` (KDEformer draws them in float32 for half-precision
+    inputs), so that a bfloat16 / float16 input hashes as its float32 value does."""
+    bits = (x.to(projections.dtype) @ projections > 0).long()
     weights = 2 ** torch.arange(projections.shape[1], device=x.device)
     return gray_rank((bits * weights).sum(-1), projections.shape[1])
 

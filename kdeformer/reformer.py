@@ -8,12 +8,17 @@ as many chunks. Each query chunk attends exactly to its key chunk and the one be
 With ``n_hashes`` rounds the per-round sums are merged, i.e. out = sum_r (D_r / sum D) o_r, the combination of
 their eq. 5 (pairs found in several rounds are counted in each; the paper's duplicate correction is not applied).
 
-Causal: keys after the query's position are masked inside the chunks, and every query also reads its own
-position's key exactly in every round (masked out of the chunks), so no row is empty.
+Causal: keys after the query's position (``common.causal_query_positions``) are masked inside the chunks, and every
+query also reads its own position's key exactly in every round (masked out of the chunks), so no row is empty.
+
+Numerics: logits, max-subtracted exponentials and sums (:func:`common.partial_sums.from_logits`) are computed in
+float32 for bfloat16 / float16 inputs (the output is cast back: output dtype = input dtype) and in the input dtype
+otherwise.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -72,7 +77,10 @@ def lsh_round(q, k, v, scale: float, bucket_size: int, n_buckets: int, causal: b
 @register("reformer")
 class ReformerAttention(AttentionMethod):
     """LSH attention (module docstring). Options: bucket_size (64), n_hashes (hashing rounds, 1), n_buckets
-    (default: 2 * ceil(Nk / bucket_size / 2), the paper's n / bucket_size rounded to even), seed."""
+    (default: 2 * ceil(Nk / bucket_size / 2), the paper's n / bucket_size rounded to even), seed.
+
+    A bucket_size larger than the keys of a call (e.g. a short prompt while decoding) is clamped to Nk (one chunk:
+    exact) and said once per instance (``warnings.warn``)."""
 
     randomized = True
 
@@ -82,16 +90,28 @@ class ReformerAttention(AttentionMethod):
         self.bucket_size = check_int(bucket_size, "bucket_size", "reformer", minimum=1)
         self.n_hashes = check_int(n_hashes, "n_hashes", "reformer", minimum=1)
         self.n_buckets = None if n_buckets is None else check_int(n_buckets, "n_buckets", "reformer", minimum=1)
+        self._warned_clamp = False
+
+    @classmethod
+    def exact_options(cls, n_keys):
+        """One chunk holding every key: each query reads all keys (causal: all earlier ones), in every round."""
+        return {"bucket_size": n_keys, "n_hashes": 1}
 
     def attend(self, q, k, v, causal, scale):
         nk = k.shape[2]
-        n_buckets = self.n_buckets or 2 * math.ceil(nk / self.bucket_size / 2)
+        bucket_size = min(self.bucket_size, nk)
+        if bucket_size < self.bucket_size and not self._warned_clamp:
+            self._warned_clamp = True
+            warnings.warn(f"reformer: bucket_size={self.bucket_size} is larger than the number of keys Nk={nk}; "
+                          "clamped to Nk (one chunk of all keys: exact). Said once per instance.", stacklevel=3)
+        n_buckets = self.n_buckets or 2 * math.ceil(nk / bucket_size / 2)
         gen = self.generator(q.device)
+        work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
         parts = None
         for _ in range(self.n_hashes):
-            r = lsh_round(q, k, v, scale, self.bucket_size, n_buckets, causal, gen)
+            r = lsh_round(q.to(work), k.to(work), v.to(work), scale, bucket_size, n_buckets, causal, gen)
             parts = r if parts is None else parts.merge(r)
-        return parts.output()
+        return parts.output().to(q.dtype)
 
     @classmethod
     def budgets(cls, n_keys):

@@ -1,4 +1,6 @@
 """KDEformer: LSH/Gray-code order, exact limits, unbiased residual, causal split never reads the future."""
+import warnings
+
 import pytest
 import torch
 
@@ -133,3 +135,66 @@ def test_gradients_flow_and_match_exact_at_full_budget(causal):
     q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
     out = common.get_attention("kdeformer", bucket_size=8, sample_size=8, seed=0)(q, k, v, causal=causal)
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+# --- issue 17: empty batches, half precision, odd shapes, budgets larger than the keys, exact options ----------
+
+@pytest.mark.parametrize("b,h", [(0, 2), (2, 0)])
+def test_empty_batch_reaches_no_reshape_of_zero_elements(b, h):
+    # regression: kde_output's view(b, h, nb, rows, -1) raised "cannot reshape tensor of 0 elements"
+    q, k, v = torch.randn(b, h, 9, 4), torch.randn(b, h, 12, 4), torch.randn(b, h, 12, 3)
+    g = torch.Generator().manual_seed(0)
+    assert kde_output(q, k, v, 0.5, 7, 4, 4, g).shape == (b, h, 9, 3)
+    assert kde_partial(q, k, v, 0.5, 7, 4, 4, g).num.shape == (b, h, 9, 3)
+    attn = common.get_attention("kdeformer", bucket_size=4, sample_size=4, seed=0)
+    for causal in (False, True):
+        assert attn.attend(q, k, v, causal, 0.5).shape == (b, h, 9, 3)  # the method's own path, not the base's
+        assert attn(q, k, v, causal=causal).shape == (b, h, 9, 3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_is_the_float32_computation_and_finite_at_scores_1e4(dtype, tol, causal):
+    # output dtype = input dtype; hashing, probabilities and sums in float32: the half-precision call equals the
+    # float32 call on the same rounded inputs up to the output's rounding, at normal scale and with scores ~5e3
+    x = synthetic_qkv("clustered", 1, 2, 96, 96, 16)
+    for s in (1.0, 25.0):
+        q, k, v = (t.to(dtype) for t in (x.q * s, x.k * s, x.v))
+        if s > 1:
+            assert (q.float() @ k.float().transpose(-1, -2)).abs().max() / 4 > 2e3
+        out = common.get_attention("kdeformer", bucket_size=16, sample_size=16, seed=3)(q, k, v, causal=causal)
+        ref = common.get_attention("kdeformer", bucket_size=16, sample_size=16, seed=3)(
+            q.float(), k.float(), v.float(), causal=causal)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.filterwarnings("ignore:kdeformer. bucket_size=4 is larger")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 4, 4), (1, 2, 2, 2, 4, 4), (2, 2, 37, 37, 1, 3), (1, 1, 1, 50, 128, 7),
+                                   (1, 2, 13, 50, 8, 8)])
+def test_odd_shapes_are_exact_under_exact_options(shape, causal):
+    # N = 1, 2, odd N, Nq = 1, Nq < Nk, D = 1 and 128, Dv != D; non-contiguous inputs (views of wider tensors)
+    b, h, nq, nk, d, dv = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, c + 1, generator=g, dtype=torch.float64)[..., 1:]
+               for n, c in ((nq, d), (nk, d), (nk, dv)))
+    assert not k.is_contiguous() or nk == 1
+    exact = common.softmax_attention(q, k, v, causal=causal)
+    options = common.get_attention("kdeformer").exact_options(nk)
+    out = common.get_attention("kdeformer", seed=0, **options)(q, k, v, causal=causal)
+    assert (out - exact).abs().max().item() < 1e-10
+    approx = common.get_attention("kdeformer", bucket_size=4, sample_size=4, seed=0)(q, k, v, causal=causal)
+    assert approx.shape == exact.shape and torch.isfinite(approx).all()
+
+
+def test_bucket_larger_than_the_keys_clamps_exactly_and_warns_once():
+    # decoding with a short prompt: Nk = 6 keys, bucket_size 64 -> one block of all keys (exact), one warning
+    x = synthetic_qkv("gaussian", 1, 2, 6, 6, 8, dtype=torch.float64)
+    attn = common.get_attention("kdeformer", bucket_size=64, sample_size=256, seed=0)
+    with pytest.warns(UserWarning, match="bucket_size=64 is larger than the number of keys Nk=6"):
+        out = attn(x.q, x.k, x.v, causal=True)
+    assert (out - common.softmax_attention(x.q, x.k, x.v, causal=True)).abs().max().item() < 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn(x.q[:, :, -1:], x.k, x.v, causal=True)  # said once per instance
