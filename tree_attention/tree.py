@@ -48,8 +48,14 @@ from common.attention import gather_rows
 from common.validation import NonFiniteError
 
 
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2 x) of integers x >= 1, exactly on every device (the binary exponent; a float log2 of a power of
+    two may round below it on a GPU)."""
+    return torch.frexp(x.double()).exponent.long() - 1
+
+
 def node_level(nodes: torch.Tensor) -> torch.Tensor:
-    return torch.log2((nodes + 1).double()).floor().long()
+    return floor_log2(nodes + 1)
 
 
 def node_span(nodes: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +165,9 @@ def starting_buds(positions: torch.Tensor, L: int, P: int) -> torch.Tensor:
     """(n, P) node ids (-1 = none) of the first buds of each query: the nodes of the level whose nodes hold
     2^ceil(log2 l) / P positions, l = t + 1, that start at or before t (the report's start index)."""
     l = positions + 1
-    cover = torch.ceil(torch.log2(l.double()) - 1e-12).long().clamp_min(0)  # 2^cover >= l
-    p_eff = torch.minimum(torch.full_like(cover, P), 1 << cover)
-    level = int(math.log2(L)) - cover + torch.log2(p_eff.double()).round().long()
+    cover = floor_log2((l - 1).clamp_min(1)) + (l > 1).long()  # ceil(log2 l): 2^cover >= l
+    p_eff = torch.minimum(torch.full_like(cover, P), 1 << cover)  # a power of two
+    level = int(math.log2(L)) - cover + floor_log2(p_eff)
     column = torch.arange(P, device=positions.device).view(1, -1)
     nodes = ((1 << level) - 1).view(-1, 1) + column
     start, _ = node_span(nodes, L)

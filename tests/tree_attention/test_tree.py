@@ -439,3 +439,15 @@ def test_cuda_descent_stays_on_the_device(method):
     cpu(x.q.half(), x.k.half(), x.v.half(), causal=True)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert torch.equal(gpu.last_inner_products.cpu(), cpu.last_inner_products)
+
+
+def test_speed_script_writes_time_cost_and_error(tmp_path):
+    import csv
+    from tree_attention import speed
+    speed.main(["--n", "64", "128", "--repeats", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "tree_speed_cpu_float32.csv").open()))
+    assert [int(r["n"]) for r in rows] == [64, 128]
+    for r in rows:
+        assert float(r["tree_ms"]) > 0 and float(r["exact_ms"]) > 0 and r["output_device"] == "cpu"
+        assert 1 <= float(r["inner_products_mean"]) < float(r["exact_inner_products_mean"])
+        assert 0 < float(r["rel_rms_error"]) < 1
