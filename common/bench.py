@@ -31,15 +31,20 @@ class Timing:
     times_s: list[float] = field(default_factory=list)
 
 
-def time_callable(fn, *, warmup: int = 1, repeats: int = 5, device="cpu") -> Timing:
-    """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the median and all times."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"time_callable: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+MAX_REPEATS = 1000  # the bound of ``min_time_s``'s repetitions
+
+
+def time_callable(fn, *, warmup: int = 1, repeats: int = 5, device="cpu", min_time_s: float = 0.0) -> Timing:
+    """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed, and further timed calls while they add
+    up to less than ``min_time_s`` seconds (at most ``MAX_REPEATS`` in all); return the median and all times."""
+    if repeats < 1 or warmup < 0 or min_time_s < 0:
+        raise ValueError(f"time_callable: repeats must be >= 1, warmup >= 0 and min_time_s >= 0, got {repeats}, "
+                         f"{warmup}, {min_time_s}")
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_time_s and len(times) < MAX_REPEATS):
         start = time.perf_counter()
         fn()
         _sync(device)
@@ -91,21 +96,32 @@ KL_MAX_ENTRIES = 2 ** 28  # the KL needs both B x H x Nq x Nk attention matrices
 
 
 def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool = False, scale=None,
-                     repeats: int = 3, warmup: int = 1, measure_memory: bool = True, on_row=None) -> list[dict]:
+                     repeats: int = 3, warmup: int = 1, min_time_s: float = 0.0, measure_memory: bool = True,
+                     time_fp32_exact: bool = False, on_row=None) -> list[dict]:
     """Run each (name, options) on one input; return one row per method.
 
-    Row keys: method, options, time_s (median), ratio_to_exact (time / exact's time in this run), rel_fro,
-    rel_spec (output errors vs exact), max_abs, kl (of attention rows, when the method exposes
-    ``attention_matrix`` and the matrices hold at most ``KL_MAX_ENTRIES`` entries, else None), peak_mem_bytes.
-    ``exact`` is always run first as the reference.
+    Row keys: method, options, time_s (median, :func:`time_callable`), ratio_to_exact (time / the time of
+    ``exact`` in the inputs' dtype, in this run), exact_fp32_time_s (exact's time on a float32 copy of the inputs
+    if ``time_fp32_exact``, else None), rel_fro, rel_spec, max_abs (output errors vs exact attention, computed in
+    float32 for half-precision inputs, so that exact's own row shows the dtype's rounding), kl (of attention rows,
+    when the method exposes ``attention_matrix`` and the matrices hold at most ``KL_MAX_ENTRIES`` entries, else
+    None), peak_mem_bytes. ``exact`` is always run first as the reference.
     ``on_row(row)`` is called after each row (e.g. to advance a progress bar).
     """
     device = q.device
     exact = get_attention("exact")
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    timed = lambda fn, warm: time_callable(fn, warmup=warm, repeats=repeats, device=device,
+                                           min_time_s=min_time_s).median_s
     with torch.no_grad():
-        reference = exact(q, k, v, causal=causal, scale=scale)
-        exact_time = time_callable(lambda: exact(q, k, v, causal=causal, scale=scale),
-                                   warmup=warmup, repeats=repeats, device=device).median_s
+        # the reference: exact attention in the inputs' dtype, or in float32 (on the same values) for half inputs
+        qr, kr, vr = (t.float() for t in (q, k, v)) if half else (q, k, v)
+        reference = exact(qr, kr, vr, causal=causal, scale=scale) if half else None
+        fp32_time = None
+        if time_fp32_exact and q.dtype != torch.float32:
+            q32, k32, v32 = (t.float() for t in (q, k, v))
+            fp32_time = timed(lambda: exact(q32, k32, v32, causal=causal, scale=scale), warmup)
+        exact_time = None
         exact_weights = None
         rows = []
         for name, options in [("exact", {})] + [m for m in methods if m[0] != "exact"]:
@@ -113,15 +129,19 @@ def evaluate_methods(methods: list[tuple[str, dict]], q, k, v, *, causal: bool =
             call = lambda: attn(q, k, v, causal=causal, scale=scale)
             # The first call (scored, its memory measured) is also the first of the ``warmup`` untimed calls.
             out, mem = peak_memory_bytes(call, device) if measure_memory else (call(), None)
-            timing = exact_time if name == "exact" else time_callable(
-                call, warmup=max(0, warmup - 1), repeats=repeats, device=device).median_s
+            timing = timed(call, max(0, warmup - 1))
+            if name == "exact":
+                exact_time = timing
+                reference = out if reference is None else reference
+                fp32_time = timing if time_fp32_exact and q.dtype == torch.float32 else fp32_time
             kl = None
             small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= KL_MAX_ENTRIES
             if hasattr(attn, "attention_matrix") and small:
                 if exact_weights is None:
-                    exact_weights = attention_weights(q, k, causal=causal, scale=scale)
+                    exact_weights = attention_weights(qr, kr, causal=causal, scale=scale)
                 kl = metrics.kl_divergence_rows(exact_weights, attn.attention_matrix(q, k, causal=causal, scale=scale))
             rows.append(dict(method=name, options=options, time_s=timing, ratio_to_exact=timing / exact_time,
+                             exact_fp32_time_s=fp32_time,
                              rel_fro=metrics.relative_frobenius_error(out, reference),
                              rel_spec=metrics.relative_spectral_error(out, reference),
                              max_abs=metrics.max_abs_error(out, reference), kl=kl, peak_mem_bytes=mem))

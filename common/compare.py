@@ -1,27 +1,37 @@
 """The comparison: every registered method against ``exact`` on the same inputs (what ``make demo`` runs).
 
 For each input, each sequence length n, causal and non-causal, and each method at the budgets it declares
-(``AttentionMethod.budgets(n)``, a few option sets of increasing work), it measures the output's relative
-Frobenius and spectral errors, the KL divergence of attention rows where the method exposes its attention
-matrix, the median time and its ratio to ``exact`` timed in the same run on the same input, and peak memory.
-It prints a markdown table and writes ``compare.csv``, ``compare_pareto.png`` (error vs time, one curve per
-method, one panel per input) and ``compare_scaling.png`` (time vs n, log-log, with n and n^2 slopes).
+(``common.budget_options``: a few option sets of increasing work, seeded where the method is randomised; causal
+runs take ``common.methods(causal=True)``), it measures the output's relative Frobenius and spectral errors, the KL
+divergence of attention rows where the method exposes its attention matrix, the median time and its ratio to
+``exact`` timed in the same run on the same input and in the same dtype, and peak memory. It prints a markdown
+table and writes ``compare.csv``, ``compare_pareto.png`` (error vs time, one curve per method, one panel per input)
+and ``compare_scaling.png`` (time vs n, log-log, with n and n^2 slopes).
 
-Inputs: ``gaussian`` and ``clustered`` (``common.data``), ``shakespeare`` (real q/k/v of the last layer of the
-small nanoGPT model trained with exact attention on tiny Shakespeare, trained and cached on first use; the model's
-block is short, so consecutive blocks of the validation text are captured and concatenated along the sequence),
-and ``glove`` (q = k = the first n word vectors of ``--glove PATH``, v = the next n, as in KDEformer's
-experiment).
+``--dtype bfloat16`` (or float16) runs every method, ``exact`` (SDPA, the flash kernel on a GPU) included, in that
+dtype, and every ratio is to exact in that dtype; exact's time on a float32 copy of the same input is the extra
+column ``exact_fp32_time_s``, never a denominator. Errors are to exact attention computed in float32 on the same
+(rounded) inputs, so the ``exact`` row shows the dtype's own rounding error.
 
-    python -m common.compare --quick                      # about a minute on a 2-core CPU
-    python -m common.compare                              # the default grid, under ten minutes
+Inputs are the input sources registered by name (``common.data.input_sources``): ``gaussian`` and ``clustered``
+(synthetic), ``glove`` (``--glove PATH``: q = k = the first n word vectors, v = the next n, as in KDEformer's
+experiment), and those that other packages register in their ``qkv_source.py`` (``shakespeare``: real q/k/v of a
+small GPT trained on tiny Shakespeare, registered by the GPT package; with ``--quick`` from a small committed
+model, so that nothing is trained). This module imports none of those packages; see ``common.data``.
+
+Each time is the median of at least ``--repeats`` timed calls after a warm-up call, repeated further while the
+timed calls add up to less than ``--min-time`` seconds, so that the fast calls are timed often enough for a series
+over n to keep its order.
+
+    python -m common.compare --quick                      # under a minute on a 2-core CPU
+    python -m common.compare                              # the default grid, about ten minutes
     python -m common.compare --n 1024 4096 16384 --inputs shakespeare
+    python -m common.compare --device cuda --dtype bfloat16 --n 4096 16384 --inputs gaussian clustered
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -31,62 +41,17 @@ from tqdm import tqdm
 
 from . import plotting
 from .bench import evaluate_methods
-from .data import QKV, load_glove, synthetic_qkv
-from .registry import available, method_class
+from .data import InputSpec, input_sources, make_input
+from .registry import available, budget_options, methods as registered_methods
 
-INPUTS = ("gaussian", "clustered", "shakespeare", "glove")
-CSV_FIELDS = ["input", "n", "causal", "method", "options", "time_s", "ratio_to_exact", "rel_fro", "rel_spec",
-              "max_abs", "kl", "peak_mem_bytes"]
-
-
-def shakespeare_qkv(n: int, layer: int = -1, dtype=torch.float32, device="cpu", progress=True) -> QKV:
-    """Real q/k/v (1, H, n, D) of one layer of the quick nanoGPT model on the validation text."""
-    from nanoGPT.capture_qkv import capture_qkv
-    from nanoGPT.data_loader import load_split
-    from nanoGPT.quick_model import get_quick_model
-
-    model, _ = get_quick_model(device="cpu", progress=progress)
-    block = model.config.block_size
-    n_blocks = math.ceil(n / block)
-    val = torch.as_tensor(load_split("val")[: n_blocks * block].astype("int64"))
-    if val.numel() < n_blocks * block:
-        raise ValueError(f"shakespeare_qkv: the validation split has {val.numel()} tokens, fewer than n={n}")
-    layer = layer % model.config.n_layer
-    q, k, v = capture_qkv(model, val.view(n_blocks, block), layer)  # (n_blocks, H, block, D)
-    join = lambda t: t.permute(1, 0, 2, 3).reshape(1, t.shape[1], n_blocks * block, t.shape[-1])[:, :, :n]
-    return QKV(*(join(t).to(dtype=dtype, device=device) for t in (q, k, v)),
-               source=f"nanoGPT quick model, layer {layer}, {n_blocks} validation blocks of {block} tokens")
+CSV_FIELDS = ["input", "n", "causal", "dtype", "method", "options", "time_s", "ratio_to_exact", "exact_fp32_time_s",
+              "rel_fro", "rel_spec", "max_abs", "kl", "peak_mem_bytes"]
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def glove_qkv(path: Path, n: int, dtype=torch.float32, device="cpu") -> QKV:
-    """q = k = the first n word vectors, v = the next n (KDEformer, Sec. 5.1 uses GloVe this way)."""
-    _, vectors = load_glove(path, max_words=2 * n)
-    if vectors.shape[0] < 2 * n:
-        raise ValueError(f"glove_qkv: {path} holds {vectors.shape[0]} vectors, need 2n = {2 * n}")
-    qk = vectors[:n].view(1, 1, n, -1).to(dtype=dtype, device=device)
-    return QKV(qk, qk.clone(), vectors[n:2 * n].view(1, 1, n, -1).to(dtype=dtype, device=device), source=str(path))
-
-
-def make_input(kind: str, n: int, *, heads: int, head_dim: int, seed: int, glove: Path | None, dtype, device,
-               progress: bool = True) -> QKV:
-    if kind in ("gaussian", "clustered"):
-        return synthetic_qkv(kind, 1, heads, n, n, head_dim, seed=seed, dtype=dtype, device=device)
-    if kind == "shakespeare":
-        return shakespeare_qkv(n, dtype=dtype, device=device, progress=progress)
-    if kind == "glove":
-        if glove is None:
-            raise ValueError("compare: input 'glove' needs --glove PATH (a GloVe-format text file)")
-        return glove_qkv(glove, n, dtype=dtype, device=device)
-    raise ValueError(f"compare: unknown input {kind!r}; expected one of {INPUTS}")
-
-
-def default_inputs() -> list[str]:
-    """The synthetic inputs, plus real Shakespeare q/k/v when the nanoGPT package that makes them is present."""
-    return ["gaussian", "clustered"] + (["shakespeare"] if importlib.util.find_spec("nanoGPT.quick_model") else [])
-
-
-def comparison_grid(inputs, ns, causal_modes, methods=None) -> list[tuple]:
-    """All (input, n, causal, method, options) to run; methods that refuse causal are left out of causal."""
+def comparison_grid(inputs, ns, causal_modes, methods=None, seed: int = 0) -> list[tuple]:
+    """All (input, n, causal, method, options) to run, ``exact`` excepted (it is every cell's reference): each
+    method at each of its budgets; causal cells hold only the methods that can run causal."""
     names = available()
     methods = list(methods or names)
     unknown = [m for m in methods if m not in names]
@@ -96,35 +61,31 @@ def comparison_grid(inputs, ns, causal_modes, methods=None) -> list[tuple]:
     for kind in inputs:
         for n in ns:
             for causal in causal_modes:
-                for name in methods:
-                    cls = method_class(name)
-                    if name == "exact" or (causal and not cls.supports_causal):
-                        continue
-                    for options in cls.budgets(n):
-                        grid.append((kind, n, causal, name, options))
+                for name in registered_methods(causal=causal):
+                    if name != "exact" and name in methods:
+                        grid += [(kind, n, causal, name, options) for options in budget_options(name, n, seed)]
     return grid
 
 
 def run_comparison(inputs=("gaussian", "clustered"), ns=(1024,), causal_modes=(False, True), methods=None, *,
-                   heads=4, head_dim=64, seed=0, repeats=3, glove=None, dtype=torch.float32, device="cpu",
-                   progress=True) -> list[dict]:
-    """Run the grid; one row per (input, n, causal, method, budget), plus exact's own row per cell."""
-    grid = comparison_grid(inputs, ns, causal_modes, methods)
+                   spec: InputSpec = InputSpec(), repeats=3, min_time_s=0.0, progress=True) -> list[dict]:
+    """Run the grid on the inputs made by ``spec``; one row per (input, n, causal, method, budget), plus exact's
+    own row per cell."""
+    grid = comparison_grid(inputs, ns, causal_modes, methods, spec.seed)
     rows = []
     bar = tqdm(total=len(grid), desc="compare", disable=not progress)
+    dtype_name = str(spec.dtype).removeprefix("torch.")
     for kind in inputs:
         for n in ns:
-            x = make_input(kind, n, heads=heads, head_dim=head_dim, seed=seed, glove=glove, dtype=dtype,
-                           device=device, progress=progress)
+            x = make_input(kind, n, spec)
             for causal in causal_modes:
                 cell = [(name, opts) for (g_kind, g_n, g_causal, name, opts) in grid
                         if (g_kind, g_n, g_causal) == (kind, n, causal)]
-                cell = [(name, {**opts, "seed": seed} if method_class(name).randomized else opts)
-                        for name, opts in cell]
                 bar.set_postfix_str(f"{kind} n={n} causal={causal}")
                 cell_rows = evaluate_methods(cell, x.q, x.k, x.v, causal=causal, repeats=repeats,
+                                             min_time_s=min_time_s, time_fp32_exact=True,
                                              on_row=lambda row: bar.update(row["method"] != "exact"))
-                rows += [{"input": kind, "n": n, "causal": causal, **row} for row in cell_rows]
+                rows += [{"input": kind, "n": n, "causal": causal, "dtype": dtype_name, **row} for row in cell_rows]
     bar.close()
     return rows
 
@@ -135,14 +96,16 @@ def _fmt_options(options: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table (times in ms, errors in %, peak memory in MiB)."""
-    lines = ["| input | n | causal | method | options | time (ms) | time / exact | rel. Frobenius err "
-             "| rel. spectral err | KL rows | peak mem (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| input | n | causal | dtype | method | options | time (ms) | time / exact | exact fp32 (ms) "
+             "| rel. Frobenius err | rel. spectral err | KL rows | peak mem (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kl = "-" if r["kl"] is None else f"{r['kl']:.3g}"
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2 ** 20:.1f}"
-        lines.append(f"| {r['input']} | {r['n']} | {r['causal']} | {r['method']} | {_fmt_options(r['options'])} "
-                     f"| {1e3 * r['time_s']:.2f} | {r['ratio_to_exact']:.2f} | {100 * r['rel_fro']:.2f}% "
-                     f"| {100 * r['rel_spec']:.2f}% | {kl} | {mem} |")
+        fp32 = "-" if r["exact_fp32_time_s"] is None else f"{1e3 * r['exact_fp32_time_s']:.2f}"
+        lines.append(f"| {r['input']} | {r['n']} | {r['causal']} | {r['dtype']} | {r['method']} "
+                     f"| {_fmt_options(r['options'])} | {1e3 * r['time_s']:.2f} | {r['ratio_to_exact']:.2f} | {fp32} "
+                     f"| {100 * r['rel_fro']:.2f}% | {100 * r['rel_spec']:.2f}% | {kl} | {mem} |")
     return "\n".join(lines)
 
 
@@ -158,15 +121,26 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 def read_csv(paths) -> list[dict]:
     """Rows written by :func:`write_csv` (e.g. by runs on another machine), typed again."""
+    optional = lambda value, kind: kind(value) if value else None
     rows = []
     for path in paths:
         with Path(path).open(newline="") as f:
             for r in csv.DictReader(f):
+                missing = [k for k in CSV_FIELDS if k not in r]
+                if missing:
+                    raise ValueError(f"compare: {path} lacks the column(s) {missing} (not written by this version)")
                 rows.append({**r, "n": int(r["n"]), "causal": r["causal"] == "True", "options": json.loads(r["options"]),
                              **{k: float(r[k]) for k in ("time_s", "ratio_to_exact", "rel_fro", "rel_spec", "max_abs")},
-                             "kl": float(r["kl"]) if r["kl"] else None,
-                             "peak_mem_bytes": int(r["peak_mem_bytes"]) if r["peak_mem_bytes"] else None})
+                             "exact_fp32_time_s": optional(r["exact_fp32_time_s"], float),
+                             "kl": optional(r["kl"], float), "peak_mem_bytes": optional(r["peak_mem_bytes"], int)})
     return rows
+
+
+def _one_dtype(rows: list[dict]) -> str:
+    dtypes = sorted({r["dtype"] for r in rows})
+    if len(dtypes) != 1:
+        raise ValueError(f"compare: a figure shows one dtype, the rows hold {dtypes}")
+    return dtypes[0]
 
 
 def plot_pareto(rows: list[dict], path: Path, causal: bool = False) -> Path:
@@ -185,7 +159,7 @@ def plot_pareto(rows: list[dict], path: Path, causal: bool = False) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("time / exact time, same run (ratio)")
         ax.set_ylabel("relative Frobenius error of output")
-        ax.set_title(f"{kind}, n = {n_max}, {'causal' if causal else 'non-causal'}")
+        ax.set_title(f"{kind}, n = {n_max}, {'causal' if causal else 'non-causal'}, {_one_dtype(rows)}")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))  # one legend, outside the panels
     return plotting.save_figure(fig, path)
 
@@ -211,7 +185,7 @@ def plot_scaling(rows: list[dict], path: Path, causal: bool = False) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("sequence length n (tokens)")
     ax.set_ylabel("median time per call (s)")
-    ax.set_title(f"{kind}, {'causal' if causal else 'non-causal'}, cheapest budget")
+    ax.set_title(f"{kind}, {'causal' if causal else 'non-causal'}, {_one_dtype(rows)}, cheapest budget")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: the curves fill the whole panel
     return plotting.save_figure(fig, path)
 
@@ -219,33 +193,40 @@ def plot_scaling(rows: list[dict], path: Path, causal: bool = False) -> Path:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Compare every registered attention method against exact.")
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
-    parser.add_argument("--inputs", nargs="+", default=default_inputs(), choices=INPUTS,
-                        help="default: gaussian, clustered, and shakespeare once nanoGPT.quick_model exists")
+    parser.add_argument("--inputs", nargs="+", default=None, choices=input_sources(),
+                        help=f"registered input sources (default: {' '.join(input_sources(default_only=True))})")
     parser.add_argument("--glove", type=Path, default=None, help="GloVe-format file; adds the 'glove' input")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of registered methods (default: all)")
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--heads", type=int, default=4, help="heads of the synthetic inputs")
     parser.add_argument("--head-dim", type=int, default=64, help="head dim of the synthetic inputs")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="least timed calls per measurement (median)")
+    parser.add_argument("--min-time", type=float, default=0.1,
+                        help="repeat a measurement's timed calls until they add up to this many seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="n = 256 and 1024, one timed run")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="dtype of the inputs and of every method, exact included (the ratios' denominator)")
+    parser.add_argument("--quick", action="store_true",
+                        help="n = 256, 512 and 1024, real q/k/v from a small committed model: under a minute")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for the CSV and figures")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
                         help="run nothing: merge these compare.csv files (e.g. from a GPU) and re-plot them")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.repeats = [256, 1024], 1
-    inputs = list(args.inputs) + (["glove"] if args.glove and "glove" not in args.inputs else [])
+        args.n, args.repeats, args.min_time = [256, 512, 1024], 3, 0.02
+    inputs = list(args.inputs or input_sources(default_only=True))
+    inputs += ["glove"] if args.glove and "glove" not in inputs else []
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     torch.manual_seed(args.seed)
     if args.from_csv:
         rows = read_csv(args.from_csv)
     else:
-        rows = run_comparison(inputs, args.n, causal_modes, args.methods, heads=args.heads, head_dim=args.head_dim,
-                              seed=args.seed, repeats=args.repeats, glove=args.glove, device=args.device,
-                              progress=not args.no_progress)
+        spec = InputSpec(heads=args.heads, head_dim=args.head_dim, seed=args.seed, dtype=DTYPES[args.dtype],
+                         device=args.device, quick=args.quick, progress=not args.no_progress, path=args.glove)
+        rows = run_comparison(inputs, args.n, causal_modes, args.methods, spec=spec, repeats=args.repeats,
+                              min_time_s=args.min_time, progress=not args.no_progress)
     print(markdown_table(rows))
     written = [write_csv(rows, args.out / "compare.csv"), plot_pareto(rows, args.out / "compare_pareto.png")]
     if len({r["n"] for r in rows}) > 1:

@@ -1,4 +1,4 @@
-"""One figure style for the whole repository: same colours per method, labelled axes, PNG under assets/."""
+"""One figure style for the whole repository: one colour per method, labelled axes, PNG under assets/."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,21 +9,23 @@ matplotlib.use("Agg")  # headless: scripts, tests and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .data import REPO_ROOT  # noqa: E402
+from .registry import methods  # noqa: E402
 
 ASSETS = REPO_ROOT / "assets"
 
-METHOD_COLORS = {
-    "exact": "#000000", "uniform": "#7f7f7f", "knn": "#1f77b4", "kdeformer": "#d62728", "performer": "#2ca02c",
-    "reformer": "#9467bd", "sblocal": "#8c564b", "srf": "#ff7f0e", "tree": "#e377c2",
-}
-_FALLBACK = ["#17becf", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39"]
+# Colour i goes to the i-th registered method (``common.methods()``: exact first, in black, then by name), so a
+# method keeps its colour in every figure and run; names outside the registry take one from the second list.
+PALETTE = ["#000000", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#ff7f0e", "#e377c2", "#7f7f7f",
+           "#17becf", "#bcbd22", "#393b79"]
+_OTHER = ["#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d"]
 
 
 def method_color(name: str) -> str:
-    """The colour of a method in every figure (stable across figures and runs)."""
-    if name in METHOD_COLORS:
-        return METHOD_COLORS[name]
-    return _FALLBACK[sum(map(ord, name)) % len(_FALLBACK)]
+    """The colour of a registered method (or any other curve label) in every figure, stable across runs."""
+    names = methods()
+    if name in names and names.index(name) < len(PALETTE):
+        return PALETTE[names.index(name)]
+    return _OTHER[sum(map(ord, name)) % len(_OTHER)]
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8):

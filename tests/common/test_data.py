@@ -69,3 +69,49 @@ def test_synthetic_bad_arguments():
         data.synthetic_qkv("planted", n_queries=10, n_keys=5)
     with pytest.raises(ValueError, match="head_dim must be >= 1"):
         data.synthetic_qkv("gaussian", head_dim=0)
+
+
+def test_input_sources_registered_by_name():
+    assert {"gaussian", "clustered", "glove"} <= set(data.input_sources())
+    assert "glove" not in data.input_sources(default_only=True)  # it needs a file from the user
+    x = data.make_input("clustered", 24, data.InputSpec(heads=3, head_dim=8, seed=2, dtype=torch.float64))
+    y = data.synthetic_qkv("clustered", 1, 3, 24, 24, 8, seed=2, dtype=torch.float64)
+    assert torch.equal(x.q, y.q) and torch.equal(x.k, y.k) and torch.equal(x.v, y.v)
+    with pytest.raises(ValueError, match="unknown input 'nope'; registered: .*gaussian"):
+        data.make_input("nope", 8)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        data.make_input("gaussian", 0)
+
+
+def test_register_source_adds_a_name_and_refuses_a_taken_one(monkeypatch):
+    monkeypatch.setattr(data, "_SOURCES", dict(data._SOURCES))  # leave the real registry as it was
+
+    def ones(n, spec):
+        return data.QKV(*(torch.ones(1, spec.heads, n, spec.head_dim) for _ in range(3)), source="ones")
+
+    data.register_source("ones", ones, in_default=False)
+    data.register_source("ones", ones)  # the same function again (a module imported twice): allowed
+    assert "ones" in data.input_sources() and data.make_input("ones", 5, data.InputSpec(heads=2)).q.shape == (1, 2, 5, 64)
+    with pytest.raises(ValueError, match="already taken"):
+        data.register_source("gaussian", ones)
+
+
+def test_sources_of_other_packages_come_from_their_qkv_source_module():
+    """common names no package above it: it imports every <package>/qkv_source.py beside it."""
+    modules = sorted(p.parent.name for p in data.REPO_ROOT.glob(f"*/{data.SOURCE_MODULE}.py"))
+    assert "common" not in modules
+    names = data.input_sources()
+    if "nanoGPT" in modules:
+        assert "shakespeare" in names
+
+
+def test_glove_source(tmp_path):
+    f = tmp_path / "g.txt"
+    f.write_text("".join(f"w{i} " + " ".join(str((i * 7 + j) % 5 - 2) for j in range(4)) + "\n" for i in range(40)))
+    x = data.make_input("glove", 16, data.InputSpec(path=f))
+    assert x.q.shape == (1, 1, 16, 4) and torch.equal(x.q, x.k) and not torch.equal(x.k, x.v)
+    assert torch.equal(x.v[0, 0], data.load_glove(f)[1][16:32].float())
+    with pytest.raises(ValueError, match="need 2n = 64"):
+        data.make_input("glove", 32, data.InputSpec(path=f))
+    with pytest.raises(ValueError, match="needs a GloVe-format text file"):
+        data.make_input("glove", 16)

@@ -1,0 +1,81 @@
+"""The GPU benchmark script, run on the CPU at tiny n: its CSV's columns and rows, failures as rows, the figure."""
+import csv
+import math
+
+import pytest
+import torch
+
+import common
+from common import gpu_benchmark
+
+
+def _read(path):
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_cpu_writes_one_row_per_method_and_cell(tmp_path):
+    rows = gpu_benchmark.main(["--quick", "--device", "cpu", "--n", "48", "--repeats", "1", "--out", str(tmp_path)])
+    fields, table = _read(tmp_path / "gpu_benchmark.csv")
+    assert fields == gpu_benchmark.CSV_FIELDS and len(table) == len(rows)
+    expected = [(48, causal, name) for causal in (False, True) for name in common.methods(causal=causal)]
+    assert [(int(r["n"]), r["causal"] == "True", r["method"]) for r in table] == expected
+    for r in table:
+        assert r["dtype"] == "bfloat16" and r["device"] == "cpu" and r["status"] in ("ok", "error")
+        if r["status"] != "ok":  # a method that fails in bfloat16 on the CPU is reported, not fatal
+            assert r["message"] and r["method"] != "exact"
+            continue
+        causal, trainable = r["causal"] == "True", common.method_class(r["method"]).trainable
+        assert float(r["fwd_time_s"]) > 0 and int(r["fwd_repeats"]) == 1 and int(r["error_rows"]) == 48
+        exact = next(e for e in table if e["method"] == "exact" and e["causal"] == r["causal"])
+        assert float(r["exact_fwd_time_s"]) == float(exact["fwd_time_s"])
+        assert float(r["fwd_ratio_to_exact"]) == pytest.approx(float(r["fwd_time_s"]) / float(exact["fwd_time_s"]))
+        assert float(r["exact_fp32_time_s"]) > 0
+        assert (r["fwd_bwd_time_s"] != "") == (causal and trainable)
+        if causal and trainable:
+            assert float(r["fwd_bwd_ratio_to_exact"]) == pytest.approx(
+                float(r["fwd_bwd_time_s"]) / float(exact["fwd_bwd_time_s"]))
+        fro = float(r["rel_fro"])
+        assert math.isfinite(fro) and (fro < 0.02 if r["method"] == "exact" else 0 < fro < 20)
+    assert gpu_benchmark.read_csv(tmp_path / "gpu_benchmark.csv") == rows
+    again = gpu_benchmark.main(["--from_csv", str(tmp_path / "gpu_benchmark.csv"), "--out", str(tmp_path / "fig")])
+    assert again == rows and (tmp_path / "fig" / "gpu_benchmark.png").is_file()
+
+
+def test_error_rows_are_the_exact_rows_of_the_reference():
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    rows = gpu_benchmark.sample_rows(40, 7, seed=1, device="cpu")
+    assert rows.numel() == 7 and torch.equal(rows, rows.unique())
+    for causal in (False, True):
+        full = common.get_attention("exact")(q.float(), k.float(), v.float(), causal=causal)
+        assert torch.allclose(gpu_benchmark.exact_rows(q, k, v, rows, causal), full[:, :, rows], atol=1e-6)
+
+
+def test_a_failing_method_is_a_row_and_is_not_run_again(tmp_path, monkeypatch):
+    real = gpu_benchmark.chosen_budget
+    monkeypatch.setattr(gpu_benchmark, "chosen_budget",
+                        lambda name, n, seed, budget: {"num_samples": -1} if name == "uniform" else real(name, n, seed, budget))
+    rows = gpu_benchmark.run_benchmark((16, 32), (False,), ["uniform", "performer"], heads=1, head_dim=8,
+                                       dtype=torch.float32, device="cpu", repeats=1, error_rows=8)
+    by = {(r["n"], r["method"]): r for r in rows}
+    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (16, 32) for m in ("exact", "performer", "uniform")]
+    assert by[16, "uniform"]["status"] == "error" and "uniform" in by[16, "uniform"]["message"]
+    assert by[32, "uniform"]["status"] == "skipped" and by[32, "uniform"]["message"] == "error at n=16"
+    assert by[32, "performer"]["status"] == "ok" and by[32, "performer"]["fwd_time_s"] > 0
+
+
+def test_a_row_past_its_time_limit_is_a_timeout_row():
+    rows = gpu_benchmark.run_benchmark((16,), (True,), ["performer"], heads=1, head_dim=8, dtype=torch.float32,
+                                       device="cpu", repeats=1, error_rows=8, row_time_limit=1e-6)
+    assert [(r["method"], r["status"]) for r in rows] == [("exact", "timeout"), ("performer", "skipped")]
+    assert "time limit" in rows[0]["message"] and rows[1]["message"] == "no exact reference in this cell"
+
+
+def test_markdown_table_has_a_line_per_row():
+    row = {field: None for field in gpu_benchmark.CSV_FIELDS} | {
+        "n": 16, "causal": False, "method": "performer", "options": {"nb_features": 8, "seed": 0}, "status": "oom",
+        "message": "OutOfMemoryError: CUDA out of memory"}
+    table = gpu_benchmark.markdown_table([row]).splitlines()
+    assert len(table) == 3 and "nb_features=8" in table[2] and "oom: OutOfMemoryError" in table[2]
