@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -30,26 +31,16 @@ import common
 from common import plotting
 
 from .configurator import PACKAGE_DIR, load_config
-from .train import TrainConfig, train
+from .train import TrainConfig, TrainingInterrupted, train
 
 CSV_FIELDS = ["method", "options", "iter", "val_loss", "val_perplexity", "train_loss", "wall_s"]
 
 
-def trainable_methods() -> list[str]:
-    """Registered methods that can train a GPT (causal and with gradients), exact first."""
-    names = [n for n in common.available()
-             if common.method_class(n).supports_causal and common.method_class(n).trainable]
-    return sorted(names, key=lambda n: (n != "exact", n))
-
-
-def method_options(name: str, block_size: int, budget: int | None, seed: int) -> dict:
+def run_options(name: str, block_size: int, budget: int | None, seed: int) -> dict:
     """Options of ``name`` at its budget number ``budget`` for ``block_size`` keys (None: the middle one;
-    an index past the end takes the last)."""
-    cls = common.method_class(name)
-    budgets = cls.budgets(block_size)
-    index = len(budgets) // 2 if budget is None else min(budget, len(budgets) - 1)
-    options = dict(budgets[index])
-    return {**options, "seed": seed} if cls.randomized else options
+    an index past the end takes the last), seeded with ``seed`` if the method is randomised."""
+    budgets = common.budget_options(name, block_size, seed)
+    return budgets[len(budgets) // 2 if budget is None else min(budget, len(budgets) - 1)]
 
 
 def run(config_files: list[str], methods: list[str], overrides: list[str], runs_dir: Path, budget: int | None,
@@ -59,7 +50,7 @@ def run(config_files: list[str], methods: list[str], overrides: list[str], runs_
     rows = []
     for name in tqdm(methods, desc="methods", disable=not progress):
         base = load_config(TrainConfig, config_files + overrides)
-        options = method_options(name, base.block_size, budget, seed)
+        options = run_options(name, base.block_size, budget, seed)
         cfg = load_config(TrainConfig, config_files + overrides + [
             f"--attention={name}", f"--attention_options={options!r}", f"--out_dir={runs_dir / name}",
             "--overwrite=True", f"--seed={seed}", f"--progress={progress}"])
@@ -82,7 +73,7 @@ def read_runs(runs_dir: Path, config_files: list[str], overrides: list[str], bud
     rows = []
     for curve in sorted(Path(runs_dir).glob("*/loss_curve.csv")):
         name = curve.parent.name
-        options = method_options(name, cfg.block_size, budget, seed)
+        options = run_options(name, cfg.block_size, budget, seed)
         with curve.open() as f:
             for r in csv.DictReader(f):
                 if r["eval_val_loss"]:
@@ -166,8 +157,13 @@ def main(argv=None) -> list[dict]:
     elif args.from_runs:
         rows = read_runs(args.from_runs, [config], overrides, args.budget, args.seed)
     else:
-        methods = args.methods or trainable_methods()
-        rows = run([config], methods, overrides, args.runs_dir, args.budget, args.seed, not args.no_progress)
+        methods = args.methods or common.methods(causal=True, trainable=True)
+        try:
+            rows = run([config], methods, overrides, args.runs_dir, args.budget, args.seed, not args.no_progress)
+        except TrainingInterrupted as stopped:
+            print(f"nanoGPT.compare_training: stopped; the methods trained so far are under {args.runs_dir}",
+                  file=sys.stderr)
+            raise SystemExit(128 + stopped.signum) from None
     stem = "perplexity_training_quick" if args.quick else "perplexity_training"
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / f"{stem}.csv").open("w", newline="") as f:

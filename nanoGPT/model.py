@@ -17,7 +17,7 @@ the attention weights: the contract's ``attn(q, k, v)`` never exposes them (most
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,13 @@ import common
 
 
 @dataclass
-class GPTConfig:
-    """Shape of the network and the attention method it uses (a registered name plus its options)."""
+class ModelConfig:
+    """The model a run chooses: the network's shape and its attention method (a registered name plus options).
+
+    The one home of these fields and their defaults: :class:`GPTConfig` adds the vocabulary (which the data
+    fixes) and ``nanoGPT.train.TrainConfig`` adds the training fields, both by inheriting from this class.
+    """
     block_size: int = 256
-    vocab_size: int = 65
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -40,28 +43,56 @@ class GPTConfig:
     attention_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            check_positive_int(type(self).__name__, name, getattr(self, name))
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ValueError(f"{type(self).__name__}: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.attention_options, dict):
-            raise TypeError(f"GPTConfig: attention_options must be a dict, got {type(self.attention_options).__name__}")
+            raise TypeError(f"{type(self).__name__}: attention_options must be a dict, got "
+                            f"{type(self.attention_options).__name__}")
+
+    def model_fields(self) -> dict:
+        """The values of this class's fields (those of :class:`ModelConfig`), whatever subclass ``self`` is."""
+        return {f.name: getattr(self, f.name) for f in fields(ModelConfig)}
+
+
+def check_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    """The network: a :class:`ModelConfig` plus the vocabulary size."""
+    vocab_size: int = 65
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int("GPTConfig", "vocab_size", self.vocab_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def check_attention(name: str, trainable: bool = False) -> None:
+    """Refuse, saying why, a method a GPT cannot use: every GPT attends causally, and training also needs
+    gradients. The policy itself is the registry's (``common.methods``)."""
+    if name in common.methods(causal=True, trainable=trainable):
+        return
+    cls = common.method_class(name)  # an unknown name raises here, listing the known ones
+    if name not in common.methods(causal=True):
+        raise ValueError(f"attention {name!r} cannot run in a GPT: it does not support causal=True "
+                         f"(its class {cls.__qualname__} sets supports_causal=False)")
+    raise ValueError(f"attention {name!r} cannot train a GPT: it is inference-only (trainable=False, no "
+                     "gradient); train with another method and swap it in with nanoGPT.evaluate")
+
+
 def build_attention(name: str, options: dict, layer: int) -> common.AttentionMethod:
     """The registered method ``name`` for one layer; a ``seed`` option becomes ``seed + layer`` so that the
     layers of a randomised method draw independent features/samples while the whole model stays repeatable."""
-    cls = common.method_class(name)
-    if not cls.supports_causal:
-        raise ValueError(f"attention {name!r} does not support causal=True, which a GPT needs "
-                         f"(its class {cls.__qualname__} sets supports_causal=False)")
+    check_attention(name)
     options = dict(options)
     if options.get("seed") is not None:
         options["seed"] = options["seed"] + layer

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,29 +29,22 @@ from tqdm import tqdm
 import common
 
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, model_from_state, save_checkpoint
-from .configurator import load_config
+from .configurator import ConfigError, load_config
 from .data_loader import get_batch, load_meta, load_split
 from .evaluate import evaluate
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, ModelConfig, check_attention
 
-MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
+QUICK = ["config/train_tiny.py", "--overwrite=True"]  # what --quick stands for: the tiny model, 50 steps
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 
 
 @dataclass
-class TrainConfig:
-    """Training run of the GPT on tiny Shakespeare (chars)."""
+class TrainConfig(ModelConfig):
+    """Training run of the GPT on tiny Shakespeare (chars). The model keys (block_size, n_layer, n_head,
+    n_embd, dropout, bias, attention, attention_options) and their defaults are ModelConfig's (nanoGPT.model)."""
     out_dir: str = "nanoGPT/out/shakespeare_char"
     init_from: str = "scratch"      # 'scratch' or 'resume' (from <out_dir>/ckpt.pt)
     overwrite: bool = False         # allow 'scratch' to replace an existing checkpoint in out_dir
-    # model
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    attention: str = "exact"
-    attention_options: dict = field(default_factory=dict)
     # optimisation
     batch_size: int = 12
     max_iters: int = 2000
@@ -73,6 +68,7 @@ class TrainConfig:
     threads: int = 0                # torch.set_num_threads; 0 leaves torch's default
 
     def __post_init__(self):
+        super().__post_init__()
         if self.init_from not in ("scratch", "resume"):
             raise ValueError(f"TrainConfig: init_from must be 'scratch' or 'resume', got {self.init_from!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -84,7 +80,10 @@ class TrainConfig:
             raise ValueError("TrainConfig: max_iters, warmup_iters and lr_decay_iters must be >= 0")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in MODEL_KEYS if k != "vocab_size"})
+        """The GPT this run trains: its model fields, the data's vocabulary, and the attention options seeded
+        with the run's seed when the method is randomised (so that runs repeat exactly)."""
+        options = common.method_options(self.attention, self.attention_options, self.seed)
+        return GPTConfig(**{**self.model_fields(), "attention_options": options}, vocab_size=vocab_size)
 
 
 def learning_rate(it: int, cfg: TrainConfig) -> float:
@@ -120,24 +119,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_trainable(name: str) -> None:
-    """A GPT trains with causal attention and gradients; refuse methods that cannot do both, saying why."""
-    cls = common.method_class(name)
-    if not cls.supports_causal:
-        raise ValueError(f"attention {name!r} cannot train a GPT: it does not support causal=True")
-    if not cls.trainable:
-        raise ValueError(f"attention {name!r} cannot train a GPT: it is inference-only (trainable=False, no "
-                         "gradient); train with another method and swap it in with nanoGPT.evaluate")
-
-
-def attention_options_for(cfg: TrainConfig) -> dict:
-    """The run's attention options; a randomised method without a seed gets the run's, so runs repeat."""
-    options = dict(cfg.attention_options)
-    if common.method_class(cfg.attention).randomized and options.get("seed") is None:
-        options["seed"] = cfg.seed
-    return options
-
-
 def rng_state(model: GPT, batch_generator: torch.Generator, device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -159,7 +140,7 @@ def set_rng_state(state: dict, model: GPT, batch_generator: torch.Generator, dev
 def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """The checkpoint must be of the same model and data order as the config asks for."""
     saved_cfg = saved["config"]
-    keys = [k for k in MODEL_KEYS if k != "vocab_size"] + ["batch_size", "seed"]
+    keys = [*MODEL_KEYS, "batch_size", "seed"]
     diffs = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs config {getattr(cfg, k)!r}" for k in keys
              if saved_cfg.get(k) != getattr(cfg, k)]
     if diffs:
@@ -167,9 +148,52 @@ def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
                               "model, batch size and seed:\n  " + "\n  ".join(diffs))
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after writing a checkpoint that ``--init_from=resume`` continues
+    bit for bit. A KeyboardInterrupt, so that callers stop as they would on Ctrl-C."""
+
+    def __init__(self, signum: int, iter_num: int, path: Path):
+        super().__init__(f"{signal.Signals(signum).name} at iter {iter_num}; checkpoint saved to {path}")
+        self.signum, self.iter_num, self.path = signum, iter_num, path
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, SIGINT and SIGTERM do not kill the process: the first one sets ``request['signum']``,
+    which the training loop checks after each iteration; a second one raises KeyboardInterrupt at once (the
+    checkpoint on disk stays intact: writes are atomic). Handlers can only be set from the main thread;
+    elsewhere the signals keep their usual effect."""
+    request = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request["signum"] is not None:
+            raise KeyboardInterrupt
+        request["signum"] = signum
+        tqdm.write(f"nanoGPT.train: {signal.Signals(signum).name}: saving a checkpoint after this iteration "
+                   "(send it again to stop at once, without saving)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield request
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns {'out_dir', 'iter_num', 'history', 'val_loss', 'train_loss'}."""
-    check_trainable(cfg.attention)
+    """Run (or resume) training; returns {'out_dir', 'iter_num', 'history', 'val_loss', 'train_loss'}.
+
+    A checkpoint is written after the first evaluation (iteration 0), after every evaluation, and when SIGINT or
+    SIGTERM arrives (after the iteration in progress); the latter then raises :class:`TrainingInterrupted`."""
+    with stop_on_signals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: dict) -> dict:
+    check_attention(cfg.attention, trainable=True)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -194,9 +218,7 @@ def train(cfg: TrainConfig) -> dict:
                                   "(or another --out_dir) to start over")
         torch.manual_seed(cfg.seed)
         batch_generator.manual_seed(cfg.seed)
-        model_config = cfg.model_config(meta["vocab_size"])
-        model_config.attention_options = attention_options_for(cfg)
-        model = GPT(model_config).to(device)
+        model = GPT(cfg.model_config(meta["vocab_size"])).to(device)
         optimizer = make_optimizer(model, cfg, device)
         iter_num, best_val, history = 0, math.inf, []
 
@@ -210,53 +232,85 @@ def train(cfg: TrainConfig) -> dict:
             "rng": rng_state(model, batch_generator, device), "iter_num": iter_num, "best_val_loss": best_val,
             "history": history, "config": asdict(cfg), "meta": meta})
 
+    saved_at = None  # the iteration of the last checkpoint written by this process
+
+    def checkpoint() -> None:
+        nonlocal saved_at
+        save_checkpoint(out_dir, {
+            "model": model.state_dict(), "model_config": model.config.to_dict(), "optimizer": optimizer.state_dict(),
+            "rng": rng_state(model, batch_generator, device), "iter_num": iter_num, "best_val_loss": best_val,
+            "history": history, "config": asdict(cfg), "meta": meta})
+        saved_at = iter_num
+
+    def stop_if_asked() -> None:
+        if stop["signum"] is None:
+            return
+        if saved_at != iter_num:
+            checkpoint()
+        name = signal.Signals(stop["signum"]).name
+        tqdm.write(f"nanoGPT.train: {name} at iter {iter_num}: saved a checkpoint to {path}; continue with "
+                   "--init_from=resume", file=sys.stderr)
+        raise TrainingInterrupted(stop["signum"], iter_num, path)
+
     if iter_num == 0 and not history:
         losses = estimate()
         history.append({"iter": 0, "eval_train_loss": losses["train"], "eval_val_loss": losses["val"]})
+        checkpoint()  # a run is resumable from its first iteration on, even one killed without a signal
     tokens_per_iter = cfg.batch_size * cfg.block_size
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, desc=f"train {cfg.attention}", disable=not cfg.progress,
-               dynamic_ncols=True)
     model.train()
     tokens_per_s = 0.0
-    while iter_num < cfg.max_iters:
-        t0 = time.perf_counter()
-        lr = learning_rate(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, batch_generator, device)
-        with autocast:
-            _, loss = model(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at iter {iter_num}; "
-                                     f"no checkpoint written for this run after iter {iter_num}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        iter_num += 1
-        row = {"iter": iter_num, "lr": lr, "train_loss": loss.item()}
-        tokens_per_s = 0.9 * tokens_per_s + 0.1 * tokens_per_iter / (time.perf_counter() - t0) if tokens_per_s \
-            else tokens_per_iter / (time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            losses = estimate()
-            row.update(eval_train_loss=losses["train"], eval_val_loss=losses["val"])
-            best_val = min(best_val, losses["val"])
-            bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        history.append(row)
-        if "eval_val_loss" in row:
-            checkpoint()
-    bar.close()
+    with tqdm(total=cfg.max_iters, initial=iter_num, desc=f"train {cfg.attention}", disable=not cfg.progress,
+              dynamic_ncols=True) as bar:
+        stop_if_asked()
+        while iter_num < cfg.max_iters:
+            t0 = time.perf_counter()
+            lr = learning_rate(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, batch_generator, device)
+            with autocast:
+                _, loss = model(x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at iter {iter_num}; "
+                                         f"no checkpoint written for this run after iter {iter_num}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            iter_num += 1
+            row = {"iter": iter_num, "lr": lr, "train_loss": loss.item()}
+            tokens_per_s = 0.9 * tokens_per_s + 0.1 * tokens_per_iter / (time.perf_counter() - t0) if tokens_per_s \
+                else tokens_per_iter / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                losses = estimate()
+                row.update(eval_train_loss=losses["train"], eval_val_loss=losses["val"])
+                best_val = min(best_val, losses["val"])
+                bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            history.append(row)
+            if "eval_val_loss" in row:
+                checkpoint()
+            stop_if_asked()
     evals = [r for r in history if "eval_val_loss" in r]
     return {"out_dir": str(out_dir), "iter_num": iter_num, "history": history,
             "val_loss": evals[-1]["eval_val_loss"], "train_loss": evals[-1]["eval_train_loss"]}
 
 
 def main(argv=None) -> dict:
-    cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-    return train(cfg)
+    """The command line: exits with a message (no traceback) on a config or checkpoint error, and with status
+    128 + the signal's number after an interrupt has saved a checkpoint."""
+    try:
+        cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv, quick=QUICK)
+        return train(cfg)
+    except TrainingInterrupted as stopped:
+        raise SystemExit(128 + stopped.signum) from None
+    except KeyboardInterrupt:
+        print("nanoGPT.train: aborted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except (CheckpointError, FileExistsError, FileNotFoundError, ConfigError) as err:
+        raise SystemExit(f"nanoGPT.train: {err}") from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ block_size = 256
 n_layer = 6
 n_head = 6
 n_embd = 384
+bias = False       # no biases in the linear layers and LayerNorms (ModelConfig's default is True)
 dropout = 0.2
 batch_size = 64
 max_iters = 5000

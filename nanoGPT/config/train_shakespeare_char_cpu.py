@@ -4,6 +4,7 @@ block_size = 64
 n_layer = 4
 n_head = 4
 n_embd = 128
+bias = False       # no biases in the linear layers and LayerNorms (ModelConfig's default is True)
 dropout = 0.0
 batch_size = 12
 max_iters = 2000

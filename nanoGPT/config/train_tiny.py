@@ -4,6 +4,7 @@ block_size = 32
 n_layer = 2
 n_head = 2
 n_embd = 32
+bias = False       # no biases in the linear layers and LayerNorms (ModelConfig's default is True)
 dropout = 0.0
 batch_size = 8
 max_iters = 50

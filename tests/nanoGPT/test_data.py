@@ -3,13 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import load_shakespeare
-from nanoGPT.data.shakespeare_char.prepare import build_vocab, decode, encode, prepare
+from nanoGPT.data.shakespeare_char.prepare import INPUT, build_vocab, decode, encode, prepare
 from nanoGPT.data_loader import get_batch, load_meta, load_split
 
 
 def test_splits_cover_the_text_90_10():
-    text = load_shakespeare()
+    text = INPUT.read_text(encoding="utf-8")
     train, val = load_split("train"), load_split("val")
     assert len(train) + len(val) == len(text)
     assert len(train) == int(0.9 * len(text))

@@ -1,4 +1,8 @@
 """One training step of the GPT with every registered attention method that supports causal attention."""
+import csv
+import json
+import math
+
 import pytest
 import torch
 
@@ -38,6 +42,13 @@ def test_methods_that_cannot_train_are_refused(flag, match, monkeypatch, tmp_pat
         train(tiny_config(tmp_path, "--attention=limited_test"))
 
 
+def read_png(path):
+    """The pixels of a PNG (rows, columns, channels); matplotlib raises on a broken file."""
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)
+
+
 def test_compare_training_writes_curves_for_each_method(tmp_path):
     from nanoGPT import compare_training
 
@@ -48,7 +59,18 @@ def test_compare_training_writes_curves_for_each_method(tmp_path):
     assert [(r["method"], r["iter"]) for r in rows] == [(m, i) for m in ("exact", "uniform") for i in (0, 2, 4)]
     # Same seed: same initial weights and batches, so the iteration-0 losses agree up to the attention.
     assert rows[0]["val_loss"] == pytest.approx(rows[3]["val_loss"], abs=0.05)
-    assert (out / "perplexity_training_quick.png").stat().st_size > 0
+    with (out / "perplexity_training_quick.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == compare_training.CSV_FIELDS
+    assert [(r["method"], int(r["iter"])) for r in table] == [(r["method"], r["iter"]) for r in rows]
+    for r in table:
+        val = float(r["val_loss"])
+        assert 0 < val < math.log(65) + 0.5 and 0 < float(r["train_loss"]) < math.log(65) + 0.5
+        assert float(r["val_perplexity"]) == pytest.approx(math.exp(val))
+        assert json.loads(r["options"]) == compare_training.run_options(r["method"], 32, None, 1337)
+    assert json.loads(table[-1]["options"])["seed"] == 1337  # uniform is randomised: seeded with --seed
+    pixels = read_png(out / "perplexity_training_quick.png")
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100 and pixels.std() > 0
     merged = compare_training.main(["--quick", "--from_csv", str(out / "perplexity_training_quick.csv"),
                                     "--out", str(tmp_path / "replot")])
     assert [(r["method"], r["iter"], r["val_loss"]) for r in merged] == \

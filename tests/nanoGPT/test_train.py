@@ -1,9 +1,13 @@
 """Training: the loss falls, resume is exact, checkpoints are atomic and checked, configs are parsed strictly."""
+from dataclasses import fields
+
+import matplotlib.image
 import pytest
 import torch
 
-from nanoGPT.checkpoint import CheckpointError, checkpoint_path, load_model
+from nanoGPT.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model, save_checkpoint
 from nanoGPT.configurator import load_config
+from nanoGPT.model import GPTConfig, ModelConfig
 from nanoGPT.train import TrainConfig, learning_rate, train
 
 from .conftest import tiny_config
@@ -68,6 +72,43 @@ def test_mismatched_checkpoint_is_refused_and_kept(tiny_run, tmp_path):
     assert checkpoint_path(out_dir).read_bytes() == before
 
 
+# The keys of a checkpoint's "config" and "model_config" as the code before ModelConfig wrote them (TrainConfig
+# then repeated GPTConfig's fields): checkpoints made by it must still resume.
+OLD_CONFIG_KEYS = ["out_dir", "init_from", "overwrite", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias",
+                   "attention", "attention_options", "batch_size", "max_iters", "learning_rate", "weight_decay",
+                   "beta1", "beta2", "grad_clip", "warmup_iters", "lr_decay_iters", "min_lr", "eval_interval",
+                   "eval_iters", "eval_seed", "progress", "seed", "device", "dtype", "threads"]
+OLD_MODEL_KEYS = ["block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "attention",
+                  "attention_options"]
+
+
+def test_checkpoint_in_the_old_layout_resumes(tmp_path):
+    common_args = ["--lr_decay_iters=8", "--eval_interval=4", "--eval_iters=1"]
+    whole = train(tiny_config(tmp_path / "whole", "--max_iters=8", *common_args))
+    train(tiny_config(tmp_path / "old", "--max_iters=4", *common_args))
+    state = load_checkpoint(tmp_path / "old")
+    assert sorted(state["config"]) == sorted(OLD_CONFIG_KEYS)
+    assert sorted(state["model_config"]) == sorted(OLD_MODEL_KEYS)
+    state["config"] = {k: state["config"][k] for k in OLD_CONFIG_KEYS}
+    state["model_config"] = {k: state["model_config"][k] for k in OLD_MODEL_KEYS}
+    save_checkpoint(tmp_path / "old", state)
+    resumed = train(tiny_config(tmp_path / "old", "--max_iters=8", "--init_from=resume", *common_args))
+    assert resumed["history"] == whole["history"]
+
+
+def test_model_fields_have_one_home():
+    """TrainConfig and GPTConfig take the model's fields and defaults from ModelConfig; the config files set
+    bias=False, which TrainConfig's own default was before, so that they still mean the same model."""
+    model_keys = [f.name for f in fields(ModelConfig)]
+    assert [f.name for f in fields(TrainConfig)][:len(model_keys)] == model_keys
+    assert [f.name for f in fields(GPTConfig)] == model_keys + ["vocab_size"]
+    assert TrainConfig().model_fields() == ModelConfig().model_fields() == GPTConfig().model_fields()
+    for path in ("config/train_tiny.py", "config/train_shakespeare_char_cpu.py", "config/train_shakespeare_char.py"):
+        assert load_config(TrainConfig, [path]).bias is False
+    with pytest.raises(ValueError, match="TrainConfig: n_embd=30 must be divisible by n_head=4"):
+        TrainConfig(n_embd=30, n_head=4)  # ModelConfig's checks hold for a training config too
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_model(tmp_path)
@@ -76,12 +117,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_config_files_and_overrides():
     cfg = load_config(TrainConfig, ["config/train_shakespeare_char_cpu.py", "--attention=uniform",
                                     "--attention_options={'num_samples': 8}", "--learning_rate=1"])
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.max_iters) == (4, 4, 128, 64, 2000)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.max_iters, cfg.bias) == \
+        (4, 4, 128, 64, 2000, False)
     assert cfg.attention == "uniform" and cfg.attention_options == {"num_samples": 8}
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     gpu = load_config(TrainConfig, ["config/train_shakespeare_char.py"])
-    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.dropout, gpu.max_iters) == \
-        (6, 6, 384, 256, 0.2, 5000)
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.dropout, gpu.max_iters, gpu.bias) == \
+        (6, 6, 384, 256, 0.2, 5000, False)
 
 
 @pytest.mark.parametrize("arg, error, match", [("--n_layr=3", ValueError, "unknown config key 'n_layr'"),
@@ -105,7 +147,9 @@ def test_non_finite_loss_writes_no_checkpoint(tmp_path):
     # Divergence is caught either by the attention's input check (non-finite q) or by the loss check.
     with pytest.raises((FloatingPointError, ValueError), match="non-finite|no checkpoint"):
         train(tiny_config(tmp_path, "--learning_rate=1e30", "--grad_clip=0.0", "--warmup_iters=0"))
-    assert not checkpoint_path(tmp_path).exists()
+    # Only the iteration-0 checkpoint (written before the first step) is on disk: nothing diverged was saved.
+    saved = load_checkpoint(tmp_path)
+    assert saved["iter_num"] == 0 and all(torch.isfinite(p).all() for p in saved["model"].values())
 
 
 def test_loss_curve_plot(tiny_run, tmp_path):
@@ -114,4 +158,7 @@ def test_loss_curve_plot(tiny_run, tmp_path):
     _, out_dir = tiny_run
     rows = read_curve(out_dir / "loss_curve.csv")
     assert rows[0]["iter"] == 0 and rows[0]["train_loss"] is None and rows[-1]["eval_val_loss"] is not None
-    assert plot_main([str(out_dir / "loss_curve.csv"), "--out", str(tmp_path / "c.png")]).stat().st_size > 0
+    path = plot_main([str(out_dir / "loss_curve.csv"), "--out", str(tmp_path / "c.png")])
+    pixels = matplotlib.image.imread(path)  # a readable PNG with something drawn on it
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100 and pixels.std() > 0
+    assert len(rows) == 51 and [r["iter"] for r in rows] == list(range(51))
