@@ -25,8 +25,12 @@ Two forms compute the same thing, and the tests check one against the other:
 Both take ``initial_state`` and return ``(o, final_state)``, ``final_state`` = S_0 + sum over every key
 (B, H, m, Dv), or None unless ``output_final_state`` (the argument names of flash-linear-attention).
 
-Numerics: sums are accumulated in the dtype of the inputs; callers with half-precision inputs pass float32
-features and values (see ``srf_attention.fast_attention``).
+Numerics (half precision): features and values may be bfloat16 / float16. The products of one chunk (phi(Q_c)
+phi(K_c)^T, its product with V_c, phi(K_c)^T V_c) run in the input dtype, as a GPU's tensor cores do (they
+accumulate each product in float32); the states, which sum over the whole sequence, are accumulated (cumulative sum
+over chunks) in float32, and cast to the input dtype only for the product with the queries, as
+flash-linear-attention's chunk kernels do; the output and the final state are returned in float32 (float64 for
+float64 inputs), so that a caller divides numerator by normaliser in float32.
 """
 from __future__ import annotations
 
@@ -64,11 +68,16 @@ def _check(name, q, k, v, causal, initial_state):
                          f"got {tuple(initial_state.shape)}")
 
 
+def _accumulation(t: torch.Tensor) -> torch.dtype:
+    """float32 for half precision (and float32) inputs, float64 for float64: where sums are accumulated."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _final_state(k, v, initial_state, output_final_state):
     if not output_final_state:
         return None
-    state = k.transpose(-2, -1) @ v
-    return state if initial_state is None else state + initial_state
+    state = (k.transpose(-2, -1) @ v).to(_accumulation(v))
+    return state if initial_state is None else state + initial_state.to(state.dtype)
 
 
 def chunk_states(k_chunks: torch.Tensor, v_chunks: torch.Tensor, initial_state: torch.Tensor | None = None,
@@ -79,15 +88,15 @@ def chunk_states(k_chunks: torch.Tensor, v_chunks: torch.Tensor, initial_state: 
     k_chunks: (B, H, n, C, m), v_chunks: (B, H, n, C, e). An exclusive cumulative sum over chunks: no state is
     obtained by subtracting one sum from another, so nothing cancels.
     """
-    chunk_kv = k_chunks.transpose(-2, -1) @ v_chunks                # (B, H, n, m, e): each chunk's own sum
+    chunk_kv = (k_chunks.transpose(-2, -1) @ v_chunks).to(_accumulation(v_chunks))  # (B, H, n, m, e): one chunk's sum
     if reverse:
         chunk_kv = chunk_kv.flip(2)
     inclusive = chunk_kv.cumsum(dim=2)                              # sums up to the end of each chunk
     before = torch.cat([torch.zeros_like(chunk_kv[:, :, :1]), inclusive[:, :, :-1]], dim=2)
     final = inclusive[:, :, -1]
     if initial_state is not None:
-        before = before + initial_state.unsqueeze(2)
-        final = final + initial_state
+        before = before + initial_state.to(before.dtype).unsqueeze(2)
+        final = final + initial_state.to(final.dtype)
     return (before.flip(2) if reverse else before), final
 
 
@@ -97,15 +106,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     """Reference form: o = (phi(Q) phi(K)^T * M) V + phi(Q) S_0, with M the causal mask (all ones if not causal).
 
     q: (B, H, Nq, m) query features, k: (B, H, Nk, m) key features, v: (B, H, Nk, Dv); causal needs Nq <= Nk.
-    Returns (o (B, H, Nq, Dv), final_state (B, H, m, Dv) or None).
+    Returns (o (B, H, Nq, Dv), final_state (B, H, m, Dv) or None), in float32 for half precision inputs (the
+    reference computes everything in that dtype).
     """
     _check("linear_attention", q, k, v, causal, initial_state)
+    q, k, v = (t.to(_accumulation(v)) for t in (q, k, v))
     scores = q @ k.transpose(-2, -1)
     if causal:
         scores = scores * causal_mask(q.shape[2], k.shape[2], q.device)
     out = scores @ v
     if initial_state is not None:
-        out = out + q @ initial_state
+        out = out + q @ initial_state.to(out.dtype)
     return out, _final_state(k, v, initial_state, output_final_state)
 
 
@@ -118,10 +129,8 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     """
     _check("chunk_linear_attention", q, k, v, causal, initial_state)
     if not causal:
-        state = k.transpose(-2, -1) @ v
-        if initial_state is not None:
-            state = state + initial_state
-        return q @ state, state if output_final_state else None
+        state = _final_state(k, v, initial_state, True)
+        return (q @ state.to(q.dtype)).to(state.dtype), state if output_final_state else None
     b, h, length, m = q.shape
     past = k.shape[2] - length
     state = initial_state
@@ -130,7 +139,7 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         k, v = k[:, :, past:], v[:, :, past:]
     e = v.shape[-1]
     if length == 0:
-        return v.new_zeros(b, h, 0, e), _final_state(k, v, state, output_final_state)
+        return v.new_zeros(b, h, 0, e, dtype=_accumulation(v)), _final_state(k, v, state, output_final_state)
     chunk_size = min(chunk_size, length)  # a short input (one generated token) is one chunk, not padded
     pad = (-length) % chunk_size
     if pad:  # zero keys add nothing to the sums; the padded queries are dropped below
@@ -140,8 +149,8 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     vc = v.reshape(b, h, n, chunk_size, e)
 
     before, final = chunk_states(kc, vc, state)
-    inter = qc @ before                                             # keys of earlier chunks (and the state)
+    inter = qc @ before.to(qc.dtype)                                # keys of earlier chunks (and the state)
     within = causal_mask(chunk_size, chunk_size, q.device)          # keys j <= i inside the chunk
     intra = ((qc @ kc.transpose(-2, -1)) * within) @ vc
-    out = (inter + intra).reshape(b, h, n * chunk_size, e)[:, :, :length]
+    out = (inter.to(before.dtype) + intra.to(before.dtype)).reshape(b, h, n * chunk_size, e)[:, :, :length]
     return out, final if output_final_state else None
