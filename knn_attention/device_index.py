@@ -102,7 +102,7 @@ def blocked_top_k(q: torch.Tensor, k: torch.Tensor, top_k: int, *, causal: bool 
     """Exact top-k keys of every query by q . k: q (B, H, Nq, D), k (B, H, Nk, D) -> :class:`TopK` (B, H, Nq, k).
 
     Keys are scored ``key_block`` at a time and merged into the running top-k (memory O(B H Nq (key_block + k)));
-    default: blocks of about 2^26 / (B H Nq) keys (a 256 MB float32 block of scores), at least 256.
+    default: blocks of about 2^26 / (B H Nq) keys (a 256 MB float32 block of scores), at least max(256, 4 k).
     Under ``causal`` only keys j < limit_i are returned (module docstring); key blocks that no query may read are
     skipped, and a block is scored only for the queries that may read some of it. A query with fewer than k
     allowed keys (early causal rows, or k > Nk) gets -inf / -1 in its last slots.
@@ -110,10 +110,10 @@ def blocked_top_k(q: torch.Tensor, k: torch.Tensor, top_k: int, *, causal: bool 
     _check(q, k, top_k, causal_block)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
-    key_block = (max(256, _CHUNK_ELEMENTS // max(1, b * h * nq)) if key_block is None
+    width = min(top_k, nk)
+    key_block = (max(256, 4 * width, _CHUNK_ELEMENTS // max(1, b * h * nq)) if key_block is None
                  else check_int(key_block, "key_block", "knn", minimum=1))
     dtype = _score_dtype(q.dtype)
-    width = min(top_k, nk)
     scores = q.new_full((b, h, nq, width), float("-inf"), dtype=dtype)
     indices = torch.full((b, h, nq, width), -1, dtype=torch.long, device=q.device)
     limits = _limits(nq, nk, causal, causal_block, q.device)
@@ -129,10 +129,14 @@ def blocked_top_k(q: torch.Tensor, k: torch.Tensor, top_k: int, *, causal: bool 
         if causal:
             ids = torch.arange(start, stop, device=q.device)
             block = block.masked_fill(ids >= limits[row:].unsqueeze(-1), float("-inf"))
-        # the block's own top-k, then the merge with the running top-k (2 k columns, not k + key_block)
-        found = block.topk(min(width, stop - start), dim=-1)
-        merged = torch.cat([scores[:, :, row:], found.values], dim=-1)
-        merged_ids = torch.cat([indices[:, :, row:], found.indices + start], dim=-1)
+        # the block's own top-k (when the block is wider than k), then the merge with the running top-k
+        if stop - start > width:
+            found = block.topk(width, dim=-1)
+            block, block_ids = found.values, found.indices + start
+        else:
+            block_ids = torch.arange(start, stop, device=q.device).expand(b, h, nq - row, stop - start)
+        merged = torch.cat([scores[:, :, row:], block], dim=-1)
+        merged_ids = torch.cat([indices[:, :, row:], block_ids], dim=-1)
         best = merged.topk(width, dim=-1)
         scores[:, :, row:] = best.values
         indices[:, :, row:] = merged_ids.gather(-1, best.indices)
@@ -176,20 +180,21 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 def _group_into_chunks(group: torch.Tensor, n_groups: int, chunk: int):
     """Lay out items (G, n) with group ids in [0, n_groups) so that each group fills whole chunks of ``chunk``
     slots: returns (slots (G, S) item ids with -1 pads, S = chunk ceil((n + n_groups (chunk - 1)) / chunk), a
-    static bound; chunk_group (G, S / chunk) the group of each chunk, n_groups - 1 for the unused ones).
-    Items keep their order within a group (stable sort)."""
+    static bound; chunk_group (G, S / chunk) the group of each chunk, n_groups - 1 for the unused ones; dest
+    (G, n) the slot of each item). Items keep their order within a group (stable sort)."""
     g, n = group.shape
     order = torch.argsort(group, dim=-1, stable=True)
     sorted_group = group.gather(1, order)
     counts = _count(group, n_groups)
     padded = (counts + chunk - 1) // chunk * chunk
     rank = torch.arange(n, device=group.device) - _exclusive_cumsum(counts).gather(1, sorted_group)
-    dest = _exclusive_cumsum(padded).gather(1, sorted_group) + rank
+    dest_sorted = _exclusive_cumsum(padded).gather(1, sorted_group) + rank
+    dest = torch.empty_like(dest_sorted).scatter_(1, order, dest_sorted)
     n_chunks = math.ceil((n + n_groups * (chunk - 1)) / chunk)
-    slots = torch.full((g, n_chunks * chunk), -1, dtype=torch.long, device=group.device).scatter_(1, dest, order)
+    slots = torch.full((g, n_chunks * chunk), -1, dtype=torch.long, device=group.device).scatter_(1, dest_sorted, order)
     chunk_start = torch.arange(n_chunks, device=group.device) * chunk
     chunk_group = torch.searchsorted(padded.cumsum(-1), chunk_start.expand(g, n_chunks).contiguous(), right=True)
-    return slots, chunk_group.clamp_max(n_groups - 1)
+    return slots, chunk_group.clamp_max(n_groups - 1), dest
 
 
 def _rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -221,7 +226,7 @@ def build_device_cells(keys: torch.Tensor, nlist: int, cell_size: int, iteration
         counts = counts.view(g, nlist, 1)
         centroids = torch.where(counts > 0, sums.view(g, nlist, d) / counts.clamp_min(1), centroids)
     cell = _nearest_centroid(keys, centroids)
-    slots, _ = _group_into_chunks(cell, nlist, cell_size)
+    slots, _, _ = _group_into_chunks(cell, nlist, cell_size)
     chunk_keys = slots.view(g, -1, cell_size)
     vectors = _rows(keys, chunk_keys)
     valid = chunk_keys >= 0
@@ -242,7 +247,7 @@ def _search_cells(q: torch.Tensor, cells: DeviceCells, limits: torch.Tensor, top
     # step 3: sort the (query, probe) pairs by chunk, in tiles of `tile` pairs that share one chunk's keys
     pairs = n * nprobe
     tile = max(1, min(128, math.ceil(pairs / chunks)))
-    slots, tile_chunk = _group_into_chunks(probes.reshape(g, pairs), chunks, tile)
+    slots, tile_chunk, dest = _group_into_chunks(probes.reshape(g, pairs), chunks, tile)
     tiles = tile_chunk.shape[1]
     pair_query = torch.where(slots >= 0, slots // nprobe, -1).view(g, tiles, tile)
     tile_keys = cells.chunk_keys.gather(1, tile_chunk.unsqueeze(-1).expand(g, tiles, size))
@@ -251,10 +256,9 @@ def _search_cells(q: torch.Tensor, cells: DeviceCells, limits: torch.Tensor, top
     query_limit = torch.cat([limits, limits.new_zeros(1)])[pair_query]  # pads: limit 0
     scores = scores.masked_fill((tile_keys.unsqueeze(2) < 0) | (tile_keys.unsqueeze(2) >= query_limit.unsqueeze(-1)),
                                 float("-inf"))
-    # back to (query, probe) order; pad slots land in a spare row that is dropped
-    target = torch.where(slots >= 0, slots, pairs).view(g, tiles * tile, 1).expand(g, tiles * tile, size)
-    candidates = scores.new_full((g, pairs + 1, size), float("-inf")).scatter_(
-        1, target, scores.view(g, tiles * tile, size))[:, :pairs].reshape(g, n, nprobe * size)
+    # back to (query, probe) order: pair p's scores sit in slot dest[p]
+    candidates = scores.view(g, tiles * tile, size).gather(1, dest.unsqueeze(-1).expand(g, pairs, size))
+    candidates = candidates.view(g, n, nprobe * size)
     best = candidates.topk(min(top_k, nprobe * size), dim=-1)
     chunk = probes.gather(-1, best.indices // size)
     ids = cells.chunk_keys.view(g, 1, -1).expand(g, n, chunks * size).gather(-1, chunk * size + best.indices % size)
