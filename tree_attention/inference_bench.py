@@ -6,15 +6,17 @@ The report decodes WikiText-2 with pretrained GPT-2, each query attending throug
 replaced by tree attention (causal, whole blocks at once, which equals token-by-token decoding because each query
 only reads its prefix), on ``percentage_of_test_set`` % of the validation split starting at ``offset`` %.
 The running perplexity after each batch of blocks is appended to
-``tree_attention/out/perplexity_<method>_<e>_<pct>_<offset>.txt`` (``..._count.txt`` for ``--bud_value count``).
-``--bud_value report`` (default) combines the buds as the report does, ``count`` weights each bud by its key count
-(exact at e = 1). Each run also records the inner products per query that the descents spent (mean over blocks
-and layers), by position.
+``<out>/perplexity_<method>_<e>_<pct>_<offset>_<bud_value>.txt`` (``--out``, default ``tree_attention/out``).
+``--bud_value count`` (default; the README's tables' 'count' rows) weights each bud by its key count (exact at
+e = 1); ``report`` combines the buds as the report does. The descent expands min(P, T - buds) buds per round
+(``--expansions needed``, default, as in the README's tables) or P per round as the report's code does
+(``--expansions P``). Each run also records the inner products per query that the descents spent (mean over
+blocks and layers), by position.
 
     python -m tree_attention.inference_bench alignment 0.5 5 0
     python -m tree_attention.inference_bench --table --seeds 3 alignment 0.5 4 0
         # every method x e in 0.2..0.9 x both bud values x 3 seeds, beside exact, on 4 % of the split from 0 %
-        # (in --table mode the method and e positionals are not used)
+        # (in --table mode the method and e positionals are not used); assets/tree_perplexity.{csv,png}
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from common import plotting
 
 from .mass_estimators import METHODS
 from .np_attention import BUD_VALUES
+from .tree import EXPANSION_RULES
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+LOG_DIR = Path(__file__).resolve().parent / "out"  # a single run's running-perplexity log, unless --out
 
 
 def validation_blocks(pct: float, offset: float, block_size: int) -> torch.Tensor:
@@ -74,19 +77,20 @@ def inner_products_by_position(model) -> torch.Tensor:
     return torch.stack(counts).mean(0)
 
 
-def run_one(model, method: str, e: float, pct: float, offset: float, seed: int = 0, bud_value: str = "report",
-            log: bool = True, batch: int = 16) -> tuple[float, torch.Tensor]:
-    """Perplexity and inner products per query by position (for exact: l, every key)."""
+def run_one(model, method: str, e: float, pct: float, offset: float, seed: int = 0, bud_value: str = "count",
+            log_dir: Path | None = None, batch: int = 16, expansions: str = "needed") -> tuple[float, torch.Tensor]:
+    """Perplexity and inner products per query by position (for exact: l, every key); the running perplexity is
+    appended to a file in ``log_dir`` (module docstring) unless it is None."""
     blocks = validation_blocks(pct, offset, model.config.block_size)
     if method == "exact":
         model.set_attention("exact")
     else:
-        model.set_attention("tree", method=method, number_of_terms_exponent=e, seed=seed, bud_value=bud_value)
+        model.set_attention("tree", method=method, number_of_terms_exponent=e, seed=seed, bud_value=bud_value,
+                            expansions=expansions)
     log_path = None
-    if log:
-        OUT_DIR.mkdir(exist_ok=True)
-        suffix = "" if bud_value == "report" else f"_{bud_value}"
-        log_path = OUT_DIR / f"perplexity_{method}_{e}_{pct}_{offset}{suffix}.txt"
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"perplexity_{method}_{e}_{pct}_{offset}_{bud_value}.txt"
     ppl = perplexity(model, blocks, log_path, batch=batch)
     if method == "exact":
         return ppl, torch.arange(1, model.config.block_size + 1, dtype=torch.float64)
@@ -102,7 +106,9 @@ def main(argv=None):
     parser.add_argument("number_of_terms_exponent", nargs="?", type=float, default=0.5)
     parser.add_argument("percentage_of_test_set", nargs="?", type=float, default=5.0)
     parser.add_argument("offset", nargs="?", type=float, default=0.0)
-    parser.add_argument("--bud_value", default="report", choices=BUD_VALUES, help="bud combination (single run)")
+    parser.add_argument("--bud_value", default="count", choices=BUD_VALUES, help="bud combination (single run)")
+    parser.add_argument("--expansions", default="needed", choices=EXPANSION_RULES,
+                        help="round rule: 'needed' (T buds exactly) or 'P' (the report's P expansions per round)")
     parser.add_argument("--out_dir", default=None, help="nanoGPT checkpoint folder (default: the quick model)")
     parser.add_argument("--table", action="store_true",
                         help="every method x e x bud value x seed, beside exact (on the positional pct / offset)")
@@ -112,7 +118,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="1%% of the split, e in {0.3, 0.6}, 2 methods, 2 seeds")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder of a single run's log (default {LOG_DIR}) or of --table's CSV and figure "
+                             f"(default {plotting.ASSETS})")
     args = parser.parse_intermixed_args(argv)  # positionals may follow the options
     if args.out_dir:
         from nanoGPT.checkpoint import load_model
@@ -122,11 +130,13 @@ def main(argv=None):
         model, _ = get_quick_model(device=args.device)
     if not args.table:
         ppl, inner = run_one(model, args.attention_method, args.number_of_terms_exponent, args.percentage_of_test_set,
-                             args.offset, args.seed, args.bud_value)
-        print(f"{args.attention_method} e={args.number_of_terms_exponent} bud_value={args.bud_value}: perplexity "
+                             args.offset, args.seed, args.bud_value, args.out or LOG_DIR, expansions=args.expansions)
+        print(f"{args.attention_method} e={args.number_of_terms_exponent} bud_value={args.bud_value} "
+              f"expansions={args.expansions}: perplexity "
               f"{ppl:.4f}; inner products per query {inner.mean():.2f} on average (exact: "
               f"{(model.config.block_size + 1) / 2:.1f}), {inner[-1]:.2f} at l = {model.config.block_size}")
         return ppl
+    out = args.out or plotting.ASSETS
     methods, exponents, pct, bud_values = list(METHODS), args.exponents, args.percentage_of_test_set, args.bud_values
     if args.quick:
         methods, exponents, pct, args.seeds = ["alignment", "uniform"], [0.3, 0.6], 1.0, 2
@@ -135,28 +145,28 @@ def main(argv=None):
     def row(method, bud_value, e, results):
         ppls = [r[0] for r in results]
         inner = torch.stack([r[1] for r in results]).mean(0)
-        out = dict(method=method, bud_value=bud_value, e=e, seeds=len(ppls), ppl_mean=mean(ppls),
+        out = dict(method=method, bud_value=bud_value, expansions=args.expansions, e=e, seeds=len(ppls), ppl_mean=mean(ppls),
                    ppl_std=stdev(ppls) if len(ppls) > 1 else 0.0, inner_products_mean=inner.mean().item())
         out.update({f"inner_products_l{l}": inner[l - 1].item() for l in POSITIONS_SHOWN if l <= len(inner)})
         return out
 
     # exact attention is deterministic: one run is its value for every seed
-    rows = [row("exact", "-", 1.0, [run_one(model, "exact", 1.0, pct, args.offset, log=False, batch=n_blocks)])]
+    rows = [row("exact", "-", 1.0, [run_one(model, "exact", 1.0, pct, args.offset, batch=n_blocks)])]
     for bud_value in bud_values:
         for method in tqdm(methods, desc=f"methods ({bud_value})"):
             for e in exponents:
-                results = [run_one(model, method, e, pct, args.offset, seed, bud_value, log=False, batch=n_blocks)
-                           for seed in range(args.seed, args.seed + args.seeds)]
+                results = [run_one(model, method, e, pct, args.offset, seed, bud_value, batch=n_blocks,
+                                   expansions=args.expansions) for seed in range(args.seed, args.seed + args.seeds)]
                 rows.append(row(method, bud_value, e, results))
     print(f"validation perplexity, {pct}% of the split from {args.offset}% ({n_blocks} blocks of "
-          f"{model.config.block_size}), seeds {args.seed}..{args.seed + args.seeds - 1}")
+          f"{model.config.block_size}), seeds {args.seed}..{args.seed + args.seeds - 1}, expansions={args.expansions}")
     print("| method | bud_value | e | perplexity (mean ± std over seeds) | inner products / query (mean) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['bud_value']} | {r['e']} | {r['ppl_mean']:.3f} ± {r['ppl_std']:.3f} | "
               f"{r['inner_products_mean']:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "tree_perplexity.csv").open("w", newline="") as f:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "tree_perplexity.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -172,7 +182,7 @@ def main(argv=None):
         ax.set_ylabel("validation perplexity (per character)")
         ax.set_title(f"bud_value = {bud_value!r}, {pct}% of val, {args.seeds} seeds", fontsize=9)
         ax.legend(fontsize=6)
-    print(f"wrote {plotting.save_figure(fig, args.out / 'tree_perplexity.png')}")
+    print(f"wrote {plotting.save_figure(fig, out / 'tree_perplexity.png')}")
     return rows
 
 

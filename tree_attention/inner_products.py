@@ -78,21 +78,21 @@ def main(argv=None) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, axes = plotting.new_figure(width=6.0, height=4.5)
-    ax = axes[0][0]
-    ax.plot(ls, ls, "k--", label="exact attention (l)")
-    styles = ["-", ":", "-."]
-    for i, method in enumerate(args.methods):
+    # one panel per method (their counts coincide, so lines of one plot would hide each other), one colour per e
+    fig, axes = plotting.new_figure(ncols=len(args.methods), width=4.5, height=4.0)
+    for ax, method in zip(axes[0], args.methods):
+        ax.plot(ls, ls, "k--", label="exact attention (l)")
         for j, e in enumerate(args.exponents):
             sel = [r for r in rows if r["method"] == method and r["e"] == e]
-            ax.plot([r["l"] for r in sel], [r["inner_products"] for r in sel], styles[i % 3], color=f"C{j}",
-                    label=f"{method}, e = {e}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("visible keys l (count)")
-    ax.set_ylabel("inner products per query (count)")
-    ax.set_title(f"tree descent, L = {args.L}, P = {args.P}, {args.data} q/k", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+            ax.plot([r["l"] for r in sel], [r["inner_products"] for r in sel], "o-", ms=3, color=f"C{j}",
+                    label=f"e = {e}")
+            ax.plot([r["l"] for r in sel], [r["T"] for r in sel], ":", color=f"C{j}", label=f"T = ceil(l^{e})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("visible keys l (count)")
+        ax.set_ylabel("inner products per query (count)")
+        ax.set_title(f"{method}: L = {args.L}, P = {args.P}, {args.data} q/k", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
     print(f"wrote {plotting.save_figure(fig, args.out / f'tree_inner_products_P{args.P}.png')}")
     return rows
 

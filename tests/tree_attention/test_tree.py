@@ -225,7 +225,10 @@ def test_kernel_cli_reproduces_the_report_ratio(tmp_path, capsys):
 
 def test_inference_bench_on_a_tiny_trained_model(tmp_path, monkeypatch):
     """A tiny GPT trained for a few seconds: tree attention at e = 1 with count weights gives exact's
-    perplexity; the running perplexity is appended to out/perplexity_<method>_<e>_<pct>_<offset>.txt."""
+    perplexity; the running perplexity is appended to <out>/perplexity_<method>_<e>_<pct>_<offset>_<bud_value>.txt;
+    a single run of main() writes it to --out (issue 17: it was ignored) with bud_value 'count' by default (the
+    README tables' 'count' rows)."""
+    import nanoGPT.quick_model
     from nanoGPT.data_loader import load_split
     from nanoGPT.model import GPT, GPTConfig
     from tree_attention import inference_bench
@@ -239,15 +242,21 @@ def test_inference_bench_on_a_tiny_trained_model(tmp_path, monkeypatch):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    monkeypatch.setattr(inference_bench, "OUT_DIR", tmp_path)
-    exact, ip_exact = inference_bench.run_one(model, "exact", 1.0, 0.5, 10.0)
+    exact, ip_exact = inference_bench.run_one(model, "exact", 1.0, 0.5, 10.0, log_dir=tmp_path)
     tree, ip_tree = inference_bench.run_one(model, "alignment", 1.0, 0.5, 10.0, bud_value="count")
     assert exact < 40 and tree == pytest.approx(exact, rel=1e-9)  # trained: well below 65, the uniform guess
     assert torch.equal(ip_tree, ip_exact)  # e = 1: every key is a bud
-    sparse, ip_sparse = inference_bench.run_one(model, "alignment", 0.5, 0.5, 10.0, seed=1)
-    assert sparse > exact and (ip_sparse[4:] < ip_exact[4:]).all()
-    lines = (tmp_path / "perplexity_alignment_0.5_0.5_10.0.txt").read_text().split("\n")
+    sparse, ip_sparse = inference_bench.run_one(model, "alignment", 0.5, 0.5, 10.0, seed=1, log_dir=tmp_path)
+    assert sparse != pytest.approx(exact, rel=1e-6) and (ip_sparse[4:] < ip_exact[4:]).all()
+    lines = (tmp_path / "perplexity_alignment_0.5_0.5_10.0_count.txt").read_text().split("\n")
     assert float(lines[-2].split()[1]) == pytest.approx(sparse)
+    monkeypatch.setattr(nanoGPT.quick_model, "get_quick_model", lambda device="cpu": (model, None))
+    ppl = inference_bench.main(["alignment", "0.5", "0.5", "10", "--seed", "1", "--out", str(tmp_path / "single")])
+    assert ppl == pytest.approx(sparse)  # the default bud_value is 'count', the default rule 'needed'
+    assert (tmp_path / "single" / "perplexity_alignment_0.5_0.5_10.0_count.txt").exists()
+    report = inference_bench.main(["alignment", "0.5", "0.5", "10", "--seed", "1", "--bud_value", "report",
+                                   "--expansions", "P", "--out", str(tmp_path / "single")])
+    assert report != ppl and (tmp_path / "single" / "perplexity_alignment_0.5_0.5_10.0_report.txt").exists()
     with pytest.raises(ValueError, match="percentage_of_test_set"):
         inference_bench.validation_blocks(0, 0, 16)
 
