@@ -22,7 +22,7 @@ import torch
 
 from common.cli import script_parser
 
-from .experiments import SPEED_COLUMNS, load_inputs, plot_speed, speed_rows, stage_profile
+from .experiments import SPEED_COLUMNS, load_inputs, machine_label, plot_speed, speed_rows, stage_profile
 
 
 def parse_config(text: str) -> tuple[int, int]:
@@ -80,7 +80,7 @@ def main(argv=None) -> list[dict]:
         writer.writeheader()
         writer.writerows({"data": source, "n": args.n, "batch": args.batch, "num_bits": args.num_bits, **r}
                          for r in rows)
-    print(f"wrote {plot_speed(rows, source, args.n, args.out / f'{stem}.png')}")
+    print(f"wrote {plot_speed(rows, source, args.n, args.out / f'{stem}.png', machine_label(args.device))}")
     return rows
 
 

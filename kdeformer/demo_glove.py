@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common.cli import script_parser
 
-from .experiments import GLOVE_COLUMNS, glove_rows, load_inputs, plot_glove
+from .experiments import GLOVE_COLUMNS, glove_rows, load_inputs, machine_label, plot_glove
 
 
 def main(argv=None) -> list[dict]:
@@ -53,7 +53,7 @@ def main(argv=None) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=GLOVE_COLUMNS)
         writer.writeheader()
         writer.writerows({"data": source, "n": args.n, "batch": args.batch, **r} for r in rows)
-    print(f"wrote {plot_glove(rows, source, args.n, args.out / 'kdeformer_glove.png')}")
+    print(f"wrote {plot_glove(rows, source, args.n, args.out / 'kdeformer_glove.png', machine_label(args.device))}")
     return rows
 
 

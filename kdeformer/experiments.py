@@ -94,8 +94,14 @@ def glove_rows(q, k, v, budgets, repeats: int, seed: int, progress: bool = True)
     return rows
 
 
-def plot_glove(rows: list[dict], source: str, n: int, path: Path) -> Path:
-    """Error vs budget and error vs time, one curve per row label of :data:`GLOVE_METHODS`."""
+def machine_label(device) -> str:
+    """Where the times were measured, for the figures: the device and, on a CPU, torch's thread count."""
+    return f"{device}, {torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else str(device)
+
+
+def plot_glove(rows: list[dict], source: str, n: int, path: Path, machine: str = "cpu") -> Path:
+    """Error vs budget and error vs time, one curve per row label of :data:`GLOVE_METHODS`; ``machine`` says where
+    the times come from (:func:`machine_label`)."""
     fig, axes = plotting.new_figure(ncols=2)
     budget_ax, time_ax = axes[0]
     for label, (name, _) in GLOVE_METHODS.items():
@@ -109,7 +115,7 @@ def plot_glove(rows: list[dict], source: str, n: int, path: Path) -> Path:
     budget_ax.set_xscale("log", base=2)
     budget_ax.set_xlabel("budget num_feats (features / samples / 2 x bucket size)")
     time_ax.set_xscale("log")
-    time_ax.set_xlabel("median time per call (s), shared 2-core CPU")
+    time_ax.set_xlabel(f"median time per call (s), {machine}")
     for ax in (budget_ax, time_ax):
         ax.set_yscale("log")
         ax.set_ylabel("relative spectral error of output")
@@ -175,8 +181,9 @@ def stage_profile(q, k, v, config, num_bits: int, seed: int) -> dict[str, float]
     return stages
 
 
-def plot_speed(rows: list[dict], source: str, n: int, path: Path) -> Path:
-    """Error vs speed-up of every KDEformer configuration, one marker per dtype, the goal region shaded."""
+def plot_speed(rows: list[dict], source: str, n: int, path: Path, machine: str = "cpu") -> Path:
+    """Error vs speed-up of every KDEformer configuration, one marker per dtype, the goal region shaded; ``machine``
+    says where the times come from (:func:`machine_label`)."""
     fig, axes = plotting.new_figure(width=6.0, height=4.4)
     ax = axes[0][0]
     right = 1.1 * max(r["speedup"] for r in rows)
@@ -195,6 +202,7 @@ def plot_speed(rows: list[dict], source: str, n: int, path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("speed-up over exact attention (x, median time, same run)")
     ax.set_ylabel("relative spectral error of output")
-    ax.set_title(f"{source}\nn = {n}, shared 2-core CPU; labels bucket_size:sample_size", fontsize=9)
+    causal = "causal" if rows[0]["causal"] else "non-causal"
+    ax.set_title(f"{source}\nn = {n}, {causal}, {machine}; labels bucket_size:sample_size", fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below the axes: it hides no point
     return plotting.save_figure(fig, path)

@@ -17,17 +17,32 @@ Implementation: both parts are one attention per block. Query block b attends to
 All blocks go through one batched ``scaled_dot_product_attention`` over a (B*H, blocks, rows, D) layout, so
 there is no Python loop over blocks or queries and the per-row max subtraction of the fused softmax keeps float32
 from overflowing; float64 inputs are computed in float64 (the error experiments). :func:`kde_partial` gives the
-same estimate as separate sums (numerator, normaliser; :class:`common.partial_sums.PartialSums`) where pieces must
-be merged (causal attention) or the sums themselves are of interest (the unbiasedness test).
+same estimate as separate sums (numerator, normaliser; :class:`common.partial_sums.PartialSums`), mergeable with
+other pieces, where the sums themselves are of interest (the unbiasedness test).
 
-Causal attention (our choice, following HyperAttention, Han et al. 2023, Sec. 4 / Alg. 4): the n x n causal mask
-is split recursively into two causal diagonal halves and one full off-diagonal block (later queries x earlier
-keys). After L levels (the first L with ceil(n / 2^L) <= ``min_seq_len``) the 2^L diagonal chunks are computed
-exactly with a causal mask, and at level l the 2^l off-diagonal blocks by the non-causal approximation above;
-each level is one batched call (its blocks folded into the head dimension). Every key a query reads lies in its
-past by construction: the approximated blocks only contain earlier keys, so the LSH blocks and the residual
-sample of such a block are past keys only (tested by changing future keys). With Nk > Nq the Nk - Nq keys before
-the first query are visible to every query and are one more non-causal block.
+Causal attention (issue 13; the diagonal/off-diagonal split of HyperAttention, Han et al. 2023, Sec. 4, flattened
+into ONE fused call so that causal costs about what non-causal costs; :func:`causal_kde_output`). The positions are
+cut into diagonal chunks of ``chunk_size`` (C). The queries of a chunk are sorted by their LSH bucket and cut into
+G = 4 tiles of C / 4 (G = 2 or 1 when C is not divisible), so a tile holds queries of one chunk with similar codes.
+Each tile attends, in one SDPA call over all tiles, to
+
+1. its own chunk's C keys, block-causal (key position <= query position): the diagonal tile, exact;
+2. an LSH window of ``bucket_size`` keys from the strictly earlier chunks: the past keys sorted by (bucket, position)
+   and the window centred on the rank of the tile's median query code among them, exact;
+3. the residual of the earlier chunks by stratified samples: every full chunk c' (a stratum) draws
+   ceil(2 m / strata) keys with KDEformer's p_j ∝ ||v_j|| / ||V_c'||_op + 1/C normalised inside c', weight
+   1 / (p_j m_c'); a tile of chunk c reads the samples of the strata c' < c, minus those in its LSH window. Over
+   the sequence a query reads about ``sample_size`` samples on average (the last ones 2 m, the first ones few,
+   whose past is short), each stratum sampled at the same rate.
+
+The sums over 1-3 are disjoint and 3 is unbiased for what 1-2 leave out of the query's past, as in the non-causal
+case. Causality is exact by construction: the window is a rank range among past keys (computed from prefix counts
+of the sorted order, which future keys do not change), the strata lie before the chunk, and their probabilities use
+their own values only; changing any future key or value leaves earlier outputs bit-identical (tested). The tile
+grouping does depend on the codes of later queries of the same chunk (as the query blocks of HyperAttention's and
+KDEformer's non-causal sort do). No recursion: every part is one tile of the same call; with ``bucket_size >= Nk``
+the window covers the whole past and the call is exact causal attention. Nq < Nk (the queries are the last Nq
+positions) takes the same path; only the chunks holding queries form tiles.
 """
 from __future__ import annotations
 
@@ -39,12 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from common.attention import AttentionMethod, causal_mask, gather_rows
+from common.attention import AttentionMethod, causal_query_positions, gather_rows
 from common.partial_sums import PartialSums, from_logits
 from common.registry import register
 from common.validation import check_int
 
-from .lsh import random_projections, sort_by_bucket
+from .lsh import bucket_positions, random_projections, sort_by_bucket
 
 
 def operator_norm(v: torch.Tensor, iterations: int = 8, generator=None) -> torch.Tensor:
@@ -163,19 +178,96 @@ def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_s
     return from_logits(logits, up(blocks.values), "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
-def exact_partial(q, k, v, scale: float, causal: bool) -> PartialSums:
-    """Exact sums over all keys (causal: j <= i + Nk - Nq), in :func:`accumulation_dtype`."""
-    up = lambda t: t.to(accumulation_dtype(t.dtype))
-    logits = torch.matmul(up(q), up(k).transpose(-1, -2)) * scale
-    if causal:
-        logits = logits.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    return from_logits(logits, up(v))
+def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int, chunk_size: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Causal KDEformer (module docstring, "Causal attention"): diagonal chunks exact and block-causal, an LSH
+    window of earlier keys, stratified residual samples of the earlier chunks, all in one fused attention call;
+    (B, H, Nq, Dv). The stages carry the same ``torch.profiler`` labels as :func:`kde_blocks`."""
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[-1]
+    dev = q.device
+    acc = accumulation_dtype(q.dtype)
+    C = min(chunk_size, nk)
+    K = min(bucket_size, nk)
+    groups = next(g for g in (4, 2, 1) if C % g == 0)
+    Q = C // groups
+    first, last = (nk - nq) // C, (nk - 1) // C
+    n_qc = last - first + 1
+    chunk_start = (first + torch.arange(n_qc, device=dev)) * C  # (n_qc,) first key position of each query chunk
+    with record_function("kdeformer.lsh_sort"):
+        projections = random_projections(d, num_bits, generator, acc, dev)
+        code_k, code_q = bucket_positions(k, projections), bucket_positions(q, projections)
+        big = 2 ** num_bits  # code of an empty query slot: sorts last
+        # query slots: (chunk, offset) of each query position; empty slots where no query is
+        slot_of_query = causal_query_positions(nq, nk, dev) - first * C  # (Nq,) in [0, n_qc * C)
+        slot_code = torch.full((b, h, n_qc * C), big, dtype=code_q.dtype, device=dev)
+        slot_code[:, :, slot_of_query] = code_q
+        sorted_code, order = torch.sort(slot_code.view(b, h, n_qc, C), dim=-1, stable=True)
+        slot_pos = chunk_start.view(n_qc, 1) + order  # (B, H, n_qc, C) key-sequence position of each sorted slot
+        slot_query = slot_pos - (nk - nq)  # query index; outside [0, Nq) for empty slots
+        slot_valid = (slot_query >= 0) & (slot_query < nq) & (slot_pos < nk)
+        n_valid = slot_valid.sum(-1, keepdim=True)  # >= 1 for every query chunk
+        mid = torch.minimum(torch.arange(groups, device=dev) * Q + Q // 2, n_valid - 1)  # (B, H, n_qc, G)
+        tile_code = torch.gather(sorted_code, -1, mid)
+        # keys sorted by (code, position); past[c, x]: the x-th sorted key lies before chunk c
+        code_s, perm_k = torch.sort(code_k, dim=-1, stable=True)
+        past_count = F.pad(torch.cumsum(perm_k.unsqueeze(2) < chunk_start.view(n_qc, 1), dim=-1), (1, 0))
+        # (B, H, n_qc, Nk + 1): past keys among the first x sorted keys
+        n_past = chunk_start.view(1, 1, n_qc, 1)  # keys before chunk c (all of them are past for its queries)
+        start = torch.gather(past_count, -1, torch.searchsorted(code_s, tile_code.reshape(b, h, n_qc * groups)).view(
+            b, h, n_qc, groups))  # rank among the past keys of the tile's code
+        lo = torch.minimum((start - K // 2).clamp_min(0), (n_past - K).clamp_min(0))
+        ranks = lo.unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, n_qc, G, K)
+        window_valid = ranks < n_past.unsqueeze(-1)
+        where = torch.searchsorted(past_count[..., 1:].contiguous(), (ranks + 1).view(b, h, n_qc, groups * K))
+        window = torch.gather(perm_k, -1, where.clamp_max(nk - 1).view(b, h, n_qc * groups * K)).view(b, h, n_qc, groups, K)
+    own = chunk_start.view(n_qc, 1) + torch.arange(C, device=dev)  # (n_qc, C) positions of each chunk's keys
+    keys_index = [own.clamp_max(nk - 1).view(n_qc, 1, C).expand(b, h, n_qc, groups, C), window]
+    bias_tile = [torch.zeros(b, h, n_qc, groups, K, dtype=acc, device=dev).masked_fill(~window_valid, float("-inf"))]
+    n_strata = last  # key chunks 0 .. last - 1 are full and lie before the last query chunk
+    if sample_size > 0 and n_strata > 0:
+        with record_function("kdeformer.residual_sample"):
+            per = math.ceil(2 * sample_size / n_strata)  # a query reads sample_size of them on average
+            probs = residual_probabilities(v[:, :, : n_strata * C].reshape(b, h * n_strata, C, dv), generator)
+            local = torch.multinomial(probs.view(b * h * n_strata, C), per, replacement=True, generator=generator)
+            log_w = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(b, h, n_strata * per)
+            stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,)
+            samples = (local.view(b, h, n_strata, per) + (torch.arange(n_strata, device=dev) * C).view(-1, 1)).view(
+                b, h, n_strata * per)
+            rank_s = torch.empty_like(perm_k).scatter_(-1, perm_k, torch.arange(nk, device=dev).expand(b, h, nk))
+            past_rank = torch.gather(past_count, -1, torch.gather(rank_s, -1, samples).unsqueeze(2).expand(
+                b, h, n_qc, samples.shape[-1]))  # (B, H, n_qc, M)
+            in_window = (past_rank.unsqueeze(3) >= lo.unsqueeze(-1)) & (past_rank.unsqueeze(3) < lo.unsqueeze(-1) + K)
+            m_all = n_strata * per
+            usable = (stratum * C < chunk_start.view(n_qc, 1)).view(1, 1, n_qc, 1, m_all) & ~in_window
+            keys_index.append(samples.view(b, h, 1, 1, m_all).expand(b, h, n_qc, groups, m_all))
+            bias_tile.append(log_w.view(b, h, 1, 1, m_all).masked_fill(~usable, float("-inf")))
+    with record_function("kdeformer.gather"):
+        index = torch.cat(keys_index, dim=-1)  # (B, H, n_qc, G, L)
+        q_rows = slot_query.clamp(0, nq - 1).view(b, h, n_qc, groups, Q)
+        qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
+        qpos = slot_pos.view(b, h, n_qc, groups, Q, 1)
+        own_ok = (own.view(n_qc, 1, 1, C) <= qpos) & (own.view(n_qc, 1, 1, C) < nk)  # (B, H, n_qc, G, Q, C)
+        own_bias = torch.zeros(own_ok.shape, dtype=acc, device=dev).masked_fill(~own_ok, float("-inf"))
+        rest = torch.cat(bias_tile, dim=-1).unsqueeze(4).expand(b, h, n_qc, groups, Q, -1)
+        bias = torch.cat([own_bias, rest], dim=-1).to(q.dtype)
+    with record_function("kdeformer.block_attention"):
+        L = index.shape[-1]
+        out = F.scaled_dot_product_attention(qt.reshape(b * h, n_qc * groups, Q, d), kt.reshape(b * h, n_qc * groups, L, d),
+                                             vt.reshape(b * h, n_qc * groups, L, dv),
+                                             attn_mask=bias.reshape(b * h, n_qc * groups, Q, L),
+                                             scale=scale)
+    with record_function("kdeformer.unsort"):
+        dest = torch.where(slot_valid, slot_query, nq).view(b, h, n_qc * C)
+        inverse = torch.zeros(b, h, nq + 1, dtype=torch.long, device=dev).scatter_(
+            -1, dest, torch.arange(n_qc * C, device=dev).expand(b, h, -1))[:, :, :nq]
+        return gather_rows(out.view(b, h, n_qc * C, dv), inverse)
 
 
 @register("kdeformer")
 class KDEformerAttention(AttentionMethod):
     """KDEformer attention (module docstring). Options: num_bits r (7), bucket_size (64), sample_size (64),
-    min_seq_len (causal: diagonal chunks at most this long are exact; default 2 * bucket_size), seed.
+    chunk_size (causal: the exact block-causal diagonal chunks; default bucket_size), seed.
 
     A bucket_size larger than the keys of a call (e.g. a short prompt while decoding) is clamped to Nk, which makes
     the call exact, and said once per instance (``warnings.warn``). sample_size may exceed Nk: the residual samples
@@ -187,13 +279,13 @@ class KDEformerAttention(AttentionMethod):
     randomized = True
 
     def __init__(self, num_bits: int = 7, bucket_size: int = 64, sample_size: int = 64,
-                 min_seq_len: int | None = None, seed: int | None = None, check_finite: bool = True):
+                 chunk_size: int | None = None, seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.num_bits = check_int(num_bits, "num_bits", "kdeformer", minimum=1)
         self.bucket_size = check_int(bucket_size, "bucket_size", "kdeformer", minimum=1)
         self.sample_size = check_int(sample_size, "sample_size", "kdeformer", minimum=0)
-        self.min_seq_len = 2 * bucket_size if min_seq_len is None else check_int(
-            min_seq_len, "min_seq_len", "kdeformer", minimum=1)
+        self.chunk_size = self.bucket_size if chunk_size is None else check_int(
+            chunk_size, "chunk_size", "kdeformer", minimum=1)
         self._warned_clamp = False
 
     def _options(self, device):
@@ -210,38 +302,12 @@ class KDEformerAttention(AttentionMethod):
         """One LSH block holding every key is exact attention (no residual is left to sample), causal or not."""
         return {"bucket_size": n_keys, "sample_size": 0}
 
-    def _causal(self, q, k, v, scale) -> PartialSums:
-        """HyperAttention's recursive causal split of a square (n x n) mask, one batched call per level."""
-        b, h, n, d = q.shape
-        levels = max(0, math.ceil(math.log2(n / self.min_seq_len)))
-        chunk = math.ceil(n / 2 ** levels)
-        padded = chunk * 2 ** levels
-        # zero rows at the end: padded keys are in every real query's future, so never read; padded queries dropped
-        q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
-        fold = lambda t, parts: t.reshape(b, h * parts, padded // parts, t.shape[-1])
-        leaves = exact_partial(fold(q, 2 ** levels), fold(k, 2 ** levels), fold(v, 2 ** levels), scale, True)
-        parts = leaves.map_queries(lambda t: t.reshape(b, h, padded, t.shape[-1]))
-        for level in range(levels):
-            segments, half = 2 ** level, padded // 2 ** (level + 1)
-            halves = lambda t, i: t.view(b, h, segments, 2, half, t.shape[-1])[:, :, :, i].reshape(
-                b, h * segments, half, t.shape[-1])
-            off = kde_partial(halves(q, 1), halves(k, 0), halves(v, 0), scale, *self._options(q.device))
-            # the off-diagonal sums belong to the right halves; left halves get an empty piece
-            off = off.map_queries(lambda t: t.view(b, h, segments, 1, half, t.shape[-1]))
-            off = PartialSums.cat([PartialSums.empty(off.den.shape, v.shape[-1], like=off.num), off], dim=3)
-            parts = parts.merge(off.map_queries(lambda t: t.reshape(b, h, padded, t.shape[-1])))
-        return parts.map_queries(lambda t: t[:, :, :n])
-
     def attend(self, q, k, v, causal, scale):
-        nq, nk = q.shape[2], k.shape[2]
-        self._warn_if_clamped(nk)
-        if not causal:
-            return kde_output(q, k, v, scale, *self._options(q.device))
-        parts = self._causal(q, k[:, :, nk - nq:], v[:, :, nk - nq:], scale)
-        if nk > nq:  # keys before the first query's position are visible to every query
-            parts = parts.merge(kde_partial(q, k[:, :, :nk - nq], v[:, :, :nk - nq], scale,
-                                            *self._options(q.device)))
-        return parts.output().to(q.dtype)
+        self._warn_if_clamped(k.shape[2])
+        if causal:
+            return causal_kde_output(q, k, v, scale, self.num_bits, self.bucket_size, self.sample_size,
+                                     self.chunk_size, self.generator(q.device))
+        return kde_output(q, k, v, scale, *self._options(q.device))
 
     @classmethod
     def budgets(cls, n_keys):

@@ -75,19 +75,19 @@ def test_residual_probabilities_normalised_and_follow_value_norms():
 
 @pytest.mark.parametrize("nq,nk", [(64, 64), (40, 64), (37, 37), (29, 50)])
 def test_causal_never_reads_future_and_is_exact_at_full_budget(nq, nk):
-    # (37, 37) and (29, 50): lengths that are no power of two times min_seq_len (the split pads the end)
+    # (37, 37) and (29, 50): lengths that are no multiple of chunk_size (the last chunk is partial)
     x = synthetic_qkv("gaussian", 1, 2, nq, nk, 8, dtype=torch.float64)
     attn = lambda k, v, **o: common.get_attention("kdeformer", seed=1, **o)(x.q, k, v, causal=True)
-    out = attn(x.k, x.v, bucket_size=8, sample_size=8, min_seq_len=8)
+    out = attn(x.k, x.v, bucket_size=8, sample_size=8, chunk_size=8)
     for seen in (1, 13, 20):  # query seen - 1 sits at position cut - 1; keys from cut on are the future
         cut = nk - nq + seen
         k2, v2 = x.k.clone(), x.v.clone()
         k2[:, :, cut:] = 50.0
         v2[:, :, cut:] = 1e4
-        out2 = attn(k2, v2, bucket_size=8, sample_size=8, min_seq_len=8)
+        out2 = attn(k2, v2, bucket_size=8, sample_size=8, chunk_size=8)
         torch.testing.assert_close(out[:, :, :seen], out2[:, :, :seen], rtol=1e-12, atol=1e-12)
         assert (out2[:, :, seen:] - out[:, :, seen:]).abs().max() > 1  # the future keys did change something
-    full = attn(x.k, x.v, bucket_size=nk, sample_size=0, min_seq_len=8)
+    full = attn(x.k, x.v, bucket_size=nk, sample_size=0, chunk_size=8)
     assert (full - common.softmax_attention(x.q, x.k, x.v, causal=True)).abs().max().item() < 1e-10
 
 
@@ -126,7 +126,7 @@ def test_operator_norm_by_power_iteration_is_a_close_lower_bound():
 def test_gradients_flow_and_match_exact_at_full_budget(causal):
     x = synthetic_qkv("gaussian", 1, 2, 48, 48, 8, dtype=torch.float64)
     grads = {}
-    for name, options in (("exact", {}), ("kdeformer", dict(bucket_size=48, sample_size=8, min_seq_len=12, seed=0))):
+    for name, options in (("exact", {}), ("kdeformer", dict(bucket_size=48, sample_size=8, chunk_size=12, seed=0))):
         q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
         out = common.get_attention(name, **options)(q, k, v, causal=causal)
         grads[name] = torch.autograd.grad((out * x.v[..., :1, :]).sum(), (q, k, v))
@@ -198,3 +198,14 @@ def test_bucket_larger_than_the_keys_clamps_exactly_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attn(x.q[:, :, -1:], x.k, x.v, causal=True)  # said once per instance
+
+
+def test_causal_error_falls_with_the_budget_in_one_fused_call():
+    # issue 13: the single-call causal construction (diagonal chunks, LSH window, stratified samples) converges:
+    # more residual samples, and a window covering the whole past, bring it to exact causal attention
+    x = synthetic_qkv("clustered", 1, 2, 256, 256, 16, dtype=torch.float64)
+    exact = common.softmax_attention(x.q, x.k, x.v, causal=True)
+    err = lambda **o: sum(((common.get_attention("kdeformer", chunk_size=16, seed=s, **o)(x.q, x.k, x.v, causal=True)
+                            - exact) ** 2).mean().item() for s in range(4))
+    assert err(bucket_size=16, sample_size=8) > 2 * err(bucket_size=16, sample_size=512)
+    assert err(bucket_size=256, sample_size=0) < 1e-24
