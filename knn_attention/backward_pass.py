@@ -15,12 +15,22 @@ Gumbel sampling, ``softmax_expectation.py``) give unbiased estimates at O(n l d)
     with c_is = G_i . v_{j_s} - G_i . O_i.
 
 (Unbiased given the exact O_i; with an approximate forward, O_i is the forward's estimate.)
+
+dV = A^T G is a product with the transpose of a stochastic matrix, which the paper estimates with one-step random
+walks instead (``dv_estimator='walk'``, ``random_walk.transpose_walk_estimate``): per column c of G, start at
+query i with probability proportional to G_ic + sigma_c >= 0, step j ~ A_i by lazy Gumbel sampling, histogram the
+endpoints, subtract sigma_c A^T 1 (estimated from uniform starts). It is unbiased for signed G; its variance
+against the scatter estimator is measured in ``tests/knn_attention/test_gradients.py`` and the README. dK does not
+reduce to one such product: its weight G_i . v_j - G_i . O_i depends on both ends of the step, so P^T would have to
+act on the d Dv entries of q_i G_i^T; dK keeps the scatter estimator.
 """
 from __future__ import annotations
 
 import torch
 
 from common.attention import gather_rows
+
+from .random_walk import transpose_walk_estimate
 
 
 def _scatter_rows(shape, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -46,15 +56,17 @@ def sampled_gradients(q, k, v, out, grad_out, samples, scale: float):
 class SampledGradientAttention(torch.autograd.Function):
     """Attention whose forward is any estimator and whose backward is :func:`sampled_gradients`.
 
-    ``forward_fn(q, k, v) -> out`` computes the forward; ``sample_fn(q, k) -> samples`` draws l samples of every
-    row's softmax at backward time (fresh randomness, independent of the forward's).
+    ``forward_fn(q, k, v) -> out`` computes the forward; ``sample_fn(q, k, rows=None) -> samples`` draws l samples
+    of every row's softmax at backward time (fresh randomness, independent of the forward's), or, given ``rows``
+    (B, H, R), one sample of each listed row. ``dv_walks``: None for the scatter estimator of dV, else the number
+    of random walks per column of G (module docstring), drawn with ``generator``.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, forward_fn, sample_fn, scale):
+    def forward(ctx, q, k, v, forward_fn, sample_fn, scale, dv_walks=None, generator=None):
         out = forward_fn(q, k, v)
         ctx.save_for_backward(q, k, v, out)
-        ctx.sample_fn, ctx.scale = sample_fn, scale
+        ctx.sample_fn, ctx.scale, ctx.dv_walks, ctx.generator = sample_fn, scale, dv_walks, generator
         return out
 
     @staticmethod
@@ -62,4 +74,7 @@ class SampledGradientAttention(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         samples = ctx.sample_fn(q, k)
         dq, dk, dv = sampled_gradients(q, k, v, out, grad_out, samples, ctx.scale)
-        return dq, dk, dv, None, None, None
+        if ctx.dv_walks is not None:
+            dv = transpose_walk_estimate(lambda rows, gen: ctx.sample_fn(q, k, rows).squeeze(-1), grad_out,
+                                         k.shape[2], ctx.dv_walks, ctx.generator).to(v.dtype)
+        return dq, dk, dv, None, None, None, None, None

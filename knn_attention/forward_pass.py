@@ -10,6 +10,16 @@ analysis), then one of three estimators of o_i = E_{j ~ softmax(s_i)}[v_j] runs:
         N_i = sum_{S_i} e^{s_ij} v_j + |T_i|/l sum_s e^{s_i j_s} v_{j_s},   D_i likewise with v = 1,   o_i = N_i / D_i.
     N_i and D_i are unbiased; the ratio is consistent.
 (c) ``gumbel``: l exact samples of softmax(s_i) by lazy Gumbel sampling, o_i = (1/l) sum_s v_{j_s}: unbiased.
+    With ``eps``/``delta`` the number of samples comes from the accuracy asked, not from n: l = g m samples,
+    o_i = the median of g means of m (``softmax_expectation.median_of_means_sizes``), so that
+    P(|o_hat_ic - o_ic| > eps max_j |v_jc|) <= delta. With an approximate index (``ivf``, ``hnsw``) the Gumbel
+    cutoff is widened by ``tail_slack`` (default 'cauchy_schwarz', always valid) so the samples stay exact.
+(d) ``adaptive``: the index retrieves up to ``k_max`` keys (default 4k); each row keeps exactly the smallest
+    prefix of at least k of them, ranked by score, after which the mass that can remain outside,
+    (|P_i| - |S_i|) e^{s_(|S_i|)}, is at most ``tail_ratio`` times the mass inside (all k_max if none), and samples
+    the rest uniformly as in (b) (``softmax_expectation.adaptive_top_set``). Concentrated rows stop early with a
+    tail whose every sampled term is at most tail_ratio / l of the inside mass; flat rows take k_max keys and an
+    unbiased tail.
 
 Causal attention: query i may only read keys j <= p_i = i + Nk - Nq. Positions are cut into blocks of
 ``causal_block`` tokens (default k); S_i is the top-k among the keys of the blocks before p_i's block (an index
@@ -21,7 +31,7 @@ Index: ``flat`` / ``ivf`` / ``hnsw`` / ``torch`` (``index.py``) return per-query
 gathers those rows; ``ivf_blas`` (``ivf_blocked.py``, non-causal, (a) and (b) only) takes S_i = the keys of the
 probed k-means cells and evaluates the estimator cell by cell with dense matmuls, the fast path on a CPU.
 
-Gradients: ``gradient='autograd'`` differentiates the estimator (a) or (b) through the gathered keys (indices are
+Gradients: ``gradient='autograd'`` differentiates the estimator (a), (b) or (d) through the gathered keys (indices are
 held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators (``backward_pass.py``); the
 ``gumbel`` estimator only has the latter.
 """
@@ -41,11 +51,12 @@ from .backward_pass import SampledGradientAttention
 from .index import (EXACT_INDEX_TYPES, IndexOptions, SearchTimes, causal_local_keys, causal_top_k_indices,
                     top_k_indices)
 from .ivf_blocked import ivf_blocked_attention
-from .softmax_expectation import (expectation_estimate, lazy_gumbel_sample, retrieved_set,
-                                  sample_tail_uniform)
+from .softmax_expectation import (adaptive_top_set, expectation_estimate, lazy_gumbel_sample, median_of_means,
+                                  median_of_means_sizes, retrieved_set, sample_tail_uniform)
 
-ESTIMATORS = ("topk", "topk_uniform_tail", "gumbel")
+ESTIMATORS = ("topk", "topk_uniform_tail", "gumbel", "adaptive")
 GRADIENTS = ("autograd", "sampled")
+DV_ESTIMATORS = ("scatter", "walk")
 # Query chunk size is chosen so that a chunk's gathered keys hold about this many numbers.
 _CHUNK_ELEMENTS = 2 ** 24
 
@@ -61,7 +72,11 @@ class KNNAttention(AttentionMethod):
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
     index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
-    tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), seed.
+    tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), eps and delta
+    (median of means for 'gumbel'), tail_slack (widened Gumbel cutoff), k_max and tail_ratio ('adaptive'),
+    dv_estimator ('scatter' | 'walk': dV of gradient='sampled' by the paper's random walks, ``dv_walks`` per column
+    of G, default l Nq), seed.
+    Half precision (float16, bfloat16) is computed in float32 (:meth:`attend`).
     ``last_times`` holds the index build / search seconds of the last call.
     """
 
@@ -70,7 +85,10 @@ class KNNAttention(AttentionMethod):
     def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str = "topk_uniform_tail",
                  index: str = "flat", nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
                  ef_search: int = 64, causal_block: int | None = None, tail_block: int = 64,
-                 gradient: str | None = None, seed: int | None = None, check_finite: bool = True):
+                 gradient: str | None = None, eps: float | None = None, delta: float = 0.05,
+                 tail_slack: float | str | None = None, k_max: int | None = None, tail_ratio: float = 0.05,
+                 dv_estimator: str = "scatter", dv_walks: int | None = None,
+                 seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
@@ -87,11 +105,28 @@ class KNNAttention(AttentionMethod):
         if self.estimator == "gumbel" and self.gradient == "autograd":
             raise ValueError("knn: estimator='gumbel' has no autograd gradient (samples are discrete); "
                              "use gradient='sampled'")
-        needs_exact = self.estimator == "gumbel" or self.gradient == "sampled"
-        if needs_exact and index not in EXACT_INDEX_TYPES:
-            raise ValueError(f"knn: lazy Gumbel sampling (estimator='gumbel' or gradient='sampled') needs an exact "
-                             f"top-k index, one of {EXACT_INDEX_TYPES}, got index={index!r}: with an approximate "
-                             "index the tail bound is not guaranteed and samples would not follow the softmax")
+        self.eps, self.delta = eps, delta
+        if eps is not None:
+            if not 0 < eps < 1 or not 0 < delta < 1:
+                raise ValueError(f"knn: eps and delta must lie in (0, 1), got eps={eps!r}, delta={delta!r}")
+            if estimator != "gumbel" or num_samples is not None:
+                raise ValueError("knn: eps/delta set the number of samples of estimator='gumbel' (median of means); "
+                                 "use them with estimator='gumbel' and without num_samples")
+        needs_lists = self.estimator == "gumbel" or self.gradient == "sampled" or self.estimator == "adaptive"
+        if needs_lists and index == "ivf_blas":
+            raise ValueError(f"knn: estimator={estimator!r} / gradient={self.gradient!r} needs per-query top-k lists; "
+                             "index='ivf_blas' has none (use 'flat', 'torch', 'hnsw' or 'ivf')")
+        if tail_slack is None:
+            tail_slack = 0.0 if index in EXACT_INDEX_TYPES else "cauchy_schwarz"
+        if tail_slack != "cauchy_schwarz" and not (isinstance(tail_slack, (int, float)) and tail_slack >= 0):
+            raise ValueError(f"knn: tail_slack must be a number >= 0 or 'cauchy_schwarz', got {tail_slack!r}")
+        self.tail_slack = tail_slack
+        self.k_max = None if k_max is None else check_int(k_max, "k_max", "knn", minimum=1)
+        if not tail_ratio > 0:
+            raise ValueError(f"knn: tail_ratio must be > 0, got {tail_ratio!r}")
+        self.tail_ratio = tail_ratio
+        self.dv_estimator = check_choice(dv_estimator, "dv_estimator", "knn", DV_ESTIMATORS)
+        self.dv_walks = None if dv_walks is None else check_int(dv_walks, "dv_walks", "knn", minimum=1)
         self.last_times = SearchTimes()
         self._warned_clamp = False
 
@@ -100,7 +135,12 @@ class KNNAttention(AttentionMethod):
         top = retrieved_set(q, k, hits, counts, scale, local)
         gen = self.generator(q.device)
         if self.estimator == "gumbel":
-            return expectation_estimate(v, lazy_gumbel_sample(q, k, top, num, scale, gen)[0])
+            samples = lazy_gumbel_sample(q, k, top, num, scale, gen, self.tail_slack)[0]
+            if self.eps is not None:
+                return median_of_means(v, samples, median_of_means_sizes(self.eps, self.delta)[0])
+            return expectation_estimate(v, samples)
+        if self.estimator == "adaptive":
+            top = adaptive_top_set(top, hits.shape[-1], self._k_min, self.tail_ratio)
         v_top = gather_rows(v, top.indices)
         if self.estimator == "topk":
             return torch.einsum("bhqk,bhqkv->bhqv", torch.softmax(top.scores, -1), v_top)
@@ -112,9 +152,12 @@ class KNNAttention(AttentionMethod):
         tail_part = from_logits(tail_scores + log_w, gather_rows(v, tail_idx), "bhqs,bhqsv->bhqv")
         return exact_part.merge(tail_part).output()
 
-    def _samples(self, q, k, hits, counts, local, num, scale):
+    def _samples(self, q, k, hits, counts, local, num, scale, rows=None):
+        """l samples of every query's softmax row, or one sample of each query in ``rows`` (B, H, R)."""
         top = retrieved_set(q, k, hits, counts, scale, local)
-        return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device))[0]
+        if rows is not None:
+            q, top, num = q.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])), top.select(rows), 1
+        return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device), self.tail_slack)[0]
 
     def _attend_ivf_blocked(self, q, k, v, num, scale):
         nlist = self.index_options.nlist or 4 * default_budget(k.shape[2])
@@ -134,6 +177,9 @@ class KNNAttention(AttentionMethod):
                           "clamped to the keys available; warned once per instance)", stacklevel=4)
             self._warned_clamp = True
         top_k = default_budget(nk) if self.k is None else min(self.k, nk)
+        if self.eps is not None:
+            groups, per_group = median_of_means_sizes(self.eps, self.delta)
+            return top_k, groups * per_group
         return top_k, default_budget(nk) if self.num_samples is None else self.num_samples
 
     def attend(self, q, k, v, causal, scale):
@@ -147,6 +193,9 @@ class KNNAttention(AttentionMethod):
     def _attend(self, q, k, v, causal, scale):
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
         top_k, num = self._budgets(nk)
+        self._k_min = top_k
+        if self.estimator == "adaptive":  # the index retrieves up to k_max; each row keeps what it needs
+            top_k = min(nk, self.k_max or 4 * top_k)
         self.last_times = SearchTimes()
         if self.index == "ivf_blas":
             if causal:
@@ -171,7 +220,9 @@ class KNNAttention(AttentionMethod):
             if sampled:
                 outs.append(SampledGradientAttention.apply(
                     qc, k, v, lambda a, b, c, hc=hc, cc=cc, lc=lc: self._estimate(a, b, c, hc, cc, lc, num, scale),
-                    lambda a, b, hc=hc, cc=cc, lc=lc: self._samples(a, b, hc, cc, lc, num, scale), scale))
+                    lambda a, b, rows=None, hc=hc, cc=cc, lc=lc: self._samples(a, b, hc, cc, lc, num, scale, rows),
+                    scale, None if self.dv_estimator == "scatter" else self.dv_walks or num * qc.shape[2],
+                    self.generator(q.device)))
             else:
                 outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale))
         return torch.cat(outs, dim=2)

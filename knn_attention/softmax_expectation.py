@@ -18,11 +18,15 @@ is large enough to possibly win:
 
 The result is an exact sample of D_i. With |S_i| = k ~ sqrt(n), E[m] is O(n / k) = O(sqrt(n)), so a sample costs
 O(sqrt(n)) score evaluations instead of n (measured in tests/knn_attention and the efficiency script).
-The bound b_i is valid only if S_i holds the true top keys, so this needs an exact index (``flat``/``torch``).
+The bound b_i is valid only if S_i holds the true top keys (an exact index, ``flat``/``torch``). With an
+approximate index the cutoff is widened (Mussmann et al. 2017): B = M - b_i - c, where c bounds how far above b_i a
+missed key may score (:func:`tail_bound`; ``c='cauchy_schwarz'`` uses S |q_i| max |k_j|, valid for any index), and
+sampling stays exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +49,14 @@ class RetrievedSet:
     bound: torch.Tensor
     counts: torch.Tensor
     top_size: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "RetrievedSet":
+        """The retrieved sets of the queries ``rows`` (B, H, R) (repeats allowed), e.g. the starts of random walks."""
+        def pick(t):
+            index = rows.view(*rows.shape, *([1] * (t.dim() - 3))).expand(*rows.shape, *t.shape[3:])
+            return t.gather(2, index)
+        return RetrievedSet(*(pick(t) for t in (self.indices, self.allowed, self.scores, self.bound, self.counts,
+                                                  self.top_size)))
 
     @property
     def tail_size(self) -> torch.Tensor:
@@ -105,37 +117,95 @@ def sample_tail_uniform(top: RetrievedSet, num: int, generator: torch.Generator)
     return tail_rank_to_index(top, _uniform_ranks(top.tail_size, num, generator))
 
 
-def _distinct_ranks(tail: torch.Tensor, m: torch.Tensor, m_max: int, generator) -> torch.Tensor:
-    """Per row, the first m of m_max slots hold m distinct uniform ranks in [0, tail) (an m-subset).
+_MAX_REDRAW_ROUNDS = 200
 
-    Rows where m^2 > tail take the first m of a random permutation of the tail (O(tail)); the others draw with
-    replacement and redraw rows with a repeat (rejection keeps the subset uniform; repeats are rare there).
+
+def _distinct_ranks(tail: torch.Tensor, m: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each group g (a query's sample), m_g distinct ranks drawn uniformly from [0, tail_g): a uniform
+    m_g-subset, returned flat as (group id (M,), rank (M,)), M = sum m_g (no padding to the largest m).
+
+    Groups with 2 m > tail take the first m of a random order of their tail (O(tail) <= O(2 m)); the others draw
+    with replacement, keep one copy of each value and redraw the missing slots, until distinct. Both procedures
+    commute with any relabelling of the tail, so the subset they return is uniform among m-subsets. A redraw round
+    keeps each slot with probability >= 1/2, so the loop ends in O(log m) rounds; it is bounded all the same.
     """
-    ranks = _uniform_ranks(tail, m_max, generator)
-    slots = torch.arange(m_max, device=m.device)
-    live = slots < m.unsqueeze(-1)
-    dense = (m * m > tail).nonzero().squeeze(-1)
-    if dense.numel():
-        width = max(int(tail[dense].max().item()), m_max)
-        keys = torch.rand(dense.numel(), width, generator=generator, device=m.device, dtype=torch.float64)
-        keys = keys.masked_fill(torch.arange(width, device=m.device) >= tail[dense].unsqueeze(-1), 2.0)
-        ranks[dense] = keys.argsort(-1)[:, :m_max]
-    while True:
-        tagged = torch.where(live, ranks, -1 - slots)  # dead slots never collide
-        srt, order = tagged.sort(-1)
-        dup = torch.zeros_like(live)
-        dup.scatter_(-1, order[:, 1:], srt[:, 1:] == srt[:, :-1])
-        redo = (dup & live).any(-1).nonzero().squeeze(-1)
-        if redo.numel() == 0:
-            return ranks
-        ranks[redo] = _uniform_ranks(tail[redo], m_max, generator)
+    dev = m.device
+    dense = 2 * m > tail
+    groups, ranks = [], []
+    if dense.any():
+        g_dense = dense.nonzero().squeeze(-1)
+        sizes = tail[g_dense]
+        owner = torch.repeat_interleave(g_dense, sizes)
+        rank = torch.arange(int(sizes.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes,
+                                                                                      sizes)
+        order = torch.rand(owner.shape, generator=generator, device=dev, dtype=torch.float64).argsort()
+        order = order[owner[order].argsort(stable=True)]  # a random order of each group's tail, groups in order
+        owner, rank = owner[order], rank[order]
+        position = torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes,
+                                                                                      sizes)
+        keep = position < m[owner]
+        groups.append(owner[keep])
+        ranks.append(rank[keep])
+    sparse = (~dense & (m > 0)).nonzero().squeeze(-1)
+    if sparse.numel():
+        owner = torch.repeat_interleave(sparse, m[sparse])
+        rank = _uniform_ranks(tail[owner], 1, generator).squeeze(-1)
+        width = int(tail.max()) + 1
+        for _ in range(_MAX_REDRAW_ROUNDS):
+            key = owner * width + rank
+            srt, order = key.sort()
+            dup = torch.zeros_like(key, dtype=torch.bool)
+            dup[order[1:]] = srt[1:] == srt[:-1]  # every copy after the first of a (group, rank) pair
+            if not dup.any():
+                break
+            rank[dup] = _uniform_ranks(tail[owner[dup]], 1, generator).squeeze(-1)
+        else:
+            raise RuntimeError(f"knn: lazy Gumbel sampling could not draw distinct tail keys in "
+                               f"{_MAX_REDRAW_ROUNDS} rounds (tail sizes {tail.min().item()}..{tail.max().item()})")
+        groups.append(owner)
+        ranks.append(rank)
+    if not groups:
+        return m.new_zeros(0), m.new_zeros(0)
+    return torch.cat(groups), torch.cat(ranks)
 
 
-def lazy_gumbel_sample(q, k, top: RetrievedSet, num_samples: int, scale: float,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _tail_rank_to_index_flat(top: RetrievedSet, row: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """:func:`tail_rank_to_index` for ranks (M,) of rows ``row`` (M,) (flat ids over (B, H, Nq)): one searchsorted
+    on the rows' sorted retrieved ids laid end to end, each row offset by ``row * width`` so the whole is sorted."""
+    kk = top.indices.shape[-1]
+    counts = top.counts.reshape(-1)
+    width = int(counts.max()) + kk + 2
+    s_sorted = torch.where(top.allowed, top.indices, torch.full_like(top.indices, width)).sort(-1).values
+    shifted = (s_sorted - torch.arange(kk, device=ranks.device)).clamp_max(width - 1).reshape(-1, kk)
+    offsets = torch.arange(shifted.shape[0], device=ranks.device) * width
+    seq = (shifted + offsets.unsqueeze(-1)).reshape(-1)
+    found = torch.searchsorted(seq, ranks + offsets[row], right=True) - row * kk
+    return torch.minimum(ranks + found, counts[row] - 1)
+
+
+def tail_bound(q, k, top: RetrievedSet, scale: float, slack: float | str = 0.0) -> torch.Tensor:
+    """U_i >= s_ij for every tail key j of query i (B, H, Nq): the smallest retrieved score plus ``slack`` c (the
+    widened cutoff of Mussmann, Levy & Ermon 2017, Sec. 4: an approximate index whose misses score at most c above
+    its smallest hit keeps lazy Gumbel sampling exact with B = M - s_min - c), or, with ``slack='cauchy_schwarz'``,
+    S |q_i| max_{j in P_i} |k_j| (valid for any index, looser)."""
+    if slack == "cauchy_schwarz":
+        norms = k.detach().norm(dim=-1).double().cummax(-1).values  # (B, H, Nk) max norm of each prefix
+        prefix_max = norms.gather(-1, (top.counts - 1).clamp_min(0).expand(*norms.shape[:2], -1))
+        return scale * q.detach().double().norm(dim=-1) * prefix_max
+    return top.bound.double() + float(slack)
+
+
+def lazy_gumbel_sample(q, k, top: RetrievedSet, num_samples: int, scale: float, generator: torch.Generator,
+                       slack: float | str = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` exact samples of softmax(s_i) over P_i per query (steps 1-3 above).
 
-    Returns (indices (B, H, Nq, l), score evaluations per query (B, H, Nq): |S_i| + sum over samples of m).
+    Every sample s of query i draws its own tail count m_is ~ Binomial(|T_i|, P(G > B_is)); the m_is candidates of
+    all samples are laid end to end (no padding to the largest m), scored with one row-wise product and reduced per
+    sample with a scatter max, so the work is |S_i| + sum_s m_is score evaluations per query. ``slack``: see
+    :func:`tail_bound` (0 for an exact index).
+
+    Returns (indices (B, H, Nq, l), score evaluations per query (B, H, Nq): |S_i| plus the candidates actually
+    scored).
     """
     b, h, nq, kk = top.indices.shape
     dev = q.device
@@ -145,24 +215,85 @@ def lazy_gumbel_sample(q, k, top: RetrievedSet, num_samples: int, scale: float,
         perturbed = scores.double() - torch.log(-torch.log(u.clamp_min(1e-300)))
         best, arg = perturbed.max(-1)  # M and its slot, (B, H, Nq, l); M = -inf when S_i is empty
         winner = torch.gather(top.indices, 3, arg)
-        threshold = best - top.bound.unsqueeze(-1).double()  # B = M - b_i
+        threshold = best - tail_bound(q, k, top, scale, slack).unsqueeze(-1)  # B = M - U_i
+        if torch.isnan(threshold).any():
+            raise ValueError("knn: non-finite scores in lazy Gumbel sampling (the Gumbel cutoff is NaN)")
         p_beat = -torch.expm1(-torch.exp(-threshold))  # P(G > B), 1 when B = -inf
-        tail = top.tail_size.unsqueeze(-1).expand_as(p_beat)
-        m = torch.binomial(tail.double(), p_beat, generator=generator).long()
-        evaluations = top.top_size + m.sum(-1)
-        m_max = int(m.max().item()) if m.numel() else 0
-        if m_max == 0:
+        tail = top.tail_size.unsqueeze(-1).expand_as(p_beat).reshape(-1)
+        m = torch.binomial(tail.double(), p_beat.reshape(-1), generator=generator).long()
+        group, ranks = _distinct_ranks(tail, m, generator)
+        row = group // num_samples
+        evaluations = top.top_size + torch.bincount(row, minlength=b * h * nq).view(b, h, nq)
+        if group.numel() == 0:
             return winner, evaluations
-        ranks = _distinct_ranks(tail.reshape(-1), m.reshape(-1), m_max, generator)
-        cand = tail_rank_to_index(top, ranks.view(b, h, nq, num_samples * m_max)).view(b, h, nq, num_samples, m_max)
-        cand_scores = torch.einsum("bhqd,bhqsmd->bhqsm", q.detach(), gather_rows(k.detach(), cand)).double() * scale
+        cand = _tail_rank_to_index_flat(top, row, ranks)
+        head = row // nq
+        q_rows = q.detach().reshape(b * h * nq, -1).index_select(0, row)
+        k_rows = k.detach().reshape(b * h * k.shape[2], -1).index_select(0, head * k.shape[2] + cand)
+        cand_scores = torch.einsum("md,md->m", q_rows, k_rows).double() * scale
         u2 = torch.rand(cand.shape, generator=generator, device=dev, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log1p(-p_beat.unsqueeze(-1) * u2.clamp_min(1e-300)))  # G | G > B
-        live = torch.arange(m_max, device=dev) < m.unsqueeze(-1)
-        cand_best, cand_arg = (cand_scores + gumbel).masked_fill(~live, float("-inf")).max(-1)
-        take_tail = cand_best > best
-        winner = torch.where(take_tail, torch.gather(cand, 4, cand_arg.unsqueeze(-1)).squeeze(-1), winner)
-        return winner, evaluations
+        gumbel = -torch.log(-torch.log1p(-p_beat.reshape(-1)[group] * u2.clamp_min(1e-300)))  # G | G > B
+        value = cand_scores + gumbel
+        group_best = torch.full((b * h * nq * num_samples,), float("-inf"), device=dev, dtype=torch.float64)
+        group_best.scatter_reduce_(0, group, value, "amax")
+        tail_winner = torch.zeros(group_best.shape, dtype=torch.long, device=dev)
+        is_best = value == group_best[group]
+        tail_winner[group[is_best]] = cand[is_best]
+        take_tail = group_best.view_as(best) > best
+        return torch.where(take_tail, tail_winner.view_as(winner), winner), evaluations
+
+
+def adaptive_top_set(top: RetrievedSet, n_hits: int, k_min: int, tail_ratio: float) -> RetrievedSet:
+    """Keep, per query, the smallest prefix of the index's hits (ranked by score) whose outside mass is bounded
+    relative to the inside mass: the first r >= k_min with
+
+        (|P_i| - |S_i(r)|) e^{s_(r)} <= tail_ratio * sum_{j in S_i(r)} e^{s_ij},
+
+    s_(r) the r-th best hit score (every key outside S_i(r) scores at most s_(r) with an exact index), or all
+    ``n_hits`` hits if no prefix qualifies. The hits beyond the kept prefix join the tail (they are sampled like
+    any other tail key). ``top``'s first ``n_hits`` columns are the index's hits, the rest exact extra keys (the
+    causal own block), which always stay in S_i and count in the inside mass.
+    """
+    hit_scores = top.scores[..., :n_hits].detach().double()
+    order = hit_scores.argsort(-1, descending=True)
+    ranked = hit_scores.gather(-1, order)
+    extra = top.scores[..., n_hits:].detach().double()
+    log_inside = ranked.logcumsumexp(-1)
+    if extra.shape[-1]:
+        log_inside = torch.logaddexp(log_inside, extra.logsumexp(-1, keepdim=True))
+    inside = torch.isfinite(ranked).long().cumsum(-1) + top.allowed[..., n_hits:].sum(-1, keepdim=True)
+    outside = (top.counts.unsqueeze(-1) - inside).double()
+    ok = (outside.log() + ranked <= math.log(tail_ratio) + log_inside) | ~torch.isfinite(ranked)
+    ok &= torch.arange(1, n_hits + 1, device=ok.device) >= min(k_min, n_hits)
+    ok[..., -1] = True
+    keep_ranked = torch.arange(n_hits, device=ok.device) <= ok.long().argmax(-1, keepdim=True)
+    keep = torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked)
+    keep = torch.cat([keep, torch.ones_like(top.allowed[..., n_hits:])], -1)
+    allowed = top.allowed & keep
+    bound = top.scores.detach()[..., :n_hits].masked_fill(~allowed[..., :n_hits], float("inf")).amin(-1)
+    bound = torch.where(allowed[..., :n_hits].any(-1), bound, top.bound)
+    return replace(top, allowed=allowed, scores=top.scores.masked_fill(~allowed, float("-inf")), bound=bound,
+                   top_size=allowed.sum(-1))
+
+
+def median_of_means_sizes(eps: float, delta: float) -> tuple[int, int]:
+    """(groups g, samples per group m) for P(|o_hat_ic - o_ic| > eps R_c) <= delta, R_c = max_j |v_jc|.
+
+    A group mean of m samples has variance Var(v_Jc) / m <= R_c^2 / m, so by Chebyshev it misses by more than
+    eps R_c with probability <= 1 / (m eps^2) = 1/4 for m = ceil(4 / eps^2). The median of g group means misses
+    only if at least g/2 groups miss: P(Binomial(g, 1/4) >= g/2) <= exp(-2 g (1/4)^2) = exp(-g/8) (Hoeffding)
+    <= delta for g = ceil(8 ln(1/delta)). In all l = g m = O(log(1/delta) / eps^2) samples per query, independent
+    of n (Haris 2024, Thm. 4.2's sample count with the median-of-means boost).
+    """
+    return math.ceil(8 * math.log(1 / delta)) // 2 * 2 + 1, math.ceil(4 / eps ** 2)  # g odd: one median
+
+
+def median_of_means(values: torch.Tensor, samples: torch.Tensor, groups: int) -> torch.Tensor:
+    """Coordinate-wise median of ``groups`` means of consecutive sample groups: values (B, H, Nk, Dv), samples
+    (B, H, Nq, g m) -> (B, H, Nq, Dv) (see :func:`median_of_means_sizes`)."""
+    b, h, nq, num = samples.shape
+    means = gather_rows(values, samples).view(b, h, nq, groups, num // groups, -1).mean(4)
+    return means.median(3).values
 
 
 def expectation_estimate(values: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:

@@ -110,8 +110,14 @@ def test_bad_inputs():
         common.get_attention("knn", index="annoy")
     with pytest.raises(ValueError, match="unknown estimator"):
         common.get_attention("knn", estimator="nope")
-    with pytest.raises(ValueError, match="needs an exact top-k index"):
-        common.get_attention("knn", estimator="gumbel", index="ivf")
+    with pytest.raises(ValueError, match="needs per-query top-k lists"):
+        common.get_attention("knn", estimator="gumbel", index="ivf_blas")
+    with pytest.raises(ValueError, match="tail_slack must be a number >= 0"):
+        common.get_attention("knn", estimator="gumbel", tail_slack=-1.0)
+    with pytest.raises(ValueError, match="eps and delta must lie in"):
+        common.get_attention("knn", estimator="gumbel", eps=2.0)
+    with pytest.raises(ValueError, match="use them with estimator='gumbel' and without num_samples"):
+        common.get_attention("knn", estimator="topk", eps=0.1)
     with pytest.raises(ValueError, match="has no autograd gradient"):
         common.get_attention("knn", estimator="gumbel", gradient="autograd")
     with pytest.raises(ValueError, match="k contains non-finite"):

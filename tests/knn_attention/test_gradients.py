@@ -1,4 +1,5 @@
 """Hand-written and sampled gradients against autograd of exact attention (float64)."""
+import pytest
 import torch
 
 import common
@@ -56,3 +57,29 @@ def test_sampled_gradient_function_end_to_end_and_autograd_path():
     common.get_attention("knn", k=10, estimator="topk")(q, k, v, causal=True).backward(g)
     for t, r in zip((q, k, v), ref):
         torch.testing.assert_close(t.grad, r)
+
+
+def _sampled_dv_runs(x, g, dv_estimator, runs, causal):
+    out = []
+    for s in range(runs):
+        v = x.v.clone().requires_grad_()
+        common.get_attention("knn", k=3, num_samples=4, gradient="sampled", estimator="topk", index="torch",
+                             dv_estimator=dv_estimator, seed=s)(x.q, x.k, v, causal=causal).backward(g)
+        out.append(v.grad)
+    return torch.stack(out)
+
+
+@pytest.mark.slow
+def test_random_walk_dv_unbiased_like_scatter():
+    # dV = A^T G by the paper's one-step walks (signed G: shift, walk, subtract the shift term) through the knn
+    # module, causal (the harder case: own-block keys, rows of different lengths). For an unbiased estimator the
+    # mean of R runs has E||mean - ref||^2 = sum_c Var_c / R; over the 48 coordinates that sum concentrates (a
+    # chi-square-like total), so ||mean - ref||^2 <= 2 sum_c se_c^2 (se from the runs) holds unless there is a bias
+    # of about the size of the noise; the scatter estimator is held to the same test.
+    x = synthetic_qkv("gaussian", 1, 2, 8, 8, 4, value_dim=3, dtype=torch.float64, seed=2)
+    g = torch.randn(1, 2, 8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref = _autograd(x, g, True)[2]
+    for est in ("walk", "scatter"):
+        runs = _sampled_dv_runs(x, g, est, 200, True)
+        se2 = runs.var(0) / 200
+        assert ((runs.mean(0) - ref) ** 2).sum() <= 2 * se2.sum(), est

@@ -56,7 +56,9 @@ def test_bad_options():
         common.get_attention("knn", index="ivf_blas")(x.q, x.k, x.v, causal=True)
     with pytest.raises(ValueError, match="set nprobe and nlist instead of k"):
         common.get_attention("knn", index="ivf_blas", k=4)
-    with pytest.raises(ValueError, match="needs an exact top-k index"):
+    with pytest.raises(ValueError, match="needs per-query top-k lists"):
         common.get_attention("knn", index="ivf_blas", estimator="gumbel")
+    with pytest.raises(ValueError, match="needs per-query top-k lists"):
+        common.get_attention("knn", index="ivf_blas", estimator="adaptive")
     with pytest.raises(ValueError, match="nprobe must be >= 1"):
         common.get_attention("knn", index="ivf_blas", nprobe=0)

@@ -1,6 +1,7 @@
 """Lazy Gumbel sampling: exact samples of the softmax, sqrt(n) score evaluations, distinct tail draws."""
 import math
 
+import pytest
 import torch
 
 from common.attention import allowed_key_counts, attention_weights
@@ -69,3 +70,54 @@ def test_expectation_estimate_is_mean_of_sampled_values():
     v = torch.arange(10, dtype=torch.float64).view(1, 1, 10, 1)
     samples = torch.tensor([[[[1, 3], [9, 9]]]])
     assert expectation_estimate(v, samples).view(-1).tolist() == [2.0, 9.0]
+
+
+@pytest.mark.slow
+def test_widened_cutoff_keeps_samples_exact_with_an_approximate_index():
+    # ivf with 8 cells and 1 probe misses some of the true top keys; with the plain cutoff B = M - s_min the
+    # sampler then never draws the missed keys above s_min (biased); the widened cutoff (Mussmann et al. 2017)
+    # B = M - U_i, U_i = S |q_i| max_j |k_j| >= every tail score, restores exact sampling.
+    n, d, scale = 40, 8, 8 ** -0.5
+    g = torch.Generator().manual_seed(3)
+    q = 1.5 * torch.randn(1, 1, 4, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    idx = top_k_indices(q, k, 6, IndexOptions("ivf", nlist=8, nprobe=1))
+    true = top_k_indices(q, k, 6, IndexOptions("torch"))
+    missed = [i for i in range(4) if set(true[0, 0, i].tolist()) - set(idx[0, 0, i].tolist())]
+    assert missed  # the precondition: the index is approximate here
+    top = retrieved_set(q, k, idx, allowed_key_counts(4, n, False), scale)
+    probs = attention_weights(q, k)[0, 0]
+    for slack, bound_ok in (("cauchy_schwarz", True), (0.0, False)):
+        samples, _ = lazy_gumbel_sample(q, k, top, 40000, scale, torch.Generator().manual_seed(1), slack)
+        tvs = [0.5 * (torch.bincount(samples[0, 0, i], minlength=n).double() / 40000 - probs[i]).abs().sum().item()
+               for i in range(4)]
+        # exact sampling: E[TV] <= 0.5 sqrt(K / N) = 0.016 (K = 40 outcomes, N = 40000 draws), and TV moves by at
+        # most 1/N per draw, so P(TV > E[TV] + 0.014) <= exp(-2 N 0.014^2) = 1.6e-7 (McDiarmid)
+        if bound_ok:
+            assert max(tvs) < 0.03, tvs
+        else:
+            assert max(tvs[i] for i in missed) > 0.03, tvs  # the plain cutoff is biased where the index missed
+
+
+@pytest.mark.slow
+def test_median_of_means_error_bound_holds_at_delta():
+    # P(|o_hat_ic - o_ic| > eps R_c) <= delta per query and coordinate (median_of_means_sizes); over 150 seeds x
+    # 4 queries x 3 coordinates the failure fraction must stay <= delta (Chebyshev + Hoeffding are loose, so the
+    # true rate is far below delta: a broken median or group size shows as failures well above it)
+    import common
+    from knn_attention.softmax_expectation import median_of_means_sizes
+
+    eps, delta = 0.25, 0.1
+    g = torch.Generator().manual_seed(4)
+    q = 2.0 * torch.randn(1, 1, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 64, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, 64, 3, generator=g, dtype=torch.float64) ** 3  # heavy-tailed values
+    exact = common.softmax_attention(q, k, v)
+    r = v.abs().amax(2, keepdim=True)
+    groups, per_group = median_of_means_sizes(eps, delta)
+    assert (groups, per_group) == (19, 64)
+    fails = 0
+    for s in range(150):
+        out = common.get_attention("knn", k=8, estimator="gumbel", eps=eps, delta=delta, index="torch", seed=s)(q, k, v)
+        fails += ((out - exact).abs() > eps * r).sum().item()
+    assert fails / (150 * 4 * 3) <= delta
