@@ -6,7 +6,7 @@ steps; only ``attention`` differs. Each method runs at the middle budget it decl
 (``budgets(block_size)[len // 2]``, or ``--budget`` to pick another; at short blocks the largest budgets cover
 every key, which makes some methods exact), randomised ones seeded with ``--seed``.
 
-    python -m nanoGPT.compare_training --quick          # tiny config, seconds per method on a CPU
+    python -m nanoGPT.compare_training --quick          # tiny config, 10 steps: seconds per method on a CPU
     python -m nanoGPT.compare_training                  # the CPU config (config/train_shakespeare_char_cpu.py)
     python -m nanoGPT.compare_training --methods exact srf --max_iters 500 --device cuda
     python -m nanoGPT.compare_training --from_csv a.csv b.csv     # merge runs made apart, re-plot
@@ -30,9 +30,11 @@ from tqdm import tqdm
 import common
 from common import plotting
 
-from .configurator import PACKAGE_DIR, load_config
+from .configurator import PACKAGE_DIR, TINY_CONFIG, load_config
 from .train import TrainConfig, TrainingInterrupted, train
 
+# --quick: the tiny config (config/train_tiny.py) for 10 steps, evaluated at 0, 5 and 10 on 2 batches.
+QUICK_OVERRIDES = ["--max_iters=10", "--lr_decay_iters=10", "--eval_interval=5", "--eval_iters=2"]
 CSV_FIELDS = ["method", "options", "iter", "val_loss", "val_perplexity", "train_loss", "wall_s"]
 
 
@@ -129,11 +131,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", default=None, help="default: every trainable causal method")
     parser.add_argument("--max_iters", type=int, default=None, help="override the config's steps (and lr decay)")
     parser.add_argument("--eval_interval", type=int, default=None)
+    parser.add_argument("--eval_iters", type=int, default=None, help="batches per evaluation")
     parser.add_argument("--budget", type=int, default=None,
                         help="index into each method's budgets (default: the middle one)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default=None, help="override the config's device")
-    parser.add_argument("--quick", action="store_true", help="the tiny config, 50 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the tiny config, {' '.join(QUICK_OVERRIDES)} (explicit flags still win)")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
                         help="train nothing: merge these CSVs (written by earlier runs) and plot them")
     parser.add_argument("--from_runs", type=Path, default=None,
@@ -143,13 +147,13 @@ def main(argv=None) -> list[dict]:
                         help="folder for the per-method checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    config = "config/train_tiny.py" if args.quick else args.config
-    max_iters = 50 if args.quick and args.max_iters is None else args.max_iters
-    overrides = []
-    if max_iters is not None:
-        overrides += [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}"]
-    if args.eval_interval is not None:
-        overrides.append(f"--eval_interval={args.eval_interval}")
+    config = TINY_CONFIG if args.quick else args.config
+    overrides = list(QUICK_OVERRIDES) if args.quick else []
+    if args.max_iters is not None:
+        overrides += [f"--max_iters={args.max_iters}", f"--lr_decay_iters={args.max_iters}"]
+    for key in ("eval_interval", "eval_iters"):
+        if getattr(args, key) is not None:
+            overrides.append(f"--{key}={getattr(args, key)}")
     if args.device is not None:
         overrides.append(f"--device={args.device}")
     if args.from_csv:

@@ -56,6 +56,16 @@ def test_sample_and_evaluate_quick_use_the_quick_run(tiny_run):
     assert row["loss"] == pytest.approx(evaluate(model, "val", meta["config"]["batch_size"], 2, 0)["loss"], abs=1e-6)
 
 
+def test_compare_training_quick_is_ten_steps(tmp_path):
+    from nanoGPT import compare_training
+
+    rows = compare_training.main(["--quick", "--methods", "exact", "--out", str(tmp_path),
+                                  "--runs_dir", str(tmp_path / "runs"), "--no-progress"])
+    assert [r["iter"] for r in rows] == [0, 5, 10]
+    _, meta = load_model(tmp_path / "runs" / "exact")
+    assert (meta["config"]["n_embd"], meta["config"]["eval_iters"]) == (TINY["n_embd"], 2)
+
+
 def test_missing_checkpoint_is_a_message_not_a_traceback(tmp_path):
     for script in (sample_module, evaluate_module):
         with pytest.raises(SystemExit, match=f"nanoGPT.{script.__name__.split('.')[-1]}: no checkpoint at"):
