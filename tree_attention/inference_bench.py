@@ -114,6 +114,7 @@ def main(argv=None):
                         help="every method x e x bud value x seed, beside exact (on the positional pct / offset)")
     parser.add_argument("--exponents", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--bud_values", nargs="+", default=list(BUD_VALUES), choices=BUD_VALUES)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--table's methods")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -137,7 +138,7 @@ def main(argv=None):
               f"{(model.config.block_size + 1) / 2:.1f}), {inner[-1]:.2f} at l = {model.config.block_size}")
         return ppl
     out = args.out or plotting.ASSETS
-    methods, exponents, pct, bud_values = list(METHODS), args.exponents, args.percentage_of_test_set, args.bud_values
+    methods, exponents, pct, bud_values = args.methods, args.exponents, args.percentage_of_test_set, args.bud_values
     if args.quick:
         methods, exponents, pct, args.seeds = ["alignment", "uniform"], [0.3, 0.6], 1.0, 2
     n_blocks = len(validation_blocks(pct, args.offset, model.config.block_size))

@@ -9,6 +9,7 @@ exact attention and T = ceil(l^e).
 
     python -m tree_attention.inner_products                   # L = 1024, P = 32 (the report's setting)
     python -m tree_attention.inner_products --quick           # L = 256
+    python -m tree_attention.inner_products --expansions P    # the report's round rule: ..._P32_P.{png,csv}
 
 The perplexity bench (``inference_bench.py``) records the same count on the nanoGPT model's real queries/keys.
 """
@@ -24,18 +25,19 @@ from common.data import synthetic_qkv
 
 from .mass_estimators import METHODS, MassEstimator
 from .np_attention import number_of_terms
-from .tree import PrefixSummaries, descend
+from .tree import EXPANSION_RULES, PrefixSummaries, descend
 
 
 def count_inner_products(method: str, L: int, P: int, e: float, positions: torch.Tensor, D: int = 64, H: int = 4,
-                         batch: int = 4, data: str = "clustered", seed: int = 0) -> torch.Tensor:
+                         batch: int = 4, data: str = "clustered", seed: int = 0,
+                         expansions: str = "needed") -> torch.Tensor:
     """Inner products per query (batch, n) of the descent for queries at ``positions`` over L keys."""
     x = synthetic_qkv(data, batch, H, L, L, D, seed=seed, dtype=torch.float64)
     q = x.q[:, :, positions]
     est = MassEstimator(method, D, D ** -0.5, generator=torch.Generator().manual_seed(seed))
     summaries = PrefixSummaries(x.k, x.v, L, positions, est)
     _, inner = descend(summaries, est, q, positions, number_of_terms(positions + 1, e), L, P,
-                       torch.Generator().manual_seed(seed + 1))
+                       torch.Generator().manual_seed(seed + 1), expansions=expansions)
     return inner
 
 
@@ -49,6 +51,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", default=["alignment", "uniform", "FAVOR+"],
                         choices=[m for m in METHODS if m != "tree-less"])
     parser.add_argument("--data", default="clustered", help="synthetic q/k kind (common.data.synthetic_qkv)")
+    parser.add_argument("--expansions", default="needed", choices=EXPANSION_RULES,
+                        help="round rule: 'needed' (T buds exactly) or 'P' (the report's P expansions per round)")
     args = parser.parse_args(argv)
     if args.quick:
         args.L = 256
@@ -60,11 +64,13 @@ def main(argv=None) -> list[dict]:
     rows = []
     for method in args.methods:
         for e in args.exponents:
-            inner = count_inner_products(method, args.L, args.P, e, positions, data=args.data, seed=args.seed)
+            inner = count_inner_products(method, args.L, args.P, e, positions, data=args.data, seed=args.seed,
+                                         expansions=args.expansions)
             T = number_of_terms(positions + 1, e)
             rows += [dict(method=method, e=e, l=l, T=int(t), inner_products=float(c)) for l, t, c in
                      zip(ls, T, inner.double().mean(0))]
-    print(f"inner products per query (mean over 4 sequences), L = {args.L}, P = {args.P}, {args.data} q/k")
+    print(f"inner products per query (mean over 4 sequences), L = {args.L}, P = {args.P}, {args.data} q/k, "
+          f"expansions = {args.expansions}")
     shown = [l for l in ls if l & (l - 1) == 0]
     print("| method | e | " + " | ".join(f"l={l}" for l in shown) + " |")
     print("|---|---|" + "---|" * len(shown))
@@ -74,7 +80,8 @@ def main(argv=None) -> list[dict]:
             sel = {r["l"]: r["inner_products"] for r in rows if r["method"] == method and r["e"] == e}
             print(f"| {method} | {e} | " + " | ".join(f"{sel[l]:.1f}" for l in shown) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / f"tree_inner_products_P{args.P}.csv").open("w", newline="") as f:
+    name = f"tree_inner_products_P{args.P}" + ("" if args.expansions == "needed" else f"_{args.expansions}")
+    with (args.out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -91,9 +98,10 @@ def main(argv=None) -> list[dict]:
         ax.set_yscale("log", base=2)
         ax.set_xlabel("visible keys l (count)")
         ax.set_ylabel("inner products per query (count)")
-        ax.set_title(f"{method}: L = {args.L}, P = {args.P}, {args.data} q/k", fontsize=9)
+        ax.set_title(f"{method}: L = {args.L}, P = {args.P}, {args.data} q/k, expansions = {args.expansions!r}",
+                     fontsize=9)
         ax.legend(fontsize=6, ncol=2)
-    print(f"wrote {plotting.save_figure(fig, args.out / f'tree_inner_products_P{args.P}.png')}")
+    print(f"wrote {plotting.save_figure(fig, args.out / f'{name}.png')}")
     return rows
 
 
