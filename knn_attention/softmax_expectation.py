@@ -118,6 +118,7 @@ def sample_tail_uniform(top: RetrievedSet, num: int, generator: torch.Generator)
 
 
 _MAX_REDRAW_ROUNDS = 200
+_SCORE_CHUNK = 2 ** 16
 
 
 def _distinct_ranks(tail: torch.Tensor, m: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,9 +229,12 @@ def lazy_gumbel_sample(q, k, top: RetrievedSet, num_samples: int, scale: float, 
             return winner, evaluations
         cand = _tail_rank_to_index_flat(top, row, ranks)
         head = row // nq
-        q_rows = q.detach().reshape(b * h * nq, -1).index_select(0, row)
-        k_rows = k.detach().reshape(b * h * k.shape[2], -1).index_select(0, head * k.shape[2] + cand)
-        cand_scores = torch.einsum("md,md->m", q_rows, k_rows).double() * scale
+        q_flat, k_flat, key_id = q.detach().reshape(b * h * nq, -1), k.detach().reshape(-1, k.shape[-1]), \
+            head * k.shape[2] + cand
+        cand_scores = torch.cat([  # scored in pieces of _SCORE_CHUNK candidates: O(chunk d) memory
+            torch.einsum("md,md->m", q_flat.index_select(0, row[i:i + _SCORE_CHUNK]),
+                         k_flat.index_select(0, key_id[i:i + _SCORE_CHUNK]))
+            for i in range(0, row.numel(), _SCORE_CHUNK)]).double() * scale
         u2 = torch.rand(cand.shape, generator=generator, device=dev, dtype=torch.float64)
         gumbel = -torch.log(-torch.log1p(-p_beat.reshape(-1)[group] * u2.clamp_min(1e-300)))  # G | G > B
         value = cand_scores + gumbel
