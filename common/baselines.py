@@ -23,7 +23,8 @@ from .validation import check_int
 class UniformSamplingAttention(AttentionMethod):
     """Self-normalised estimate of softmax attention from ``num_samples`` uniform key samples per query.
 
-    Cost O(Nq * num_samples * D). Options: ``num_samples`` (>= 1), ``seed``.
+    Cost O(Nq * num_samples * D). Options: ``num_samples`` (>= 1), ``seed``. Output dtype = input dtype; for
+    bfloat16 / float16 inputs the scores, the (max-subtracted) softmax and the weighted sum are computed in float32.
 
     No budget makes it exact (``exact_options`` is None): the samples are drawn with replacement, so even
     num_samples >= Nk misses keys with positive probability; the error falls as 1/sqrt(num_samples) instead.
@@ -40,11 +41,13 @@ class UniformSamplingAttention(AttentionMethod):
         counts = allowed_key_counts(nq, k.shape[2], causal, q.device)
         u = torch.rand(b, h, nq, self.num_samples, generator=self.generator(q.device), device=q.device)
         idx = (u * counts.view(1, 1, nq, 1)).long().clamp_max(counts.view(1, 1, nq, 1) - 1)
-        k_s, v_s = gather_rows(k, idx), gather_rows(v, idx)
-        scores = torch.einsum("bhqd,bhqsd->bhqs", q, k_s) * scale
+        # half precision: scores, softmax and the weighted sum in float32 (|q.k| overflows float16 beyond 65504)
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        k_s, v_s = gather_rows(k, idx).to(acc), gather_rows(v, idx).to(acc)
+        scores = torch.einsum("bhqd,bhqsd->bhqs", q.to(acc), k_s) * scale
         # The |P_i|/l factor cancels in the ratio; softmax over the samples is the self-normalised estimate.
         weights = torch.softmax(scores, dim=-1)
-        return torch.einsum("bhqs,bhqsv->bhqv", weights, v_s)
+        return torch.einsum("bhqs,bhqsv->bhqv", weights, v_s).to(q.dtype)
 
     @classmethod
     def budgets(cls, n_keys):

@@ -1,0 +1,53 @@
+"""Shared pieces of the contract suite (tests/contract): a per-test time limit and the input makers.
+
+The time limit turns a hang into a failure: every test here runs under ``signal.setitimer`` (SIGALRM), whose
+handler raises :class:`CellTimeout` in the test's thread. Python loops (a descent that never ends) are stopped at
+the next bytecode; a C call that never returns would only be stopped when it returns, which no method here has.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+TIME_LIMIT_S = 10.0  # per test; a cell takes milliseconds, so this only fires on a hang (even on a busy machine)
+
+
+class CellTimeout(Exception):
+    """A contract test ran past TIME_LIMIT_S: the method hangs (an unbounded loop) on this input."""
+
+
+def _raise_timeout(signum, frame):
+    raise CellTimeout(f"ran past the {TIME_LIMIT_S:.0f} s limit of a contract cell: a hang")
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def random_qkv(b, h, nq, nk, d, dv, *, seed=0, max_score=None, dtype=torch.float64, contiguous=True):
+    """Gaussian q (b,h,nq,d), k (b,h,nk,d), v (b,h,nk,dv) in float64, rounded through ``dtype`` (so that a float64
+    copy is exactly the input a low-precision run sees). ``max_score``: q and k are scaled together so that the
+    largest |score| = |q.k| / sqrt(d) equals it. ``contiguous=False``: the tensors are strided views (heads
+    transposed out of a (b, n, h, d) layout, values sliced out of a wider tensor), as a model's projections give."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, nq, h, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, nk, h, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, nk, h, dv + 1, generator=gen, dtype=torch.float64)
+    if max_score is not None and q.numel() and k.numel():
+        largest = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)).abs().max() / d ** 0.5
+        factor = (max_score / largest) ** 0.5
+        q, k = q * factor, k * factor
+    q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    v = v[..., :dv]
+    if contiguous:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return q, k, v
