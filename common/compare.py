@@ -23,7 +23,7 @@ Each time is the median of at least ``--repeats`` timed calls after a warm-up ca
 timed calls add up to less than ``--min-time`` seconds, so that the fast calls are timed often enough for a series
 over n to keep its order.
 
-    python -m common.compare --quick                      # under a minute on a 2-core CPU
+    python -m common.compare --quick                      # n = 256, 1024, non-causal; nothing is trained
     python -m common.compare                              # the default grid, about ten minutes
     python -m common.compare --n 1024 4096 16384 --inputs shakespeare
     python -m common.compare --device cuda --dtype bfloat16 --n 4096 16384 --inputs gaussian clustered
@@ -192,30 +192,34 @@ def plot_scaling(rows: list[dict], path: Path, causal: bool = False) -> Path:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Compare every registered attention method against exact.")
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
+    parser.add_argument("--n", type=int, nargs="+", default=None,
+                        help="sequence lengths (default 1024 4096; 256 1024 with --quick)")
     parser.add_argument("--inputs", nargs="+", default=None, choices=input_sources(),
                         help=f"registered input sources (default: {' '.join(input_sources(default_only=True))})")
     parser.add_argument("--glove", type=Path, default=None, help="GloVe-format file; adds the 'glove' input")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of registered methods (default: all)")
-    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default=None,
+                        help="default both; no with --quick (the figures show non-causal)")
     parser.add_argument("--heads", type=int, default=4, help="heads of the synthetic inputs")
     parser.add_argument("--head-dim", type=int, default=64, help="head dim of the synthetic inputs")
     parser.add_argument("--repeats", type=int, default=3, help="least timed calls per measurement (median)")
-    parser.add_argument("--min-time", type=float, default=0.1,
-                        help="repeat a measurement's timed calls until they add up to this many seconds")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="repeat a measurement's timed calls until they add up to this many seconds "
+                             "(default 0.1; 0.02 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the inputs and of every method, exact included (the ratios' denominator)")
     parser.add_argument("--quick", action="store_true",
-                        help="n = 256, 512 and 1024, real q/k/v from a small committed model: under a minute")
+                        help="n = 256 and 1024, non-causal, real q/k/v from a small committed model: about a minute")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for the CSV and figures")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
                         help="run nothing: merge these compare.csv files (e.g. from a GPU) and re-plot them")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.n, args.repeats, args.min_time = [256, 512, 1024], 3, 0.02
+    args.n = args.n or ([256, 1024] if args.quick else [1024, 4096])
+    args.causal = args.causal or ("no" if args.quick else "both")
+    args.min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
     inputs = list(args.inputs or input_sources(default_only=True))
     inputs += ["glove"] if args.glove and "glove" not in inputs else []
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
