@@ -86,3 +86,17 @@ def test_bfloat16_inputs_accumulate_the_states_in_float32():
     ref, ref_final = chunk_linear_attention(q.double(), k.double(), v.double(), True, 64, output_final_state=True)
     assert ((out.double() - ref).abs() / ref.abs()).max() < 2e-2
     assert ((final.double() - ref_final).abs() / ref_final.abs()).max() < 1.5e-3
+
+
+def test_rows_whose_terms_all_underflowed_give_zero_and_finite_gradients():
+    """A query whose features are all zero (every term underflowed) has numerator = denominator = 0: the output is 0
+    (split_augmented's floor on the denominator), and the gradients stay finite."""
+    q = features(1, 1, 4, 3, 10)
+    q[:, :, 1] = 0
+    q.requires_grad_()
+    k = features(1, 1, 4, 3, 11).requires_grad_()
+    v = torch.randn(1, 1, 4, 2, dtype=torch.float64, requires_grad=True)
+    out = split_augmented(chunk_linear_attention(q, k, augment_values(v), False)[0])
+    assert (out[:, :, 1] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
