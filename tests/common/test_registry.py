@@ -22,18 +22,27 @@ def test_unknown_option_is_named():
         common.get_attention("uniform", bogus=3)
 
 
-def test_every_method_is_a_module_with_budgets_and_the_contract_shape():
-    x = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 5)
+def test_every_method_is_a_named_module_with_valid_budgets_and_exact_options():
+    # (what the methods compute: tests/contract/test_contract.py)
     for name in common.available():
         cls = common.method_class(name)
         assert issubclass(cls, AttentionMethod) and cls.name == name
-        budgets = cls.budgets(32)
-        assert budgets and all(isinstance(b, dict) for b in budgets)
-        for options in budgets[:1]:
-            attn = common.get_attention(name, **options)
-            assert isinstance(attn, torch.nn.Module)
-            with torch.no_grad():
-                assert attn(*x).shape == (1, 2, 32, 5)
+        for n in (1, 2, 32, 4096):
+            budgets = cls.budgets(n)
+            assert budgets and all(isinstance(b, dict) and set(b) <= set(cls.option_names()) for b in budgets)
+            exact_options = cls.exact_options(n)
+            assert exact_options is None or set(exact_options) <= set(cls.option_names())
+        assert isinstance(common.get_attention(name, **cls.budgets(32)[0]), torch.nn.Module)
+
+
+def test_policy_helpers():
+    assert common.methods()[0] == "exact" and sorted(common.methods()) == common.available()
+    assert all(common.method_class(n).supports_causal and common.method_class(n).trainable
+               for n in common.methods(causal=True, trainable=True))
+    assert common.method_options("exact", {}, seed=3) == {}
+    assert common.method_options("uniform", {"num_samples": 2}, seed=3) == {"num_samples": 2, "seed": 3}
+    assert common.method_options("uniform", {"seed": 1}, seed=3) == {"seed": 1}
+    assert common.budget_options("uniform", 64, seed=5) == [{"num_samples": m, "seed": 5} for m in (4, 8, 32)]
 
 
 def test_name_clash_refused():

@@ -9,34 +9,16 @@ def qkv(nq=4, nk=5, d=3, dv=2, dtype=torch.float32):
     return torch.randn(1, 2, nq, d, dtype=dtype), torch.randn(1, 2, nk, d, dtype=dtype), torch.randn(1, 2, nk, dv, dtype=dtype)
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda q, k, v: (q[0], k, v), r"q must have shape \(B, H, N, D\)"),
-    (lambda q, k, v: (q, k.double(), v), "share one dtype"),
-    (lambda q, k, v: (q.long(), k, v), "floating-point"),
-    (lambda q, k, v: (q, k[:, :1], v), "batch and head dims"),
-    (lambda q, k, v: (q, k[..., :2], v), "same head dim"),
-    (lambda q, k, v: (q, k, v[:, :, :3]), "same sequence length"),
-    (lambda q, k, v: (q[:, :, :0], k, v), "empty sequence"),
-    (lambda q, k, v: (q, k.index_fill(2, torch.tensor([1]), float("nan")), v), "k contains non-finite"),
-    (lambda q, k, v: (q, k, v.index_fill(2, torch.tensor([0]), float("inf"))), "v contains non-finite"),
-    (lambda q, k, v: ("q", k, v), "must be a torch.Tensor"),
-])
-def test_bad_inputs_are_named(mutate, message):
-    q, k, v = mutate(*qkv())
-    for method in ("exact", "uniform"):
-        with pytest.raises((ValueError, TypeError), match=message):
-            common.get_attention(method)(q, k, v)
-
-
-def test_causal_needs_nq_le_nk_and_scale_checked():
-    q, k, v = qkv(nq=6, nk=5)
-    with pytest.raises(ValueError, match="causal=True needs Nq <= Nk"):
-        common.get_attention("exact")(q, k, v, causal=True)
+def test_check_qkv_names_the_method_and_argument():
+    # (every method refuses 20 bad inputs: tests/contract/test_reliability.py::test_bad_input_is_refused_naming_method_and_argument)
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="scale must be a positive"):
-        common.get_attention("exact")(q, k, v, scale=-1.0)
-    with pytest.raises(TypeError, match="scale must be a positive float"):
-        common.get_attention("exact")(q, k, v, scale="1")
+    with pytest.raises(ValueError, match=r"^mine: q must have shape \(B, H, N, D\)"):
+        check_qkv(q[0], k, v, method="mine")
+    with pytest.raises(ValueError, match="^mine: causal=True needs Nq <= Nk"):
+        check_qkv(*qkv(nq=6, nk=5), causal=True, method="mine")
+    with pytest.raises(ValueError, match="^mine: k contains non-finite"):
+        check_qkv(q, k.index_fill(2, torch.tensor([1]), float("nan")), v, method="mine")
+    check_qkv(q, k.index_fill(2, torch.tensor([1]), float("nan")), v, method="mine", check_finite=False)
 
 
 def test_finite_check_can_be_switched_off():

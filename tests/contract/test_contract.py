@@ -19,7 +19,7 @@ import torch
 import common
 from common.attention import AttentionMethod
 
-from .conftest import random_qkv
+from .conftest import CellTimeout, random_qkv, time_limit
 
 N = 48  # keys; budgets are declared for this n
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,6 +100,8 @@ def test_causal_outputs_ignore_the_future(name, options, nq):
     cut = int(common.causal_query_positions(nq, N)[seen - 1]) + 1
     run = lambda k, v: common.get_attention(name, **options)(q, k, v, causal=True)
     out = run(k, v)
+    if nq == N:
+        torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-12, atol=1e-12)  # query 0 reads key 0 only
     v2 = v.clone()
     v2[:, :, cut:] = 1e4
     torch.testing.assert_close(run(k, v2)[:, :, :seen], out[:, :, :seen], rtol=1e-12, atol=1e-12)
@@ -158,9 +160,15 @@ def test_exact_options_give_exact_attention(name, options):
         exact_options = cls.exact_options(nk)
         if exact_options is None:
             continue
-        q, k, v = random_qkv(2, 2, nq, nk, 8, 6, seed=8)
-        out = common.get_attention(name, **common.method_options(name, exact_options, seed=0))(q, k, v, causal=causal)
-        assert relative_error(out, common.softmax_attention(q, k, v, causal=causal)) < cls.exact_tolerance
+        inputs = [t.requires_grad_(cls.trainable) for t in random_qkv(2, 2, nq, nk, 8, 6, seed=8)]
+        attn = common.get_attention(name, **common.method_options(name, exact_options, seed=0))
+        out, exact = attn(*inputs, causal=causal), common.softmax_attention(*inputs, causal=causal)
+        assert relative_error(out.detach(), exact.detach()) < cls.exact_tolerance
+        if cls.trainable:  # exact outputs, exact gradients
+            weights = torch.randn(exact.shape, dtype=exact.dtype, generator=torch.Generator().manual_seed(1))
+            grads = torch.autograd.grad((out * weights).sum(), inputs)
+            for got, want in zip(grads, torch.autograd.grad((exact * weights).sum(), inputs)):
+                assert relative_error(got, want) < cls.exact_tolerance
 
 
 @_methods("largest_budget")
@@ -188,3 +196,10 @@ def test_gradients_are_finite_and_reach_q_k_v(name, options):
         for t, g in zip((q, k, v), grads):
             assert g.shape == t.shape and torch.isfinite(g).all()
         assert grads[2].abs().sum() > 0  # the values always receive a gradient
+
+
+def test_time_limit_turns_a_hang_into_a_failure():
+    with pytest.raises(CellTimeout, match="0.2 s limit"):
+        with time_limit(0.2):
+            while True:
+                pass
