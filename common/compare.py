@@ -20,8 +20,9 @@ small GPT trained on tiny Shakespeare, registered by the GPT package; with ``--q
 model, so that nothing is trained). This module imports none of those packages; see ``common.data``.
 
 Each time is the median of at least ``--repeats`` timed calls after a warm-up call, repeated further while the
-timed calls add up to less than ``--min-time`` seconds, so that the fast calls are timed often enough for a series
-over n to keep its order.
+timed calls add up to less than ``--min-time`` seconds: the fast calls, whose single timings are the noisiest, are
+timed many times, so that a series over n keeps its order (``--quick``: at least one timed call and 50 ms of them;
+the default: at least three and 100 ms).
 
     python -m common.compare --quick                      # n = 256, 1024, non-causal; nothing is trained
     python -m common.compare                              # the default grid, about ten minutes
@@ -202,10 +203,11 @@ def main(argv=None) -> list[dict]:
                         help="default both; no with --quick (the figures show non-causal)")
     parser.add_argument("--heads", type=int, default=4, help="heads of the synthetic inputs")
     parser.add_argument("--head-dim", type=int, default=64, help="head dim of the synthetic inputs")
-    parser.add_argument("--repeats", type=int, default=3, help="least timed calls per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="least timed calls per measurement (median; default 3, 1 with --quick)")
     parser.add_argument("--min-time", type=float, default=None,
                         help="repeat a measurement's timed calls until they add up to this many seconds "
-                             "(default 0.1; 0.02 with --quick)")
+                             "(default 0.1; 0.05 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
@@ -219,7 +221,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     args.n = args.n or ([256, 1024] if args.quick else [1024, 4096])
     args.causal = args.causal or ("no" if args.quick else "both")
-    args.min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.1)
     inputs = list(args.inputs or input_sources(default_only=True))
     inputs += ["glove"] if args.glove and "glove" not in inputs else []
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
