@@ -33,13 +33,9 @@ import torch
 
 import common
 
-from .conftest import random_qkv
+from .conftest import VARIANTS, random_qkv
 
-# Every registered method at its middle budget, plus the options that change a method's numerics enough to have
-# failed on their own (issue 17: tree's random-feature estimators hung on float16; knn's lazy Gumbel sampler).
-VARIANTS = {"tree[RandomFourierFeatures]": ("tree", {"method": "RandomFourierFeatures"}),
-            "tree[FAVOR+]": ("tree", {"method": "FAVOR+"}),
-            "knn[gumbel]": ("knn", {"estimator": "gumbel"})}
+# Every registered method at its middle budget, plus the variants of conftest.VARIANTS.
 METHODS = common.available() + list(VARIANTS)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # name: (B, H, Nq, Nk, D, Dv, contiguous)
