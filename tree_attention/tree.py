@@ -228,6 +228,7 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
     target = n_terms.view(1, n).expand(b, n)
     invalid = torch.zeros((), dtype=torch.bool, device=device)
     heads_index = lambda idx: idx.unsqueeze(1).expand(-1, h, -1, -1)
+    column = torch.arange(P, device=device)
     if verbose:
         print(f"query at position {int(positions[0])} (l = {int(positions[0]) + 1} keys), T = {int(n_terms[0])}; "
               f"starting buds: {buds[0, 0, :P][buds[0, 0, :P] >= 0].tolist()}")
@@ -252,10 +253,12 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         # are needed than they hold, uniformly among those with pm 0 (the original's + 1e-10 on every pm)
         first_keys, first = torch.where(positive, log_pm.double() + gumbel, float("-inf")).topk(P, dim=-1)
         second_keys, second = torch.where(eligible & ~positive, gumbel, float("-inf")).topk(P, dim=-1)
-        valid = torch.isfinite(torch.cat([first_keys, second_keys], -1))
+        n_first = torch.isfinite(first_keys).sum(-1, keepdim=True)  # the valid draws lead each top-P
+        n_second = torch.isfinite(second_keys).sum(-1, keepdim=True)
         m = (need.clamp_max(P) if expansions == "needed" else torch.full_like(need, P)) * active
-        chosen = valid & (valid.long().cumsum(-1) <= m.unsqueeze(-1))
-        slots = torch.where(chosen, torch.cat([first, second], -1), cap)  # the others write to the sink
+        chosen = column < torch.minimum(m.unsqueeze(-1), n_first + n_second)  # P columns: first draws, then second
+        from_second = torch.gather(second, -1, (column - n_first).clamp(0, P - 1))
+        slots = torch.where(chosen, torch.where(column < n_first, first, from_second), cap)  # others: the sink
         parent = torch.gather(buds, -1, slots)
         left, right = 2 * parent + 1, 2 * parent + 2
         right_start, _ = node_span(right, L)
