@@ -84,7 +84,7 @@ class AttentionMethod(nn.Module):
     """Base of every registered method: ``out = method(q, k, v, causal=False, scale=None)``.
 
     Subclasses implement :meth:`attend` and may set the class attributes below. ``forward`` validates the
-    inputs once (shared messages, DESIGN.md) and refuses what the method cannot honour; it answers an empty batch
+    inputs once (shared messages, docs/DESIGN.md) and refuses what the method cannot honour; it answers an empty batch
     (B = 0 or H = 0) itself with an empty (B, H, Nq, Dv) tensor, as SDPA does, without calling ``attend``; and,
     when ``check_finite`` is on (the inputs were checked finite), it raises
     :class:`~common.validation.NonFiniteError` naming the method if ``attend`` returned a nan or inf.
@@ -150,7 +150,7 @@ class AttentionMethod(nn.Module):
     def attend(self, q, k, v, causal: bool, scale: float) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # --- incremental decoding (DESIGN.md: state is an explicit object) -------------------------------
+    # --- incremental decoding (docs/DESIGN.md: state is an explicit object) -------------------------------
     def init_state(self) -> "KVCache":
         """A fresh decoding state. The default keeps every key and value (a KV cache); methods with a
         constant-size state (SRF) override this and :meth:`step`."""

@@ -1,4 +1,4 @@
-"""The method registry: every attention method is reachable by name (DESIGN.md, "The one contract").
+"""The method registry: every attention method is reachable by name (docs/DESIGN.md, "The one contract").
 
     @register("knn")
     class KNNAttention(AttentionMethod): ...

@@ -1,4 +1,4 @@
-"""Input checking shared by every attention method (DESIGN.md, "The one contract").
+"""Input checking shared by every attention method (docs/DESIGN.md, "The one contract").
 
 Every method calls :func:`check_qkv` once at its entry, so that a wrong shape, dtype, device or a
 non-finite value gives the same clear message whichever method the user picked.
@@ -16,7 +16,7 @@ import torch
 
 class NonFiniteError(RuntimeError):
     """A method produced a non-finite value (nan or inf) from finite inputs: a numerical failure of the method
-    (overflow, 0/0), never silently returned (DESIGN.md, "Numerics")."""
+    (overflow, 0/0), never silently returned (docs/DESIGN.md, "Numerics and dtypes")."""
 
 
 def check_finite_result(t: torch.Tensor, method: str, what: str = "output") -> torch.Tensor:

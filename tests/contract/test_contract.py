@@ -147,7 +147,7 @@ def test_step_equals_the_causal_forward(name, options):
 
 @_budgets("decode_short_prompt")
 def test_budget_larger_than_the_prefix_clamps_when_decoding(name, options):
-    # the budgets are declared for N keys; decoding starts from one key (DESIGN.md: clamp and warn once)
+    # the budgets are declared for N keys; decoding starts from one key (docs/DESIGN.md: clamp and warn once)
     q, k, v = random_qkv(1, 2, 8, 8, 8, 8, seed=7)
     attn = common.get_attention(name, **options)
     state = attn.init_state()

@@ -15,7 +15,7 @@ the low-precision run may draw other numbers than a float64 one, e.g. when rando
 accumulation dtype), and eps a dtype's machine epsilon. The first term allows a method's own approximation error,
 made at most twice as large by rounding (a data-dependent choice such as a top-k or an LSH bucket may flip on a
 rounded input); the second allows rounding: the output's own (eps of the input dtype), and that of the scores,
-which are computed in the accumulation dtype (float32 for float32 and half inputs, DESIGN.md; float64 for
+which are computed in the accumulation dtype (float32 for float32 and half inputs, docs/DESIGN.md; float64 for
 float64) with an absolute error of about eps * |score| that the softmax passes on to its weights (softmax is
 conditioned like exp: a score error delta moves a weight by a factor e^delta). For float64 cells the bound holds
 with equality.
