@@ -2,7 +2,7 @@
 
     python -m common.gpu_benchmark --out /tmp/gpu                  # on a GPU: n = 16k .. 256k, bf16, one CSV
     python -m common.gpu_benchmark --quick --device cpu --out /tmp/g  # the same code at tiny n on the CPU
-    python -m common.gpu_benchmark --from_csv assets/gpu/gpu_benchmark.csv --out assets/gpu   # the figure only
+    python -m common.gpu_benchmark --from_csv a/gpu_benchmark.csv b/gpu_benchmark.csv --out assets/gpu  # merge, plot
 
 For each n (default 16,384, 65,536, 131,072, 262,144), non-causal and causal, on one input (B = 1, H = 8, D = 64,
 the registered input source ``--input``, ``clustered`` by default) in ``--dtype`` (bfloat16 by default):
@@ -18,7 +18,8 @@ the registered input source ``--input``, ``clustered`` by default) in ``--dtype`
   against exact attention computed in float32 for those rows only (so it fits in memory at any n);
 - a method that fails (out of memory, an error, more than ``--row-time-limit`` seconds for its row) gets a row
   with the message and the run goes on; it is not run again at a larger n. The CSV is rewritten after every row,
-  so a run stopped from outside keeps what it measured. A markdown table is printed at the end.
+  so a run stopped from outside keeps what it measured; ``--time-budget`` skips the lengths not started in time.
+  A markdown table is printed at the end.
 
 The figure (``gpu_benchmark.png``: forward time vs n per method, log-log, with exact in the run's dtype and in
 float32; one panel non-causal, one causal) is drawn from the CSV.
@@ -169,8 +170,11 @@ def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: t
 
 def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: str = "clustered", heads: int = 8,
                   head_dim: int = 64, dtype=torch.bfloat16, device="cuda", repeats: int = 5, budget: str = "mid",
-                  error_rows: int = 1024, row_time_limit: float = 120.0, seed: int = 0, on_row=None) -> list[dict]:
-    """All rows of the benchmark (see the module docstring); ``on_row(rows)`` is called after each new row."""
+                  error_rows: int = 1024, row_time_limit: float = 120.0, time_budget: float | None = None,
+                  seed: int = 0, on_row=None) -> list[dict]:
+    """All rows of the benchmark (see the module docstring); ``on_row(rows)`` is called after each new row. Once
+    ``time_budget`` seconds have passed, the remaining rows are written as skipped instead of run."""
+    stop_at = math.inf if time_budget is None else time.perf_counter() + time_budget
     names = registered_methods()
     unknown = [m for m in (methods or []) if m not in names]
     if unknown:
@@ -186,6 +190,14 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
             on_row(rows)
 
     for n in ns:
+        if time.perf_counter() > stop_at:
+            for causal in causal_modes:
+                for name in registered_methods(causal=causal):
+                    if name == "exact" or not methods or name in methods:
+                        add({"n": n, "causal": causal, "method": name, "options": {} if name == "exact" else
+                             chosen_budget(name, n, seed, budget), "status": "skipped",
+                             "message": f"time budget of {time_budget:g} s spent"})
+            continue
         x = make_input(source, n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype, device=device,
                                             progress=False))
         q, k, v = x.q, x.k, x.v
@@ -360,16 +372,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--error-rows", type=int, default=None,
                         help="query rows on which the error is computed (default 1024, 64 with --quick)")
     parser.add_argument("--row-time-limit", type=float, default=120.0, help="seconds per row before it is given up")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the whole run; lengths not started by then are written as skipped")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"n = {QUICK_NS}, 2 heads of dim 16, 2 repeats, 64 error rows")
-    parser.add_argument("--from_csv", type=Path, default=None, help="run nothing: print and plot this CSV")
+    parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
+                        help="run nothing: merge these CSVs (e.g. two runs over different --n) into --out and plot")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     error_rows = args.error_rows if args.error_rows is not None else (64 if args.quick else 1024)
     if repeats < 1 or error_rows < 1:
         parser.error("--repeats and --error-rows must be >= 1")
     if args.from_csv:
-        rows = read_csv(args.from_csv)
+        rows = [row for path in args.from_csv for row in read_csv(path)]
     else:
         ns = args.n or (QUICK_NS if args.quick else NS)
         heads, head_dim = (2, 16) if args.quick else (args.heads, args.head_dim)
@@ -384,11 +399,10 @@ def main(argv=None) -> list[dict]:
 
         rows = run_benchmark(ns, causal_modes, args.methods, source=args.input, heads=heads, head_dim=head_dim,
                              dtype=DTYPES[args.dtype], device=args.device, repeats=repeats, budget=args.budget,
-                             error_rows=error_rows, row_time_limit=args.row_time_limit, seed=args.seed,
-                             on_row=progress)
+                             error_rows=error_rows, row_time_limit=args.row_time_limit,
+                             time_budget=args.time_budget, seed=args.seed, on_row=progress)
     print(markdown_table(rows))
-    written = [write_csv(rows, args.out / "gpu_benchmark.csv")] if not args.from_csv else []
-    written.append(plot(rows, args.out / "gpu_benchmark.png"))
+    written = [write_csv(rows, args.out / "gpu_benchmark.csv"), plot(rows, args.out / "gpu_benchmark.png")]
     print("wrote " + ", ".join(map(str, written)))
     return rows
 

@@ -40,8 +40,10 @@ def test_quick_run_on_the_cpu_writes_one_row_per_method_and_cell(tmp_path):
         fro = float(r["rel_fro"])
         assert math.isfinite(fro) and (fro < 0.02 if r["method"] == "exact" else 0 < fro < 20)
     assert gpu_benchmark.read_csv(tmp_path / "gpu_benchmark.csv") == rows
-    again = gpu_benchmark.main(["--from_csv", str(tmp_path / "gpu_benchmark.csv"), "--out", str(tmp_path / "fig")])
-    assert again == rows and (tmp_path / "fig" / "gpu_benchmark.png").is_file()
+    again = gpu_benchmark.main(["--from_csv", str(tmp_path / "gpu_benchmark.csv"), str(tmp_path / "gpu_benchmark.csv"),
+                                "--out", str(tmp_path / "fig")])
+    assert again == rows + rows and (tmp_path / "fig" / "gpu_benchmark.png").is_file()
+    assert len(_read(tmp_path / "fig" / "gpu_benchmark.csv")[1]) == 2 * len(rows)
 
 
 def test_error_rows_are_the_exact_rows_of_the_reference():
@@ -71,6 +73,14 @@ def test_a_row_past_its_time_limit_is_a_timeout_row():
                                        device="cpu", repeats=1, error_rows=8, row_time_limit=1e-6)
     assert [(r["method"], r["status"]) for r in rows] == [("exact", "timeout"), ("performer", "skipped")]
     assert "time limit" in rows[0]["message"] and rows[1]["message"] == "no exact reference in this cell"
+
+
+def test_lengths_not_started_within_the_time_budget_are_skipped_rows():
+    rows = gpu_benchmark.run_benchmark((16, 32), (False, True), ["performer"], heads=1, head_dim=8,
+                                       dtype=torch.float32, device="cpu", repeats=1, error_rows=8, time_budget=0)
+    assert [(r["n"], r["causal"], r["method"]) for r in rows] == \
+        [(n, c, m) for n in (16, 32) for c in (False, True) for m in ("exact", "performer")]
+    assert {r["status"] for r in rows} == {"skipped"} and rows[0]["message"] == "time budget of 0 s spent"
 
 
 def test_markdown_table_has_a_line_per_row():
