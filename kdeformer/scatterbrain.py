@@ -105,7 +105,7 @@ class ScatterBrainAttention(AttentionMethod):
             keep = keep & causal_mask(size, size, q.device)                 # key slot <= query slot in the block
         local = from_logits(scores.masked_fill(~keep, float("-inf")), vb[:, :, mine][..., :dv],
                             "bhnqk,bhnkv->bhnqv")
-        local = local.map_queries(lambda t: unblock(t))
+        local = local.map_queries(unblock)
 
         total = low_rank.merge(local)
         out = total.num / total.den.clamp_min(torch.finfo(work).tiny).unsqueeze(-1)
