@@ -24,7 +24,7 @@ timed calls add up to less than ``--min-time`` seconds: the fast calls, whose si
 timed many times, so that a series over n keeps its order (``--quick``: at least one timed call and 50 ms of them;
 the default: at least three and 100 ms).
 
-    python -m common.compare --quick                      # n = 256, 1024, non-causal; nothing is trained
+    python -m common.compare --quick                      # n = 256, 512, non-causal; nothing is trained
     python -m common.compare                              # the default grid, about ten minutes
     python -m common.compare --n 1024 4096 16384 --inputs shakespeare
     python -m common.compare --device cuda --dtype bfloat16 --n 4096 16384 --inputs gaussian clustered
@@ -194,7 +194,7 @@ def plot_scaling(rows: list[dict], path: Path, causal: bool = False) -> Path:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Compare every registered attention method against exact.")
     parser.add_argument("--n", type=int, nargs="+", default=None,
-                        help="sequence lengths (default 1024 4096; 256 1024 with --quick)")
+                        help="sequence lengths (default 1024 4096; 256 512 with --quick)")
     parser.add_argument("--inputs", nargs="+", default=None, choices=input_sources(),
                         help=f"registered input sources (default: {' '.join(input_sources(default_only=True))})")
     parser.add_argument("--glove", type=Path, default=None, help="GloVe-format file; adds the 'glove' input")
@@ -213,13 +213,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the inputs and of every method, exact included (the ratios' denominator)")
     parser.add_argument("--quick", action="store_true",
-                        help="n = 256 and 1024, non-causal, real q/k/v from a small committed model: about a minute")
+                        help="n = 256 and 512, non-causal, real q/k/v from a small committed model: about a minute")
     parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for the CSV and figures")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
                         help="run nothing: merge these compare.csv files (e.g. from a GPU) and re-plot them")
     args = parser.parse_args(argv)
-    args.n = args.n or ([256, 1024] if args.quick else [1024, 4096])
+    args.n = args.n or ([256, 512] if args.quick else [1024, 4096])
     args.causal = args.causal or ("no" if args.quick else "both")
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     args.min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.1)

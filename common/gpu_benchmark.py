@@ -170,7 +170,7 @@ def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: t
 
 def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: str = "clustered", heads: int = 8,
                   head_dim: int = 64, dtype=torch.bfloat16, device="cuda", repeats: int = 5, budget: str = "mid",
-                  error_rows: int = 1024, row_time_limit: float = 120.0, time_budget: float | None = None,
+                  error_rows: int = 1024, row_time_limit: float = 60.0, time_budget: float | None = None,
                   seed: int = 0, on_row=None) -> list[dict]:
     """All rows of the benchmark (see the module docstring); ``on_row(rows)`` is called after each new row. Once
     ``time_budget`` seconds have passed, the remaining rows are written as skipped instead of run."""
@@ -371,7 +371,7 @@ def main(argv=None) -> list[dict]:
                         help="which of each method's declared budgets runs")
     parser.add_argument("--error-rows", type=int, default=None,
                         help="query rows on which the error is computed (default 1024, 64 with --quick)")
-    parser.add_argument("--row-time-limit", type=float, default=120.0, help="seconds per row before it is given up")
+    parser.add_argument("--row-time-limit", type=float, default=60.0, help="seconds per row before it is given up")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for the whole run; lengths not started by then are written as skipped")
     parser.add_argument("--seed", type=int, default=0)
