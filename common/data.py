@@ -29,15 +29,6 @@ from .attention import causal_query_positions
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SYNTHETIC_KINDS = ("gaussian", "clustered", "planted")
 SOURCE_MODULE = "qkv_source"  # <package>/qkv_source.py registers that package's input sources
-SHAKESPEARE_PATH = REPO_ROOT / "nanoGPT" / "data" / "shakespeare_char" / "input.txt"
-
-
-def load_shakespeare(path: str | Path = SHAKESPEARE_PATH) -> str:
-    """The tiny Shakespeare corpus (Karpathy's char-rnn data, 1,115,394 characters) shipped in the repo."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_shakespeare: no file at {path}")
-    return path.read_text(encoding="utf-8")
 
 
 def load_glove(path: str | Path, max_words: int | None = None,

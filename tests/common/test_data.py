@@ -4,11 +4,6 @@ import torch
 from common import data
 
 
-def test_shakespeare_ships_with_repo():
-    text = data.load_shakespeare()
-    assert len(text) == 1115394 and text.startswith("First Citizen:")
-
-
 def test_glove_reader_plain_and_header(tmp_path):
     f = tmp_path / "vec.txt"
     f.write_text("the 0.1 0.2 0.3\nof -1 2 3.5\n")

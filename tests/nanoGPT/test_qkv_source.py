@@ -9,7 +9,13 @@ from common import compare, data
 from nanoGPT import quick_model, qkv_source
 from nanoGPT.capture_qkv import capture_qkv
 from nanoGPT.checkpoint import CheckpointError
+from nanoGPT.data.shakespeare_char.prepare import INPUT
 from nanoGPT.data_loader import load_split
+
+
+def test_the_corpus_ships_with_the_repo():
+    text = INPUT.read_text(encoding="utf-8")  # Karpathy's tiny Shakespeare (char-rnn data)
+    assert len(text) == 1115394 and text.startswith("First Citizen:")
 
 
 def test_small_model_is_committed_with_its_manifest():
