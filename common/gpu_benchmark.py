@@ -18,7 +18,8 @@ the registered input source ``--input``, ``clustered`` by default) in ``--dtype`
   against exact attention computed in float32 for those rows only (so it fits in memory at any n);
 - a method that fails (out of memory, an error, more than ``--row-time-limit`` seconds for its row) gets a row
   with the message and the run goes on; it is not run again at a larger n. The CSV is rewritten after every row,
-  so a run stopped from outside keeps what it measured; ``--time-budget`` skips the lengths not started in time.
+  so a run stopped from outside keeps what it measured; once ``--time-budget`` is spent, the rows not started are
+  written as skipped.
   A markdown table is printed at the end.
 
 The figure (``gpu_benchmark.png``: forward time vs n per method, log-log, with exact in the run's dtype and in
@@ -173,7 +174,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                   error_rows: int = 1024, row_time_limit: float = 60.0, time_budget: float | None = None,
                   seed: int = 0, on_row=None) -> list[dict]:
     """All rows of the benchmark (see the module docstring); ``on_row(rows)`` is called after each new row. Once
-    ``time_budget`` seconds have passed, the remaining rows are written as skipped instead of run."""
+    ``time_budget`` seconds have passed, the rows not started are written as skipped instead of run."""
     stop_at = math.inf if time_budget is None else time.perf_counter() + time_budget
     names = registered_methods()
     unknown = [m for m in (methods or []) if m not in names]
@@ -189,14 +190,14 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
         if on_row is not None:
             on_row(rows)
 
+    spent = f"time budget of {time_budget:g} s spent" if time_budget is not None else ""
     for n in ns:
         if time.perf_counter() > stop_at:
             for causal in causal_modes:
                 for name in registered_methods(causal=causal):
                     if name == "exact" or not methods or name in methods:
                         add({"n": n, "causal": causal, "method": name, "options": {} if name == "exact" else
-                             chosen_budget(name, n, seed, budget), "status": "skipped",
-                             "message": f"time budget of {time_budget:g} s spent"})
+                             chosen_budget(name, n, seed, budget), "status": "skipped", "message": spent})
             continue
         x = make_input(source, n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype, device=device,
                                             progress=False))
@@ -233,8 +234,8 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                 baseline = _free(device)
                 options = chosen_budget(name, n, seed, budget)
                 row = {**cell, "method": name, "options": options, **exact_times}
-                if (name, causal) in failed:
-                    add({**row, "status": "skipped", "message": failed[name, causal]})
+                if (name, causal) in failed or time.perf_counter() > stop_at:
+                    add({**row, "status": "skipped", "message": failed.get((name, causal), spent)})
                     continue
                 fwd_bwd = causal and method_class(name).trainable
                 try:
@@ -373,7 +374,7 @@ def main(argv=None) -> list[dict]:
                         help="query rows on which the error is computed (default 1024, 64 with --quick)")
     parser.add_argument("--row-time-limit", type=float, default=60.0, help="seconds per row before it is given up")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds for the whole run; lengths not started by then are written as skipped")
+                        help="seconds for the whole run; rows not started by then are written as skipped")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"n = {QUICK_NS}, 2 heads of dim 16, 2 repeats, 64 error rows")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
