@@ -64,6 +64,7 @@ def plot(rows: list[dict], n: int, estimators: list[str], path):
             ax.plot(ks, mean, "o-", color=colors[scale], label=f"B = {scale}")
             ax.fill_between(ks, (mean - std).clamp_min(0), mean + std, color=colors[scale], alpha=0.2)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([r["k"] for r in pts], [f"{r['k_label']}\n({r['k']})" for r in pts], fontsize=7)
         ax.set_xlabel(f"k (n = {n})")
         ax.set_ylabel("mean absolute error vs exact")

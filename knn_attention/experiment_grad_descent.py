@@ -16,8 +16,8 @@ N = 100 tokens, d = 3, Q, K, V with N(0, 4) entries, a fixed random readout w (d
 output o = Attn(Q, K, V) w, losses binary cross-entropy with logits (BCE) and polynomial ones (quadratic
 mean (o - t)^2, cubic mean |o - t|^3); plain gradient descent with lr 0.5 on Q and V only (K fixed), "naive" =
 autograd through exact attention vs "fast" = the kNN method with the paper's sampled gradients
-(``gradient='sampled'``, k = ceil(sqrt(N)), l = 32 samples per query, dV by the random-walk estimator,
-``dv_estimator='walk'``). The loss is always evaluated with exact attention. The same run records the attention
+(``gradient='sampled'``, k = ceil(sqrt(N)), the default (adaptive) forward, l = 32 samples per query, dV by the
+random-walk estimator, ``dv_estimator='walk'``). The loss is always evaluated with exact attention. The same run records the attention
 error during training: the relative Frobenius error of the fast variant's kNN forward against exact attention on
 its current Q, K, V. Writes ``knn_grad_descent_paper.{csv,png}`` and ``knn_attention_error_training.{csv,png}``.
 """
@@ -34,8 +34,8 @@ from common import get_attention, plotting, softmax_attention
 from common.metrics import relative_frobenius_error
 
 VARIANTS = {"exact": ("exact", {}),
-            "knn-sampled": ("knn", {"gradient": "sampled", "index": "torch"}),
-            "knn-autograd": ("knn", {"gradient": "autograd"})}
+            "knn-sampled": ("knn", {"gradient": "sampled", "index": "torch", "estimator": "topk_uniform_tail"}),
+            "knn-autograd": ("knn", {"gradient": "autograd", "estimator": "topk_uniform_tail"})}
 
 
 def run(n: int = 512, d: int = 32, iters: int = 200, lr: float = 0.5, seed: int = 0, device="cpu",

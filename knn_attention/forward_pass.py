@@ -1,7 +1,7 @@
 """Fast kNN attention, registered as ``knn`` (Haris 2024, Sec. 4, Alg. 2).
 
 Each query i retrieves its top set S_i (``index.py``; k keys, k = ceil(sqrt(Nk)) by default as in the paper's
-analysis), then one of three estimators of o_i = E_{j ~ softmax(s_i)}[v_j] runs:
+analysis), then one of four estimators of o_i = E_{j ~ softmax(s_i)}[v_j] runs:
 
 (a) ``topk``: softmax over S_i only, renormalised: the classic kNN attention of Roy et al. (2021). Biased: the
     tail's mass is dropped.
@@ -68,7 +68,8 @@ def default_budget(n_keys: int) -> int:
 
 @register("knn")
 class KNNAttention(AttentionMethod):
-    """kNN attention with a faiss top-k set and one of three estimators (see the module docstring).
+    """kNN attention with a faiss top-k set and one of four estimators (see the module docstring); the default is
+    (d) ``adaptive`` ((b) with ``index='ivf_blas'``).
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
     index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
@@ -82,7 +83,7 @@ class KNNAttention(AttentionMethod):
 
     randomized = True
 
-    def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str = "topk_uniform_tail",
+    def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str | None = None,
                  index: str = "flat", nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
                  ef_search: int = 64, causal_block: int | None = None, tail_block: int = 64,
                  gradient: str | None = None, eps: float | None = None, delta: float = 0.05,
@@ -92,6 +93,8 @@ class KNNAttention(AttentionMethod):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
+        # the default: (d) adaptive; 'ivf_blas' has no per-query lists to adapt, so (b) there
+        estimator = estimator or ("topk_uniform_tail" if index == "ivf_blas" else "adaptive")
         self.estimator = check_choice(estimator, "estimator", "knn", ESTIMATORS)
         self.index = index
         self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search)
@@ -130,7 +133,7 @@ class KNNAttention(AttentionMethod):
         self.last_times = SearchTimes()
         self._warned_clamp = False
 
-    # --- the three estimators on a chunk of queries ---------------------------------------------------
+    # --- the estimators on a chunk of queries ---------------------------------------------------
     def _estimate(self, q, k, v, hits, counts, local, num, scale):
         top = retrieved_set(q, k, hits, counts, scale, local)
         gen = self.generator(q.device)

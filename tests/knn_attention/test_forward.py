@@ -44,6 +44,7 @@ def test_dominant_key_and_query_equal_to_key():
         assert (out - exact).abs().max().item() < slack * bound, est
 
 
+@pytest.mark.slow
 def test_uniform_scores_unbiased_mean_of_values():
     q = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
     k = torch.randn(1, 1, 50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -53,6 +54,7 @@ def test_uniform_scores_unbiased_mean_of_values():
     torch.testing.assert_close(runs.mean(0), v.mean(2, keepdim=True).expand(1, 1, 3, 2), atol=0.05, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["topk_uniform_tail", "gumbel"])
 def test_estimators_unbiased_mean_over_seeds(estimator):
     # gumbel is unbiased; the tail estimator's numerator and denominator are, its ratio converges: both means
@@ -74,7 +76,7 @@ def test_error_falls_with_samples():
     assert err(16) > 2 * err(256)
 
 
-@pytest.mark.parametrize("estimator", ["topk", "topk_uniform_tail", "gumbel"])
+@pytest.mark.parametrize("estimator", ["topk", "topk_uniform_tail", "gumbel", "adaptive"])
 def test_causal_never_reads_future_keys(estimator):
     x = synthetic_qkv("gaussian", 2, 2, 40, 40, 8, dtype=torch.float64)
     attn = lambda k, v: common.get_attention("knn", k=6, num_samples=6, estimator=estimator, seed=3)(

@@ -37,6 +37,7 @@ def test_sampled_gradients_mean_matches_autograd():
         assert (est - exact).abs().max().item() < 0.03 * exact.abs().max().item() + 0.01
 
 
+@pytest.mark.slow
 def test_sampled_gradient_function_end_to_end_and_autograd_path():
     x = synthetic_qkv("gaussian", 1, 2, 10, 10, 4, dtype=torch.float64)
     g = torch.randn(1, 2, 10, 4, dtype=torch.float64)

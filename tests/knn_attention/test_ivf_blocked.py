@@ -24,6 +24,7 @@ def test_all_cells_probed_is_exact(estimator):
     assert (out - naive_attention(x.q, x.k, x.v)).abs().max().item() < 1e-6
 
 
+@pytest.mark.slow
 def test_tail_estimator_unbiased_mean_over_seeds():
     # one probed cell of eight: most of the mass is in the sampled tail; the mean over 200 seeds of the ratio
     # estimate lands far closer to exact than one run (the tail sums are unbiased, the ratio is consistent)
@@ -43,6 +44,7 @@ def test_concentrated_rows_are_accurate_with_few_probes():
     assert relative_frobenius_error(out, naive_attention(x.q, x.k, x.v)) < 0.05
 
 
+@pytest.mark.slow
 def test_autograd_through_cells():
     x = synthetic_qkv("gaussian", 1, 1, 9, 12, 3, dtype=torch.float64)
     q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
