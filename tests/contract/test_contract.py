@@ -2,12 +2,13 @@
 
 Per method and budget (``common.budget_options(name, n, seed)``): output shape and dtype for float32, float64,
 bfloat16 and float16 inputs; the same seed repeats exactly and (randomised methods) other seeds give other
-outputs; causal outputs never depend on future values, nor (save the exemption below) on future keys; ``step()``
+outputs; causal outputs never depend on future values, nor (two stated exceptions) on future keys; ``step()``
 equals the causal forward; ``exact_options`` gives exact attention, and the largest budget beats the smallest;
 gradients of trainable methods are finite and reach q, k and v.
 
 Per-method knowledge lives in the methods (class attributes, ``exact_options``); the two exemptions a method's
-paper imposes are listed here with their reason. Cells that fail today are in KNOWN_FAILURES (strict xfails).
+paper or sampler imposes are stated here with their reason. Cells that fail today are in KNOWN_FAILURES (strict
+xfails). VARIANTS (conftest.py) adds estimator options that are held to the contract on their own.
 """
 from __future__ import annotations
 
