@@ -125,6 +125,20 @@ def _free(device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
+def exact_fp32_time(exact, q, k, v, causal: bool, *, repeats: int, row_time_limit: float, device) -> float | None:
+    """Exact attention's median time on a float32 copy of the input: an extra column only, never a denominator,
+    so a float32 run that fails or runs out of time leaves the column empty instead of losing the cell."""
+    try:
+        with time_limit(row_time_limit):
+            q32, k32, v32 = (t.float() for t in (q, k, v))
+            return time_callable(lambda: exact(q32, k32, v32, causal=causal), warmup=1, repeats=repeats,
+                                 device=device).median_s
+    except Exception:  # noqa: BLE001 - out of memory or time: the column stays empty
+        return None
+    finally:
+        _free(device)
+
+
 def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: torch.Tensor | None,
             reference: torch.Tensor | None, deadline: float) -> dict:
     """Time one method's forward (and forward + backward) on one input and score its output on ``rows``.
@@ -214,10 +228,6 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                     deadline = time.perf_counter() + row_time_limit
                     ref = measure(exact, q, k, v, causal=causal, repeats=repeats, fwd_bwd=causal, rows=rows_idx,
                                   reference=reference, deadline=deadline)
-                    q32, k32, v32 = (t.float() for t in (q, k, v))
-                    fp32 = time_callable(lambda: exact(q32, k32, v32, causal=causal), warmup=1,
-                                         repeats=max(1, min(repeats, ref["fwd_repeats"])), device=device).median_s
-                    del q32, k32, v32
             except Exception as err:  # noqa: BLE001 - the run goes on; the row says what happened
                 add({**cell, "method": "exact", "options": {}, "status": _status(err), "message": _message(err)})
                 for name in others:
@@ -225,6 +235,8 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                          "message": "no exact reference in this cell"})
                 _free(device)
                 continue
+            fp32 = exact_fp32_time(exact, q, k, v, causal, repeats=max(1, min(repeats, ref["fwd_repeats"])),
+                                   row_time_limit=row_time_limit, device=device)
             exact_times = {"exact_fwd_time_s": ref["fwd_time_s"], "exact_fp32_time_s": fp32,
                            "exact_fwd_bwd_time_s": ref.get("fwd_bwd_time_s")}
             add({**cell, "method": "exact", "options": {}, "status": "ok", **ref, **exact_times,
@@ -341,7 +353,8 @@ def plot(rows: list[dict], path: Path) -> Path:
             pts = sorted((r["n"], r["fwd_time_s"]) for r in sel if r["method"] == name)
             label = f"exact ({sel[0]['dtype']}, SDPA)" if name == "exact" else name
             ax.plot(*zip(*pts), "o-", color=plotting.method_color(name), label=label, lw=2 if name == "exact" else 1)
-        fp32 = sorted({(r["n"], r["exact_fp32_time_s"]) for r in sel if r["method"] == "exact"})
+        fp32 = sorted({(r["n"], r["exact_fp32_time_s"]) for r in sel
+                       if r["method"] == "exact" and r["exact_fp32_time_s"] is not None})
         if fp32:
             ax.plot(*zip(*fp32), "s--", color=plotting.method_color("exact"), mfc="white", label="exact (float32)")
         ax.set_xscale("log", base=2)
@@ -351,7 +364,11 @@ def plot(rows: list[dict], path: Path) -> Path:
         devices = sorted({r["device"] for r in rows})
         ax.set_title(f"{'causal' if causal else 'non-causal'}, {', '.join(sorted({r['dtype'] for r in rows}))}, "
                      f"{', '.join(devices)}")
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+    legend = {}  # every method of every panel, once (a method may run in one causal mode only)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[0][-1].legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.02, 0.5))
     return plotting.save_figure(fig, path)
 
 
