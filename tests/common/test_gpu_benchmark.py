@@ -89,3 +89,23 @@ def test_markdown_table_has_a_line_per_row():
         "message": "OutOfMemoryError: CUDA out of memory"}
     table = gpu_benchmark.markdown_table([row]).splitlines()
     assert len(table) == 3 and "nb_features=8" in table[2] and "oom: OutOfMemoryError" in table[2]
+
+
+def test_the_float32_extra_column_never_takes_the_cell_with_it(tmp_path, monkeypatch):
+    """At 262,144 tokens on an H100 exact attention in float32 ran past the row limit and the whole cell was lost;
+    now a float32 run that fails leaves its column empty and the bf16 baseline and every method still run."""
+    x = torch.randn(1, 1, 16, 8)
+    assert gpu_benchmark.exact_fp32_time(common.get_attention("exact"), x, x, x, False, repeats=1,
+                                         row_time_limit=5.0, device="cpu") > 0
+
+    def out_of_memory(q, k, v, causal):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert gpu_benchmark.exact_fp32_time(out_of_memory, x, x, x, False, repeats=1, row_time_limit=5.0,
+                                         device="cpu") is None
+    monkeypatch.setattr(gpu_benchmark, "exact_fp32_time", lambda *args, **kwargs: None)
+    rows = gpu_benchmark.main(["--quick", "--device", "cpu", "--n", "48", "--repeats", "1", "--causal", "no",
+                               "--methods", "srf", "--out", str(tmp_path)])
+    assert [(r["method"], r["status"]) for r in rows] == [("exact", "ok"), ("srf", "ok")]
+    assert all(r["exact_fp32_time_s"] is None for r in rows)
+    assert (tmp_path / "gpu_benchmark.png").is_file()
