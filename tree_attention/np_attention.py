@@ -165,8 +165,13 @@ class TreeAttention(AttentionMethod):
 
     @classmethod
     def budgets(cls, n_keys):
-        # P = 16 keeps the number of descent rounds (about log2 L + T / P) small enough for the comparison grid
-        return [{"number_of_terms_exponent": e, "parallelism": 16} for e in (0.3, 0.45, 0.6)]
+        # P = 16 keeps the number of descent rounds (about log2 L + T / P) small enough for the comparison grid;
+        # P is capped below the last query's T = ceil(n^e) (a power of two, at least 1): starting from P >= T buds
+        # no descent step runs and the output depends on neither the budget nor the seed (small n)
+        def parallelism(e):
+            n_terms = int(number_of_terms(torch.tensor([max(int(n_keys), 1)]), e))
+            return min(16, 1 << max(0, (n_terms - 1).bit_length() - 1))
+        return [{"number_of_terms_exponent": e, "parallelism": parallelism(e)} for e in (0.3, 0.45, 0.6)]
 
 
 def report_example(method: str = "alignment", verbose: bool = True, seed: int = 0, last_terms: int = 8):

@@ -7,8 +7,8 @@ equals the causal forward; ``exact_options`` gives exact attention, and the larg
 gradients of trainable methods are finite and reach q, k and v.
 
 Per-method knowledge lives in the methods (class attributes, ``exact_options``); the two exemptions a method's
-paper or sampler imposes are stated here with their reason. Cells that fail today are in KNOWN_FAILURES (strict
-xfails). VARIANTS (conftest.py) adds estimator options that are held to the contract on their own.
+paper or sampler imposes are stated here with their reason. VARIANTS (conftest.py) adds estimator options that are
+held to the contract on their own.
 """
 from __future__ import annotations
 
@@ -35,16 +35,6 @@ def future_keys_may_change_earlier_outputs(name: str, options: dict) -> bool:
     return name == "reformer" or (name == "knn" and options.get("estimator") == "gumbel")
 
 
-_TREE_NO_DESCENT = ("at n = 48 tree starts from parallelism = 16 buds, more than the T = ceil(48^e) <= 11 terms of "
-                    "every declared budget, so no descent step runs: the output depends on neither the budget nor the "
-                    "seed (tree_attention: budgets(n) should declare budgets that differ at small n)")
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **{(label, f"seed-budget{i}"): _TREE_NO_DESCENT
-       for label in ("tree", "tree[RandomFourierFeatures]", "tree[FAVOR+]") for i in range(3)},
-    ("tree", "largest_budget"): _TREE_NO_DESCENT,
-}
-
-
 def _params(test: str, with_budgets: bool = True, variants: bool = False):
     labels = common.available() + (list(VARIANTS) if variants else [])
     for label in labels:
@@ -52,10 +42,7 @@ def _params(test: str, with_budgets: bool = True, variants: bool = False):
         budgets = common.budget_options(name, N, seed=0) if with_budgets else [None]
         for i, options in enumerate(budgets):
             case = test if options is None else f"{test}-budget{i}"
-            reason = KNOWN_FAILURES.get((label, case))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(name, options if options is None else {**options, **extra}, marks=marks,
-                               id=f"{label}-{case}")
+            yield pytest.param(name, options if options is None else {**options, **extra}, id=f"{label}-{case}")
 
 
 def _budgets(test, variants=False):
