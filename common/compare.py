@@ -210,6 +210,9 @@ def main(argv=None) -> list[dict]:
                              "(default 0.1; 0.05 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own; 1 with --quick, whose sizes are too small "
+                             "for threads to pay and where spinning threads on a busy machine scramble the medians)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the inputs and of every method, exact included (the ratios' denominator)")
     parser.add_argument("--quick", action="store_true",
@@ -226,6 +229,11 @@ def main(argv=None) -> list[dict]:
     inputs = list(args.inputs or input_sources(default_only=True))
     inputs += ["glove"] if args.glove and "glove" not in inputs else []
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     if args.from_csv:
         rows = read_csv(args.from_csv)

@@ -134,3 +134,16 @@ def test_compare_inputs_are_the_registered_sources(tmp_path):
     assert [(r["input"], r["method"]) for r in rows] == [("gaussian", "exact"), ("glove", "exact")]
     with pytest.raises(SystemExit):
         compare.main(["--inputs", "nope", "--out", str(tmp_path)])
+
+
+def test_threads_option_is_checked_and_applied(tmp_path):
+    """--quick runs on one thread (issue 17 item 6: spinning threads on a busy machine scrambled its medians)."""
+    with pytest.raises(SystemExit):
+        compare.main(["--threads", "0", "--out", str(tmp_path)])
+    before = torch.get_num_threads()
+    try:
+        rows = compare.main(["--threads", "1", "--inputs", "gaussian", "--n", "32", "--causal", "no", "--methods",
+                             "srf", "--repeats", "1", "--min-time", "0", "--no-progress", "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 1 and {r["method"] for r in rows} == {"exact", "srf"}
+    finally:
+        torch.set_num_threads(before)
