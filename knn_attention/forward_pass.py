@@ -27,8 +27,10 @@ grown block by block, ``index.causal_top_k_indices``) plus every key of its own 
 samples come from the rest of the prefix. No future key is ever retrieved, scored or sampled, so the output does
 not depend on future keys at all (tested by perturbing them).
 
-Index: ``flat`` / ``ivf`` / ``hnsw`` / ``torch`` (``index.py``) return per-query top-k ids, then the estimator
-gathers those rows; ``ivf_blas`` (``ivf_blocked.py``, non-causal, (a) and (b) only) takes S_i = the keys of the
+Index: ``flat`` / ``ivf`` / ``hnsw`` / ``torch`` / ``ivf_torch`` (``index.py``) return per-query top-k ids, then
+the estimator gathers those rows; ``torch`` (exact) and ``ivf_torch`` (approximate, non-causal) retrieve in torch on
+the tensors' device, ``flat`` off the CPU is served by ``torch``, ``ivf`` / ``hnsw`` (faiss-cpu) refuse non-CPU
+tensors; ``ivf_blas`` (``ivf_blocked.py``, non-causal, (a) and (b) only) takes S_i = the keys of the
 probed k-means cells and evaluates the estimator cell by cell with dense matmuls, the fast path on a CPU.
 
 Gradients: ``gradient='autograd'`` differentiates the estimator (a), (b) or (d) through the gathered keys (indices are
@@ -72,7 +74,8 @@ class KNNAttention(AttentionMethod):
     (d) ``adaptive`` ((b) with ``index='ivf_blas'``).
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
-    index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch') with nlist, nprobe, hnsw_m, ef_search, causal_block,
+    index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch' | 'ivf_torch') with nlist, nprobe, hnsw_m, ef_search,
+    cell_size ('ivf_torch'), causal_block,
     tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), eps and delta
     (median of means for 'gumbel'), tail_slack (widened Gumbel cutoff), k_max and tail_ratio ('adaptive'),
     dv_estimator ('scatter' | 'walk': dV of gradient='sampled' by the paper's random walks, ``dv_walks`` per column
@@ -88,7 +91,7 @@ class KNNAttention(AttentionMethod):
                  ef_search: int = 64, causal_block: int | None = None, tail_block: int = 64,
                  gradient: str | None = None, eps: float | None = None, delta: float = 0.05,
                  tail_slack: float | str | None = None, k_max: int | None = None, tail_ratio: float = 0.05,
-                 dv_estimator: str = "scatter", dv_walks: int | None = None,
+                 dv_estimator: str = "scatter", dv_walks: int | None = None, cell_size: int | None = None,
                  seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
@@ -97,7 +100,7 @@ class KNNAttention(AttentionMethod):
         estimator = estimator or ("topk_uniform_tail" if index == "ivf_blas" else "adaptive")
         self.estimator = check_choice(estimator, "estimator", "knn", ESTIMATORS)
         self.index = index
-        self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search)
+        self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search, cell_size)
         if index == "ivf_blas" and k is not None:
             raise ValueError("knn: index='ivf_blas' retrieves whole cells (|S_i| = the keys of the nprobe probed "
                              "cells, about nprobe * Nk / nlist); set nprobe and nlist instead of k")
@@ -212,7 +215,10 @@ class KNNAttention(AttentionMethod):
             hits = causal_top_k_indices(q, k, top_k, block, self.index_options, self.last_times)
             local = causal_local_keys(nq, nk, block, q.device)
         else:
-            hits = top_k_indices(q, k, top_k, self.index_options, self.last_times)  # one index per call
+            # 'ivf_torch' k-means draws from its own stream seeded with `seed` (0 if None), not from the method's
+            # generator: the estimator's draws do not depend on the index, and each call builds the same cells
+            hits = top_k_indices(q, k, top_k, self.index_options, self.last_times,  # one index per call
+                                 seed=0 if self.seed is None else self.seed)
         width = top_k + (0 if local is None else local.shape[1])
         chunk = max(1, _CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * (width + num) * d))
         sampled = self.gradient == "sampled" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

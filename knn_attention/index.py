@@ -9,15 +9,27 @@ For each (batch, head) an inner-product index is built over that head's keys and
   with the estimator (``ivf_blocked.py``; it never materialises per-query index lists, so it does not go here);
 - ``hnsw``: hierarchical navigable small-world graph (faiss ``IndexHNSWFlat``, ``hnsw_m`` links,
   ``ef_search``): sub-quadratic, approximate;
-- ``torch``: exact top-k of the dense score matrix with ``torch.topk`` (quadratic memory; useful on GPU,
-  where faiss-cpu is not, and as the reference of the tests).
+- ``torch``: exact top-k in torch on the tensors' own device (``device_index.blocked_top_k``: keys scored block
+  by block with a running top-k merge, so the full Nq x Nk score matrix is never held); the reference of the tests
+  and the exact path on a GPU, where faiss-cpu is not;
+- ``ivf_torch``: an inverted file built and searched in torch on the tensors' own device
+  (``device_index.ivf_top_k``: k-means with ``nlist`` cells cut into chunks of ``cell_size`` keys, ``nprobe``
+  chunks scored per query): sub-quadratic, approximate, the approximate path on a GPU. Non-causal only (as ``ivf``).
 
 Only ``flat`` and ``torch`` return the true top-k; the lazy Gumbel sampler relies on that (its tail bound).
 
+Device. ``torch`` and ``ivf_torch`` never leave q's device (no copy to the host, no synchronisation). faiss is
+CPU-only: with tensors not on the CPU, ``flat`` is served by ``blocked_top_k`` (also exact, same result up to
+ties), and ``ivf`` / ``hnsw`` raise a ValueError naming ``ivf_torch`` (a silent host round-trip is what this
+option exists to avoid; move the tensors to the CPU to use faiss).
+
 Causal retrieval (:func:`causal_top_k_indices`) never lets a future key influence a query: positions are cut into
 blocks of ``block`` tokens, the index is grown block by block (``add``), and the queries of block c search an index
-holding only the keys of blocks < c. (The keys of a query's own block are handled exactly by the caller.) IVF is
-not offered causally, since its k-means quantizer would be trained on future keys.
+holding only the keys of blocks < c. (The keys of a query's own block are handled exactly by the caller.) IVF
+(``ivf``, ``ivf_torch``, and ``ivf_blas`` in ``forward_pass``) is not offered causally: its k-means cells are
+built from all keys, so which past keys a query retrieves would depend on future keys. ``torch`` (and ``flat`` off
+the CPU) grows no index: ``blocked_top_k(causal=True, causal_block=block)`` applies the same block rule in one
+batched pass.
 """
 from __future__ import annotations
 
@@ -31,25 +43,35 @@ import torch
 from common.attention import causal_query_positions
 from common.validation import check_choice, check_int
 
-INDEX_TYPES = ("flat", "ivf", "ivf_blas", "hnsw", "torch")
-DEFAULT_NPROBE = {"ivf": 8, "ivf_blas": 8}
+from .device_index import blocked_top_k, ivf_top_k
+
+INDEX_TYPES = ("flat", "ivf", "ivf_blas", "hnsw", "torch", "ivf_torch")
+DEFAULT_NPROBE = {"ivf": 8, "ivf_blas": 8, "ivf_torch": 8}
 EXACT_INDEX_TYPES = ("flat", "torch")
+# index kinds that copy the tensors to the host (faiss-cpu)
+FAISS_INDEX_TYPES = ("flat", "ivf", "hnsw")
+# index kinds that refuse causal=True (k-means cells built from every key, future ones included)
+NON_CAUSAL_INDEX_TYPES = ("ivf", "ivf_blas", "ivf_torch")
 
 
 @dataclass
 class IndexOptions:
     """Index type and its parameters (defaults: nlist = ceil(sqrt(Nk)) for ``ivf``, 4 ceil(sqrt(Nk)) for
-    ``ivf_blas``; nprobe = 8; hnsw_m = 32, ef_search = 64)."""
+    ``ivf_blas`` and ``ivf_torch``; nprobe = 8; cell_size (``ivf_torch`` only) = ceil(Nk / nlist); hnsw_m = 32,
+    ef_search = 64)."""
     kind: str = "flat"
     nlist: int | None = None
     nprobe: int | None = None
     hnsw_m: int = 32
     ef_search: int = 64
+    cell_size: int | None = None
 
     def __post_init__(self):
         check_choice(self.kind, "index", "knn", INDEX_TYPES)
         if self.nlist is not None:
             check_int(self.nlist, "nlist", "knn", minimum=1)
+        if self.cell_size is not None:
+            check_int(self.cell_size, "cell_size", "knn", minimum=1)
         if self.nprobe is None:
             self.nprobe = DEFAULT_NPROBE.get(self.kind, 8)
         for name in ("nprobe", "hnsw_m", "ef_search"):
@@ -83,6 +105,26 @@ def _faiss_index(keys: np.ndarray, opts: IndexOptions):
     return index
 
 
+def _on_host(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu"
+
+
+def _device_kind(q: torch.Tensor, opts: IndexOptions) -> str:
+    """The index kind that serves tensors on q's device: 'flat' off the CPU becomes 'torch' (both exact); 'ivf' /
+    'hnsw' off the CPU raise (faiss is CPU-only; module docstring)."""
+    if _on_host(q) or opts.kind not in FAISS_INDEX_TYPES:
+        return opts.kind
+    if opts.kind == "flat":
+        return "torch"
+    raise ValueError(f"knn: index={opts.kind!r} is faiss, CPU-only, and q is on {q.device}; use index='ivf_torch' "
+                     "(approximate) or 'torch' (exact) on this device, or move the tensors to the CPU")
+
+
+def _ivf_torch(q, k, top_k, opts: IndexOptions, generator, seed: int) -> torch.Tensor:
+    return ivf_top_k(q, k, top_k, nlist=opts.nlist, nprobe=opts.nprobe, cell_size=opts.cell_size,
+                     generator=generator, seed=seed).indices
+
+
 def _build_empty_faiss(d: int, opts: IndexOptions):
     import faiss
 
@@ -98,21 +140,28 @@ def causal_top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, block: in
     """Indices (B, H, Nq, top_k) of each query's best keys among the blocks strictly before its own; -1 pads.
 
     Query i sits at position p_i = i + Nk - Nq, in block c = p_i // block; it searches keys j < c * block.
+    Returned on q's device; ``torch`` (and ``flat`` off the CPU) never leaves it.
     """
-    if opts.kind == "ivf":
-        raise ValueError("knn: index='ivf' is not available with causal=True (its quantizer would be trained on "
-                         "future keys); use 'flat', 'hnsw' or 'torch'")
+    if opts.kind in NON_CAUSAL_INDEX_TYPES:
+        raise ValueError(f"knn: index={opts.kind!r} is not available with causal=True (its k-means cells would be "
+                         "built from future keys); use 'flat', 'hnsw' or 'torch'")
+    if _device_kind(q, opts) == "torch":
+        start = time.perf_counter()
+        idx = blocked_top_k(q, k, top_k, causal=True, causal_block=block).indices
+        if times is not None:
+            times.search_s += time.perf_counter() - start
+        return idx
     b, h, nq, d = q.shape
     nk = k.shape[2]
     positions = causal_query_positions(nq, nk)
     out = torch.full((b, h, nq, top_k), -1, dtype=torch.long)
     qd, kd = q.detach(), k.detach()
-    qn = qd.to("cpu", torch.float32).numpy() if opts.kind != "torch" else None
-    kn = kd.to("cpu", torch.float32).numpy() if opts.kind != "torch" else None
+    qn = qd.to("cpu", torch.float32).numpy()
+    kn = kd.to("cpu", torch.float32).numpy()
     first_block = int(positions[0]) // block
     for bi in range(b):
         for hi in range(h):
-            index = None if opts.kind == "torch" else _build_empty_faiss(d, opts)
+            index = _build_empty_faiss(d, opts)
             added = 0
             for c in range(first_block, (nk - 1) // block + 1):
                 rows = ((positions // block) == c).nonzero().squeeze(-1)
@@ -121,16 +170,13 @@ def causal_top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, block: in
                     continue
                 want = min(top_k, start_key)
                 t0 = time.perf_counter()
-                if opts.kind == "torch":
-                    found = torch.topk(qd[bi, hi, rows] @ kd[bi, hi, :start_key].T, want, dim=-1).indices.cpu()
-                else:
-                    index.add(np.ascontiguousarray(kn[bi, hi, added:start_key]))
-                    added = start_key
-                    t1 = time.perf_counter()
-                    if times is not None:
-                        times.build_s += t1 - t0
-                    t0 = t1
-                    found = torch.from_numpy(index.search(np.ascontiguousarray(qn[bi, hi, rows.numpy()]), want)[1])
+                index.add(np.ascontiguousarray(kn[bi, hi, added:start_key]))
+                added = start_key
+                t1 = time.perf_counter()
+                if times is not None:
+                    times.build_s += t1 - t0
+                t0 = t1
+                found = torch.from_numpy(index.search(np.ascontiguousarray(qn[bi, hi, rows.numpy()]), want)[1])
                 if times is not None:
                     times.search_s += time.perf_counter() - t0
                 out[bi, hi, rows, :want] = found
@@ -146,18 +192,23 @@ def causal_local_keys(n_queries: int, n_keys: int, block: int, device=None) -> t
 
 
 def top_k_indices(q: torch.Tensor, k: torch.Tensor, top_k: int, opts: IndexOptions,
-                  times: SearchTimes | None = None) -> torch.Tensor:
-    """Indices (B, H, Nq, top_k) of the keys with the largest q . k per query, best first.
+                  times: SearchTimes | None = None, generator: torch.Generator | None = None,
+                  seed: int = 0) -> torch.Tensor:
+    """Indices (B, H, Nq, top_k) of the keys with the largest q . k per query, best first, on q's device.
 
     Approximate indices may return -1 for missing neighbours (fewer than top_k found); callers mask those.
+    ``generator`` (on q's device) draws the k-means subsample of ``ivf_torch``; default a fresh one seeded with
+    ``seed``.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
     if top_k > nk:
         raise ValueError(f"knn: k={top_k} is larger than the number of keys Nk={nk}")
-    if opts.kind == "torch":
+    kind = _device_kind(q, opts)
+    if kind in ("torch", "ivf_torch"):
         start = time.perf_counter()
-        idx = torch.topk(torch.matmul(q.detach(), k.detach().transpose(-1, -2)), top_k, dim=-1).indices
+        idx = (blocked_top_k(q, k, top_k).indices if kind == "torch"
+               else _ivf_torch(q, k, top_k, opts, generator, seed))
         if times is not None:
             times.search_s += time.perf_counter() - start
         return idx
