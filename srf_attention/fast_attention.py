@@ -35,7 +35,7 @@ from torch import nn
 
 from common.attention import AttentionMethod, causal_mask
 from common.registry import register
-from common.validation import check_choice, check_int, check_qkv, resolve_scale
+from common.validation import check_choice, check_finite_result, check_int, check_qkv, resolve_scale
 
 from common.linear_attention import augment_values, chunk_linear_attention, split_augmented
 from common.random_features import FEATURE_TYPES, NORMS, positive_random_features, random_matrix
@@ -325,7 +325,7 @@ class SRFAttention(AttentionMethod):
         out, state.kv, state.key_maxima, state.denominator = fast.generate(
             q, k, v, state.kv, state.key_maxima, state.denominator, resolve_scale(scale, q.shape[-1]))
         state.length += q.shape[2]
-        return out
+        return check_finite_result(out, self.name) if self.check_finite else out
 
     @classmethod
     def budgets(cls, n_keys):
