@@ -79,7 +79,8 @@ def test_causal_never_reads_future_and_is_exact_at_full_budget(nq, nk):
     x = synthetic_qkv("gaussian", 1, 2, nq, nk, 8, dtype=torch.float64)
     attn = lambda k, v, **o: common.get_attention("kdeformer", seed=1, **o)(x.q, k, v, causal=True)
     out = attn(x.k, x.v, bucket_size=8, sample_size=8, chunk_size=8)
-    for seen in (1, 13, 20):  # query seen - 1 sits at position cut - 1; keys from cut on are the future
+    # tests/contract checks the future at N = 48 (whole chunks only): here the lengths with a partial last chunk
+    for seen in ((1, 13, 20) if nk % 8 else ()):  # query seen - 1 sits at position cut - 1; keys from cut on are the future
         cut = nk - nq + seen
         k2, v2 = x.k.clone(), x.v.clone()
         k2[:, :, cut:] = 50.0
@@ -87,14 +88,13 @@ def test_causal_never_reads_future_and_is_exact_at_full_budget(nq, nk):
         out2 = attn(k2, v2, bucket_size=8, sample_size=8, chunk_size=8)
         torch.testing.assert_close(out[:, :, :seen], out2[:, :, :seen], rtol=1e-12, atol=1e-12)
         assert (out2[:, :, seen:] - out[:, :, seen:]).abs().max() > 1  # the future keys did change something
+    # exact_options in tests/contract leave chunk_size = bucket_size = Nk (one chunk); here several chunks of 8
     full = attn(x.k, x.v, bucket_size=nk, sample_size=0, chunk_size=8)
     assert (full - common.softmax_attention(x.q, x.k, x.v, causal=True)).abs().max().item() < 1e-10
 
 
-def test_large_norms_float32_finite_and_bad_options():
+def test_bad_options():  # large scores stay finite: the reliability matrix (tests/contract)
     x = synthetic_qkv("gaussian", 1, 1, 128, 128, 16, sharpness=30.0)
-    out = common.get_attention("kdeformer", bucket_size=16, sample_size=16, seed=0)(x.q, x.k, x.v)
-    assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="bucket_size must be >= 1"):
         common.get_attention("kdeformer", bucket_size=0)
     with pytest.raises(ValueError, match="sample_size must be >= 0"):
@@ -137,20 +137,8 @@ def test_gradients_flow_and_match_exact_at_full_budget(causal):
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
 
 
-# --- issue 17: empty batches, half precision, odd shapes, budgets larger than the keys, exact options ----------
-
-@pytest.mark.parametrize("b,h", [(0, 2), (2, 0)])
-def test_empty_batch_reaches_no_reshape_of_zero_elements(b, h):
-    # regression: kde_output's view(b, h, nb, rows, -1) raised "cannot reshape tensor of 0 elements"
-    q, k, v = torch.randn(b, h, 9, 4), torch.randn(b, h, 12, 4), torch.randn(b, h, 12, 3)
-    g = torch.Generator().manual_seed(0)
-    assert kde_output(q, k, v, 0.5, 7, 4, 4, g).shape == (b, h, 9, 3)
-    assert kde_partial(q, k, v, 0.5, 7, 4, 4, g).num.shape == (b, h, 9, 3)
-    attn = common.get_attention("kdeformer", bucket_size=4, sample_size=4, seed=0)
-    for causal in (False, True):
-        assert attn.attend(q, k, v, causal, 0.5).shape == (b, h, 9, 3)  # the method's own path, not the base's
-        assert attn(q, k, v, causal=causal).shape == (b, h, 9, 3)
-
+# --- issue 17: half precision, budgets larger than the keys (empty batches, odd shapes, exact options:
+# tests/contract) --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("causal", [False, True])
@@ -167,25 +155,6 @@ def test_half_precision_is_the_float32_computation_and_finite_at_scores_1e4(dtyp
             q.float(), k.float(), v.float(), causal=causal)
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert ((out.float() - ref).norm() / ref.norm()).item() < tol
-
-
-@pytest.mark.filterwarnings("ignore:kdeformer. bucket_size=4 is larger")
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 4, 4), (1, 2, 2, 2, 4, 4), (2, 2, 37, 37, 1, 3), (1, 1, 1, 50, 128, 7),
-                                   (1, 2, 13, 50, 8, 8)])
-def test_odd_shapes_are_exact_under_exact_options(shape, causal):
-    # N = 1, 2, odd N, Nq = 1, Nq < Nk, D = 1 and 128, Dv != D; non-contiguous inputs (views of wider tensors)
-    b, h, nq, nk, d, dv = shape
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, c + 1, generator=g, dtype=torch.float64)[..., 1:]
-               for n, c in ((nq, d), (nk, d), (nk, dv)))
-    assert not k.is_contiguous() or nk == 1
-    exact = common.softmax_attention(q, k, v, causal=causal)
-    options = common.get_attention("kdeformer").exact_options(nk)
-    out = common.get_attention("kdeformer", seed=0, **options)(q, k, v, causal=causal)
-    assert (out - exact).abs().max().item() < 1e-10
-    approx = common.get_attention("kdeformer", bucket_size=4, sample_size=4, seed=0)(q, k, v, causal=causal)
-    assert approx.shape == exact.shape and torch.isfinite(approx).all()
 
 
 def test_bucket_larger_than_the_keys_clamps_exactly_and_warns_once():

@@ -76,7 +76,8 @@ def test_error_falls_with_samples():
     assert err(16) > 2 * err(256)
 
 
-@pytest.mark.parametrize("estimator", ["topk", "topk_uniform_tail", "gumbel", "adaptive"])
+# tests/contract checks knn's default (adaptive) and gumbel estimators; here the two it does not run
+@pytest.mark.parametrize("estimator", ["topk", "topk_uniform_tail"])
 def test_causal_never_reads_future_keys(estimator):
     x = synthetic_qkv("gaussian", 2, 2, 40, 40, 8, dtype=torch.float64)
     attn = lambda k, v: common.get_attention("knn", k=6, num_samples=6, estimator=estimator, seed=3)(
@@ -87,10 +88,9 @@ def test_causal_never_reads_future_keys(estimator):
     v2[:, :, 25:] = 1e3
     out2 = attn(k2, v2)
     assert out2[:, :, :25].abs().max() < 1e2
-    if estimator != "gumbel":
-        # topk is deterministic and the tail draws of a query depend only on its prefix size, so with the same
-        # seed the prefix output must be identical (the Gumbel sampler's draw count depends on every row)
-        torch.testing.assert_close(out[:, :, :25], out2[:, :, :25])
+    # topk is deterministic and the tail draws of a query depend only on its prefix size, so with the same seed
+    # the prefix output must be identical
+    torch.testing.assert_close(out[:, :, :25], out2[:, :, :25])
     torch.testing.assert_close(out[:, :, 0], x.v[:, :, 0])  # query 0 reads key 0 only
 
 

@@ -1,12 +1,11 @@
-"""Issue 17 for knn: budgets larger than the keys clamp (warned once), half precision, large scores, odd shapes,
-and ``exact_options``."""
+"""Issue 17 for knn: budgets larger than the keys clamp (warned once), half precision, large scores, odd shapes
+(``exact_options`` and the estimators it runs are held to tests/contract)."""
 import warnings
 
 import pytest
 import torch
 
 import common
-from knn_attention.forward_pass import KNNAttention
 
 
 def _qkv(b, h, nq, nk, d, dv, dtype=torch.float32, scale=1.0, seed=0):
@@ -48,7 +47,8 @@ SHAPES = [(1, 1, 1, 1, 4, 4), (1, 2, 2, 2, 4, 4), (2, 2, 7, 7, 8, 8), (1, 2, 1, 
           (1, 1, 6, 6, 1, 1), (1, 1, 9, 9, 128, 128), (1, 2, 9, 9, 8, 3)]
 
 
-@pytest.mark.parametrize("estimator", ["topk", "topk_uniform_tail", "gumbel"])
+# the reliability matrix (tests/contract) runs knn's default (adaptive) and gumbel; here the two it does not run
+@pytest.mark.parametrize("estimator", ["topk", "topk_uniform_tail"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_dtype_shape_and_large_scores(estimator, dtype):
     # scores up to about 1e4 (q, k scaled by 100 at D = 8: |s| ~ 1e4 / sqrt(8) * |N(0,1) . N(0,1)|) overflowed
@@ -74,11 +74,3 @@ def test_half_precision_within_float32_error():
         # inputs rounded to dtype (relative eps) move scores by about eps |q| |k| / sqrt(D) and the outputs by a
         # few eps max|v|; the top sets agree here, so the difference is rounding only
         assert (out.float() - ref).abs().max() < 8 * eps * v.abs().max()
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_exact_options_make_knn_exact(causal):
-    q, k, v = _qkv(2, 2, 11, 11, 8, 5, torch.float64)
-    opts = KNNAttention.exact_options(11)
-    out = common.get_attention("knn", **opts)(q, k, v, causal=causal)
-    torch.testing.assert_close(out, common.softmax_attention(q, k, v, causal=causal), atol=1e-10, rtol=0)

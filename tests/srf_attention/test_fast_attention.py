@@ -131,10 +131,10 @@ def test_redraw():
     assert not torch.equal(srf(x.q, x.k, x.v), srf(x.q, x.k, x.v))
 
 
-def test_seeded_repeat_feature_types_and_checkpoint_round_trip():
+def test_feature_types_and_checkpoint_round_trip():  # seed repeat: tests/contract
     x = synthetic_qkv("gaussian", 1, 2, 20, 20, 8, seed=8)
-    a, b = common.get_attention("srf", seed=3), common.get_attention("srf", seed=3)
-    assert torch.equal(a(x.q, x.k, x.v, causal=True), b(x.q, x.k, x.v, causal=True))
+    a = common.get_attention("srf", seed=3)
+    a(x.q, x.k, x.v, causal=True)
     assert isinstance(common.get_attention("performer"), PerformerAttention)
     perf = common.get_attention("performer", nb_features=8, seed=0)
     perf(x.q, x.k, x.v)

@@ -53,17 +53,16 @@ def test_generation_token_by_token_equals_causal_forward(prompt):
 
 
 @pytest.mark.parametrize("name", ["srf", "performer"])
-def test_step_uses_constant_state_and_equals_causal_forward(name):
+def test_step_uses_constant_state(name):  # step() == the causal forward: tests/contract
     q, k, v = growing_keys(26, 8, seed=2)
     attn = common.get_attention(name, nb_features=12, chunk_size=4, seed=0)
     state = attn.init_state()
     assert isinstance(state, SRFState) and len(state) == 0
-    outs = [attn.step(q[:, :, :7], k[:, :, :7], v[:, :, :7], state)]
+    attn.step(q[:, :, :7], k[:, :, :7], v[:, :, :7], state)
     for t in range(7, 26):
-        outs.append(attn.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state))
+        attn.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
         assert state.kv.shape == (2, 2, 12, 3) and state.denominator.shape == (2, 2, 12)
     assert len(state) == 26
-    torch.testing.assert_close(torch.cat(outs, 2), attn(q, k, v, causal=True), rtol=1e-10, atol=1e-12)
 
 
 def test_float32_generation_matches_train_mode():
