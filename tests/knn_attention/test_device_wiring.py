@@ -90,12 +90,19 @@ def test_torch_branch_is_blocked_top_k():
                        blocked_top_k(x.q, x.k, 4, causal=True, causal_block=6).indices)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("index,causal", [("torch", False), ("torch", True), ("flat", True), ("ivf_torch", False)])
-def test_gpu_method_runs_without_host_sync(index, causal):
+GPU_CASES = [("torch", False), ("torch", True), ("flat", False), ("flat", True), ("ivf_torch", False)]
+
+
+def _gpu_run(index, causal, estimator):
+    """knn on CUDA under sync debug mode "error" (any host synchronisation raises), with its CPU reference;
+    'ivf_torch' probes every chunk so that it is exact (its k-means draws differ between devices)."""
     x = synthetic_qkv("clustered", 1, 2, 256, head_dim=16, seed=0)
+    extra = {"nprobe": 10 ** 6} if index == "ivf_torch" else {}
+    make = lambda: common.get_attention("knn", k=8, num_samples=8, estimator=estimator, index=index, seed=0,
+                                        check_finite=False, **extra)
     q, k, v = (t.cuda() for t in (x.q, x.k, x.v))
-    attn = common.get_attention("knn", k=8, num_samples=8, index=index, seed=0, check_finite=False)
+    attn = make()
+    attn(q, k, v, causal=causal)  # warm-up: lazy CUDA initialisation may synchronise once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -103,5 +110,20 @@ def test_gpu_method_runs_without_host_sync(index, causal):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda" and out.dtype == q.dtype
-    ref = common.get_attention("knn", k=8, num_samples=8, index=index, seed=0)(x.q, x.k, x.v, causal=causal)
-    assert ref.shape == out.shape
+    return out.cpu(), make()(x.q, x.k, x.v, causal=causal)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("index,causal", GPU_CASES)
+def test_gpu_topk_estimator_runs_without_host_sync_and_equals_cpu(index, causal):
+    out, ref = _gpu_run(index, causal, "topk")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(reason="softmax_expectation.tail_rank_to_index reads counts.max().item() (a host sync) in "
+                          "every tail-sampling estimator; not owned here (see knn_attention/README.md)",
+                   raises=RuntimeError, strict=False)
+@pytest.mark.parametrize("estimator", ["adaptive", "topk_uniform_tail"])
+def test_gpu_sampling_estimators_without_host_sync(estimator):
+    _gpu_run("torch", True, estimator)
