@@ -131,8 +131,15 @@ class AttentionMethod(nn.Module):
         self._generators.clear()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                scale: float | None = None) -> torch.Tensor:
-        check_qkv(q, k, v, causal=causal, scale=scale, method=self.name, check_finite=self.check_finite)
+                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        """``enable_gqa=True``: grouped-query attention as SDPA defines it, k and v with Hkv heads where Hkv
+        divides H; query head h reads key/value head h // (H / Hkv). Every method attends it by repeating the
+        key/value heads (``repeat_interleave``, SDPA's own definition), so GQA equals the repeated heads exactly."""
+        check_qkv(q, k, v, causal=causal, scale=scale, method=self.name, check_finite=self.check_finite,
+                  enable_gqa=enable_gqa)
+        if enable_gqa and k.shape[1] != q.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if causal and not self.supports_causal:
             raise ValueError(f"{self.name}: causal=True is not supported by this method")
         if not self.trainable and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

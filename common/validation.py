@@ -29,11 +29,13 @@ def check_finite_result(t: torch.Tensor, method: str, what: str = "output") -> t
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, method: str = "attention", check_finite: bool = True) -> None:
+              scale: float | None = None, method: str = "attention", check_finite: bool = True,
+              enable_gqa: bool = False) -> None:
     """Raise ``ValueError``/``TypeError`` naming ``method`` and the argument if the inputs break the contract.
 
     q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv); same floating dtype and device; Nq, Nk >= 1;
-    causal needs Nq <= Nk; scale, when given, is a positive finite number.
+    causal needs Nq <= Nk; scale, when given, is a positive finite number. With ``enable_gqa`` (grouped-query
+    attention, as SDPA) k and v may have Hkv heads where Hkv divides q's H.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -47,7 +49,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                         "(cast them yourself; nothing is cast silently)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{method}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"{method}: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if enable_gqa and q.shape[0] == k.shape[0] and k.shape[:2] == v.shape[:2]:
+        if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+            raise ValueError(f"{method}: enable_gqa=True needs the key/value heads Hkv to divide the query heads H, "
+                             f"got H={q.shape[1]}, Hkv={k.shape[1]}")
+    elif q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
         raise ValueError(f"{method}: batch and head dims must match exactly (no broadcasting), got "
                          f"q {tuple(q.shape[:2])}, k {tuple(k.shape[:2])}, v {tuple(v.shape[:2])}")
     if q.shape[-1] != k.shape[-1]:
