@@ -137,30 +137,37 @@ def test_gradients_flow_and_match_exact_at_full_budget(causal):
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
 
 
-# --- issue 17: half precision, budgets larger than the keys (empty batches, odd shapes, exact options:
-# tests/contract) --------------------------------------------------------------------------------------------------
+# --- issue 17, kdeformer and reformer: half precision, budgets larger than the keys (empty batches, odd shapes,
+# exact options: tests/contract) ----------------------------------------------------------------------------------
 
+LSH_METHODS = [("kdeformer", {"sample_size": 16}), ("reformer", {"n_hashes": 2})]
+
+
+@pytest.mark.parametrize("name,options", LSH_METHODS)
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_half_precision_is_the_float32_computation_and_finite_at_scores_1e4(dtype, tol, causal):
-    # output dtype = input dtype; hashing, probabilities and sums in float32: the half-precision call equals the
-    # float32 call on the same rounded inputs up to the output's rounding, at normal scale and with scores ~5e3
+def test_half_precision_is_the_float32_computation_and_finite_at_scores_1e4(name, options, dtype, tol, causal):
+    # output dtype = input dtype; hashing, probabilities, logits and sums in float32: the half-precision call equals
+    # the float32 call on the same rounded inputs up to the output's rounding, at normal scale and with scores ~5e3
+    # (bfloat16 logits would be off by up to 16 there)
     x = synthetic_qkv("clustered", 1, 2, 96, 96, 16)
     for s in (1.0, 25.0):
         q, k, v = (t.to(dtype) for t in (x.q * s, x.k * s, x.v))
         if s > 1:
             assert (q.float() @ k.float().transpose(-1, -2)).abs().max() / 4 > 2e3
-        out = common.get_attention("kdeformer", bucket_size=16, sample_size=16, seed=3)(q, k, v, causal=causal)
-        ref = common.get_attention("kdeformer", bucket_size=16, sample_size=16, seed=3)(
+        out = common.get_attention(name, bucket_size=16, seed=3, **options)(q, k, v, causal=causal)
+        ref = common.get_attention(name, bucket_size=16, seed=3, **options)(
             q.float(), k.float(), v.float(), causal=causal)
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert ((out.float() - ref).norm() / ref.norm()).item() < tol
 
 
-def test_bucket_larger_than_the_keys_clamps_exactly_and_warns_once():
+@pytest.mark.parametrize("name,options", LSH_METHODS)
+def test_bucket_larger_than_the_keys_clamps_exactly_and_warns_once(name, options):
     # decoding with a short prompt: Nk = 6 keys, bucket_size 64 -> one block of all keys (exact), one warning
+    # (regression: the chunk was padded to bucket_size)
     x = synthetic_qkv("gaussian", 1, 2, 6, 6, 8, dtype=torch.float64)
-    attn = common.get_attention("kdeformer", bucket_size=64, sample_size=256, seed=0)
+    attn = common.get_attention(name, bucket_size=64, seed=0, **options)
     with pytest.warns(UserWarning, match="bucket_size=64 is larger than the number of keys Nk=6"):
         out = attn(x.q, x.k, x.v, causal=True)
     assert (out - common.softmax_attention(x.q, x.k, x.v, causal=True)).abs().max().item() < 1e-12
