@@ -1,4 +1,4 @@
-"""Reformer and ScatterBrain: exact in their limits, causal, errors."""
+"""Reformer (the KDEformer paper's LSH baseline): exact in its limits, shared-QK hashing, rounds; ScatterBrain is in test_scatterbrain.py."""
 
 import pytest
 import torch
