@@ -40,4 +40,4 @@ def test_extras_cover_the_optional_imports():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert any(_requirement_name(s) == "faiss-cpu" for s in extras["faiss"])
     assert {"nbclient", "nbformat"} <= {_requirement_name(s) for s in extras["notebooks"]}
-    assert importlib.util.find_spec("faiss") is not None  # the test environment installs the [test] extra
+    assert importlib.util.find_spec("faiss") is not None  # make's venv (requirements.txt) and the [test] extra have it
