@@ -50,7 +50,7 @@ from .registry import budget_options, get_attention, method_class, methods as re
 NS = (16384, 65536, 131072, 262144)
 QUICK_NS = (64, 128)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CSV_FIELDS = ["n", "causal", "dtype", "method", "options", "status", "message", "fwd_time_s", "fwd_ratio_to_exact",
+CSV_FIELDS = ["n", "causal", "dtype", "method", "budget", "options", "status", "message", "fwd_time_s", "fwd_ratio_to_exact",
               "fwd_repeats", "exact_fwd_time_s", "exact_fp32_time_s", "fwd_bwd_time_s", "fwd_bwd_ratio_to_exact",
               "exact_fwd_bwd_time_s", "rel_fro", "rel_spec", "error_rows", "peak_mem_bytes", "device", "torch"]
 REFERENCE_CHUNK = 256  # query rows per exact-reference call
@@ -79,10 +79,19 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def chosen_budget(name: str, n: int, seed: int, budget: str) -> dict:
-    """The options ``name`` runs with: the first, middle or last of its declared budgets at n (seeded)."""
+BUDGETS = ("low", "mid", "high")
+
+
+def chosen_budgets(name: str, n: int, seed: int, budget: str) -> list[tuple[str, dict]]:
+    """The (label, options) pairs ``name`` runs with: the first, middle or last of its declared budgets at n
+    (seeded), or, with ``budget="all"``, each of the three (fewer where the method declares fewer)."""
     options = budget_options(name, n, seed)
-    return options[{"low": 0, "mid": len(options) // 2, "high": -1}[budget]]
+    picks = {"low": 0, "mid": len(options) // 2, "high": len(options) - 1}
+    labels = BUDGETS if budget == "all" else (budget,)
+    chosen: dict[int, str] = {}
+    for label in labels:
+        chosen.setdefault(picks[label], label)
+    return [(label, options[i]) for i, label in sorted(chosen.items())]
 
 
 def sample_rows(n: int, m: int, seed: int, device) -> torch.Tensor:
@@ -196,7 +205,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
         raise ValueError(f"gpu_benchmark: unknown method(s) {unknown}; available: {names}")
     dtype_name = str(dtype).removeprefix("torch.")
     common_fields = {"dtype": dtype_name, "device": _device_name(device), "torch": torch.__version__}
-    failed: dict[tuple[str, bool], str] = {}  # (method, causal) -> why it stopped
+    failed: dict[tuple[str, bool, str], str] = {}  # (method, causal, budget) -> why it stopped
     rows: list[dict] = []
 
     def add(row: dict) -> None:
@@ -209,9 +218,13 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
         if time.perf_counter() > stop_at:
             for causal in causal_modes:
                 for name in registered_methods(causal=causal):
-                    if name == "exact" or not methods or name in methods:
-                        add({"n": n, "causal": causal, "method": name, "options": {} if name == "exact" else
-                             chosen_budget(name, n, seed, budget), "status": "skipped", "message": spent})
+                    if name == "exact":
+                        add({"n": n, "causal": causal, "method": name, "options": {}, "status": "skipped",
+                             "message": spent})
+                    elif not methods or name in methods:
+                        for label, options in chosen_budgets(name, n, seed, budget):
+                            add({"n": n, "causal": causal, "method": name, "budget": label, "options": options,
+                                 "status": "skipped", "message": spent})
             continue
         x = make_input(source, n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype, device=device,
                                             progress=False))
@@ -231,8 +244,9 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
             except Exception as err:  # noqa: BLE001 - the run goes on; the row says what happened
                 add({**cell, "method": "exact", "options": {}, "status": _status(err), "message": _message(err)})
                 for name in others:
-                    add({**cell, "method": name, "options": chosen_budget(name, n, seed, budget), "status": "skipped",
-                         "message": "no exact reference in this cell"})
+                    for label, options in chosen_budgets(name, n, seed, budget):
+                        add({**cell, "method": name, "budget": label, "options": options, "status": "skipped",
+                             "message": "no exact reference in this cell"})
                 _free(device)
                 continue
             fp32 = exact_fp32_time(exact, q, k, v, causal, repeats=max(1, min(repeats, ref["fwd_repeats"])),
@@ -242,12 +256,11 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
             add({**cell, "method": "exact", "options": {}, "status": "ok", **ref, **exact_times,
                  "fwd_ratio_to_exact": 1.0, "fwd_bwd_ratio_to_exact": 1.0 if causal else None,
                  "error_rows": rows_idx.numel(), "peak_mem_bytes": _peak_bytes(device, baseline)})
-            for name in others:
+            for name, (label, options) in [(m, b) for m in others for b in chosen_budgets(m, n, seed, budget)]:
                 baseline = _free(device)
-                options = chosen_budget(name, n, seed, budget)
-                row = {**cell, "method": name, "options": options, **exact_times}
-                if (name, causal) in failed or time.perf_counter() > stop_at:
-                    add({**row, "status": "skipped", "message": failed.get((name, causal), spent)})
+                row = {**cell, "method": name, "budget": label, "options": options, **exact_times}
+                if (name, causal, label) in failed or time.perf_counter() > stop_at:
+                    add({**row, "status": "skipped", "message": failed.get((name, causal, label), spent)})
                     continue
                 fwd_bwd = causal and method_class(name).trainable
                 try:
@@ -257,7 +270,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                                          rows=rows_idx, reference=reference,
                                          deadline=time.perf_counter() + row_time_limit)
                 except Exception as err:  # noqa: BLE001 - OOM, an error or the time limit: a row, not an abort
-                    failed[name, causal] = f"{_status(err)} at n={n}"
+                    failed[name, causal, label] = f"{_status(err)} at n={n}"
                     add({**row, "status": _status(err), "message": _message(err)})
                     continue
                 add({**row, "status": "ok", **result, "error_rows": rows_idx.numel(),
@@ -304,10 +317,11 @@ def read_csv(path) -> list[dict]:
     rows = []
     with Path(path).open(newline="") as f:
         for r in csv.DictReader(f):
-            missing = [k for k in CSV_FIELDS if k not in r]
+            missing = [k for k in CSV_FIELDS if k not in r and k != "budget"]  # runs before "budget" existed
             if missing:
                 raise ValueError(f"gpu_benchmark: {path} lacks the column(s) {missing}")
             rows.append({**r, "causal": r["causal"] == "True", "options": json.loads(r["options"]),
+                         "budget": r.get("budget") or None,
                          "message": r["message"] or None,
                          **{k: float(r[k]) if r[k] else None for k in floats},
                          **{k: int(r[k]) if r[k] else None for k in ints}})
@@ -328,14 +342,14 @@ def _pct(err) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per row: times in ms, ratios to exact in the run's dtype, errors in % on the sampled rows."""
-    lines = ["| n | causal | method | options | fwd (ms) | fwd / exact | fwd+bwd (ms) | fwd+bwd / exact "
+    lines = ["| n | causal | method | budget | options | fwd (ms) | fwd / exact | fwd+bwd (ms) | fwd+bwd / exact "
              "| exact fp32 (ms) | rel. Frobenius err | rel. spectral err | peak mem (MiB) | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "seed") or "-"
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2 ** 20:.0f}"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['message']}"
-        lines.append(f"| {r['n']} | {r['causal']} | {r['method']} | {options} | {_ms(r['fwd_time_s'])} "
+        lines.append(f"| {r['n']} | {r['causal']} | {r['method']} | {r['budget'] or '-'} | {options} | {_ms(r['fwd_time_s'])} "
                      f"| {_x(r['fwd_ratio_to_exact'])} | {_ms(r['fwd_bwd_time_s'])} | {_x(r['fwd_bwd_ratio_to_exact'])} "
                      f"| {_ms(r['exact_fp32_time_s'])} | {_pct(r['rel_fro'])} | {_pct(r['rel_spec'])} | {mem} "
                      f"| {status} |")
@@ -343,12 +357,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Forward time vs n (log-log) per method, exact in the run's dtype (black) and in float32 (dashed); one
-    panel per causal mode."""
+    """Forward time vs n (log-log) per method at its middle budget (the only one where a run measured one),
+    exact in the run's dtype (black) and in float32 (dashed); one panel per causal mode."""
     modes = sorted({r["causal"] for r in rows})
     fig, axes = plotting.new_figure(ncols=len(modes))
     for ax, causal in zip(axes[0], modes):
-        sel = [r for r in rows if r["causal"] == causal and r["status"] == "ok"]
+        sel = [r for r in rows if r["causal"] == causal and r["status"] == "ok" and r.get("budget") in (None, "mid")]
         for name in [m for m in registered_methods() if any(r["method"] == m for r in sel)]:
             pts = sorted((r["n"], r["fwd_time_s"]) for r in sel if r["method"] == name)
             label = f"exact ({sel[0]['dtype']}, SDPA)" if name == "exact" else name
@@ -385,8 +399,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement after a warm-up (median; default 5, 2 with --quick)")
-    parser.add_argument("--budget", choices=["low", "mid", "high"], default="mid",
-                        help="which of each method's declared budgets runs")
+    parser.add_argument("--budget", choices=[*BUDGETS, "all"], default="mid",
+                        help="which of each method's declared budgets runs ('all': a row for each of the three)")
     parser.add_argument("--error-rows", type=int, default=None,
                         help="query rows on which the error is computed (default 1024, 64 with --quick)")
     parser.add_argument("--row-time-limit", type=float, default=60.0, help="seconds per row before it is given up")

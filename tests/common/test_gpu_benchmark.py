@@ -56,9 +56,10 @@ def test_error_rows_are_the_exact_rows_of_the_reference():
 
 
 def test_a_failing_method_is_a_row_and_is_not_run_again(tmp_path, monkeypatch):
-    real = gpu_benchmark.chosen_budget
-    monkeypatch.setattr(gpu_benchmark, "chosen_budget",
-                        lambda name, n, seed, budget: {"num_samples": -1} if name == "uniform" else real(name, n, seed, budget))
+    real = gpu_benchmark.chosen_budgets
+    monkeypatch.setattr(gpu_benchmark, "chosen_budgets",
+                        lambda name, n, seed, budget: [("mid", {"num_samples": -1})] if name == "uniform"
+                        else real(name, n, seed, budget))
     rows = gpu_benchmark.run_benchmark((16, 32), (False,), ["uniform", "performer"], heads=1, head_dim=8,
                                        dtype=torch.float32, device="cpu", repeats=1, error_rows=8)
     by = {(r["n"], r["method"]): r for r in rows}
@@ -109,3 +110,16 @@ def test_the_float32_extra_column_never_takes_the_cell_with_it(tmp_path, monkeyp
     assert [(r["method"], r["status"]) for r in rows] == [("exact", "ok"), ("srf", "ok")]
     assert all(r["exact_fp32_time_s"] is None for r in rows)
     assert (tmp_path / "gpu_benchmark.png").is_file()
+
+
+def test_budget_all_gives_a_row_per_declared_budget_each_timed_against_the_same_exact():
+    rows = gpu_benchmark.run_benchmark((48,), (False,), ["uniform", "srf"], source="gaussian", heads=2, head_dim=8,
+                                       dtype=torch.float32, device="cpu", repeats=1, budget="all", error_rows=8)
+    exact = next(r for r in rows if r["method"] == "exact")
+    for name in ("uniform", "srf"):
+        declared = common.budget_options(name, 48, 0)
+        mine = [r for r in rows if r["method"] == name]
+        assert [r["options"] for r in mine] == [declared[0], declared[len(declared) // 2], declared[-1]]
+        assert [r["budget"] for r in mine] == ["low", "mid", "high"]
+        assert all(r["status"] == "ok" and r["exact_fwd_time_s"] == exact["fwd_time_s"] for r in mine)
+    assert gpu_benchmark.chosen_budgets("srf", 48, 0, "high") == [("high", common.budget_options("srf", 48, 0)[-1])]
