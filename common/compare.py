@@ -24,7 +24,7 @@ timed calls add up to less than ``--min-time`` seconds: the fast calls, whose si
 timed many times, so that a series over n keeps its order (``--quick``: at least one timed call and 50 ms of them;
 the default: at least three and 100 ms).
 
-    python -m common.compare --quick                      # n = 256, 512, non-causal; nothing is trained
+    python -m common.compare --quick                      # n = 256, 512, non-causal, nothing trained; out/compare_quick/
     python -m common.compare                              # the default grid, about ten minutes
     python -m common.compare --n 1024 4096 16384 --inputs shakespeare
     python -m common.compare --device cuda --dtype bfloat16 --n 4096 16384 --inputs gaussian clustered
@@ -48,6 +48,7 @@ from .registry import available, budget_options, methods as registered_methods
 CSV_FIELDS = ["input", "n", "causal", "dtype", "method", "options", "time_s", "ratio_to_exact", "exact_fp32_time_s",
               "rel_fro", "rel_spec", "max_abs", "kl", "peak_mem_bytes"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUICK_OUT = Path("out/compare_quick")  # ignored by git: --quick is a check, not a result to commit
 
 
 def comparison_grid(inputs, ns, causal_modes, methods=None, seed: int = 0) -> list[tuple]:
@@ -217,11 +218,14 @@ def main(argv=None) -> list[dict]:
                         help="dtype of the inputs and of every method, exact included (the ratios' denominator)")
     parser.add_argument("--quick", action="store_true",
                         help="n = 256 and 512, non-causal, real q/k/v from a small committed model: about a minute")
-    parser.add_argument("--out", type=Path, default=plotting.ASSETS, help="folder for the CSV and figures")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the CSV and figures (default {plotting.ASSETS}; with --quick {QUICK_OUT}, "
+                             "so that a quick run never overwrites the committed full-grid results)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from_csv", type=Path, nargs="+", default=None,
                         help="run nothing: merge these compare.csv files (e.g. from a GPU) and re-plot them")
     args = parser.parse_args(argv)
+    args.out = args.out or (QUICK_OUT if args.quick else plotting.ASSETS)
     args.n = args.n or ([256, 512] if args.quick else [1024, 4096])
     args.causal = args.causal or ("no" if args.quick else "both")
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)

@@ -147,3 +147,13 @@ def test_threads_option_is_checked_and_applied(tmp_path):
         assert torch.get_num_threads() == 1 and {r["method"] for r in rows} == {"exact", "srf"}
     finally:
         torch.set_num_threads(before)
+
+
+def test_quick_run_writes_outside_the_committed_assets_by_default(tmp_path, monkeypatch):
+    from common import compare, plotting
+    monkeypatch.chdir(tmp_path)
+    committed = plotting.ASSETS / "compare.csv"
+    before = committed.stat().st_mtime_ns
+    compare.main(["--quick", "--n", "32", "--inputs", "gaussian", "--methods", "uniform", "--no-progress"])
+    assert (tmp_path / compare.QUICK_OUT / "compare.csv").is_file()
+    assert committed.stat().st_mtime_ns == before
