@@ -1,15 +1,17 @@
 """A compact GPT (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners") whose attention
 is any method of ``common``'s registry.
 
-The network is the GPT-2 decoder: token + learned position embeddings, ``n_layer`` pre-LayerNorm blocks
+The network is the GPT-2 decoder: token + learned position embeddings (or none: ``position_embedding="none"``,
+"NoPE", Kazemnejad et al. 2023, where the causal mask alone orders the tokens and the model runs at any length),
+``n_layer`` pre-LayerNorm blocks
 
     x = x + Attn(LN(x)),    x = x + MLP(LN(x)),    MLP(x) = W2 GELU(W1 x)   (W1: d -> 4d),
 
 a final LayerNorm, and a language-model head tied to the token embedding (Press & Wolf 2017). Inside a block
 the projections give q, k, v of shape (B, H, T, D) with D = n_embd / n_head, and the attention itself is the
 registered method called as ``attn(q, k, v, causal=True)`` (Vaswani et al. 2017, eq. 1 for ``exact``). Swapping
-the method (:meth:`GPT.set_attention`) changes nothing else, so a model trained with ``exact`` can be evaluated
-with an approximation.
+the method (:meth:`GPT.set_attention`, in every layer or in the layers named) changes nothing else, so a model
+trained with ``exact`` can be evaluated with an approximation.
 
 Dropout is applied to the embeddings, the attention output projection and the MLP output. There is no dropout on
 the attention weights: the contract's ``attn(q, k, v)`` never exposes them (most methods never form them).
@@ -41,6 +43,14 @@ class ModelConfig:
     bias: bool = True
     attention: str = "exact"
     attention_options: dict = field(default_factory=dict)
+    # "learned": GPT-2's table of block_size position embeddings; "none" (NoPE): no position signal but the
+    # causal mask, so the model accepts any sequence length and block_size bounds nothing (it stays the length
+    # the model was trained at, which a training script reads).
+    position_embedding: str = "learned"
+    # Per-layer attention: None (every layer runs ``attention`` with ``attention_options``) or one
+    # [name, options] pair per layer, which then replaces attention/attention_options layer by layer
+    # (GPT.set_attention with ``layers`` writes it, so that a saved model knows what each layer ran).
+    layer_attention: list | None = None
 
     def __post_init__(self):
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -52,10 +62,60 @@ class ModelConfig:
         if not isinstance(self.attention_options, dict):
             raise TypeError(f"{type(self).__name__}: attention_options must be a dict, got "
                             f"{type(self.attention_options).__name__}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"{type(self).__name__}: position_embedding must be one of {POSITION_EMBEDDINGS}, got "
+                             f"{self.position_embedding!r}")
+        if self.layer_attention is not None:
+            self.layer_attention = check_layer_attention(type(self).__name__, self.layer_attention, self.n_layer)
+
+    def attention_of_layer(self, layer: int) -> tuple[str, dict]:
+        """The (name, options) that layer ``layer`` runs."""
+        if self.layer_attention is None:
+            return self.attention, dict(self.attention_options)
+        name, options = self.layer_attention[layer]
+        return name, dict(options)
 
     def model_fields(self) -> dict:
         """The values of this class's fields (those of :class:`ModelConfig`), whatever subclass ``self`` is."""
         return {f.name: getattr(self, f.name) for f in fields(ModelConfig)}
+
+
+POSITION_EMBEDDINGS = ("learned", "none")
+
+
+def check_layer_attention(owner: str, value, n_layer: int) -> list:
+    """``layer_attention`` as a list of n_layer [name, options] lists, or a ValueError naming what is wrong."""
+    if not isinstance(value, (list, tuple)) or len(value) != n_layer:
+        raise ValueError(f"{owner}: layer_attention must be None or a list of n_layer={n_layer} [name, options] "
+                         f"pairs, got {value!r}")
+    checked = []
+    for i, entry in enumerate(value):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], dict)):
+            raise ValueError(f"{owner}: layer_attention[{i}] must be a [name, options dict] pair, got {entry!r}")
+        checked.append([entry[0], dict(entry[1])])
+    return checked
+
+
+def select_layers(layers, n_layer: int) -> list[int]:
+    """The sorted layer indices that ``layers`` names: None (all), a list of ints (negative counts from the end),
+    or "first:k" / "last:k" (0 <= k <= n_layer), or "all". A ValueError names anything else."""
+    if layers is None or layers == "all":
+        return list(range(n_layer))
+    if isinstance(layers, str):
+        where, sep, count = layers.partition(":")
+        if sep and where in ("first", "last") and count.isdigit() and int(count) <= n_layer:
+            k = int(count)
+            return list(range(k)) if where == "first" else list(range(n_layer - k, n_layer))
+        raise ValueError(f"layers: expected None, 'all', 'first:k', 'last:k' (0 <= k <= {n_layer}) or a list of "
+                         f"layer indices, got {layers!r}")
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in layers):
+        raise ValueError(f"layers: expected None, 'first:k', 'last:k' or a list of int layer indices, got {layers!r}")
+    bad = [i for i in layers if not -n_layer <= i < n_layer]
+    if bad:
+        raise ValueError(f"layers: indices {bad} out of range for a model of {n_layer} layers")
+    return sorted({i % n_layer for i in layers})
 
 
 def check_positive_int(owner: str, name: str, value) -> None:
@@ -110,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.layer = layer
-        self.attention = build_attention(config.attention, config.attention_options, layer)
+        self.attention = build_attention(*config.attention_of_layer(layer), layer)
 
     def split_heads(self, x: torch.Tensor):
         """(B, T, C) -> q, k, v each (B, H, T, D)."""
@@ -167,7 +227,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" \
+            else None
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_final = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -193,13 +254,28 @@ class GPT(nn.Module):
         """Trainable parameters, the tied head counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def set_attention(self, name: str, **options) -> "GPT":
-        """Replace every layer's attention by the registered method ``name`` (e.g. evaluating an exact-trained
-        model with an approximation). The weights are untouched; ``config`` records the new method."""
-        for block in self.blocks:
+    def set_attention(self, name: str, layers=None, **options) -> "GPT":
+        """Replace the attention of the layers named by ``layers`` (:func:`select_layers`: None = every layer, a
+        list of indices, "first:k", "last:k") by the registered method ``name`` (e.g. evaluating an exact-trained
+        model with an approximation); the other layers keep what they run now. The weights are untouched.
+        ``config`` records the result: ``attention``/``attention_options`` when every layer runs the same, else
+        ``layer_attention`` (one [name, options] per layer)."""
+        chosen = select_layers(layers, self.config.n_layer)
+        per_layer = [list(self.config.attention_of_layer(i)) for i in range(self.config.n_layer)]
+        for i in chosen:
+            block = self.blocks[i]
             block.attn.attention = build_attention(name, options, block.attn.layer).to(self.token_emb.weight.device)
-        self.config.attention, self.config.attention_options = name, dict(options)
+            per_layer[i] = [name, dict(options)]
+        if all(entry == per_layer[0] for entry in per_layer):
+            self.config.attention, self.config.attention_options = per_layer[0][0], dict(per_layer[0][1])
+            self.config.layer_attention = None
+        else:
+            self.config.layer_attention = per_layer
         return self
+
+    def layer_attention_names(self) -> list[str]:
+        """The name of the method each layer runs."""
+        return [block.attn.attention.name for block in self.blocks]
 
     def _check_idx(self, idx: torch.Tensor, start: int = 0):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
@@ -207,7 +283,7 @@ class GPT(nn.Module):
                              f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
         if idx.shape[1] == 0:
             raise ValueError("GPT: idx is empty (T = 0); give at least one token")
-        if start + idx.shape[1] > self.config.block_size:
+        if self.pos_emb is not None and start + idx.shape[1] > self.config.block_size:
             raise ValueError(f"GPT: sequence of {start + idx.shape[1]} positions exceeds block_size="
                              f"{self.config.block_size}")
         if idx.min() < 0 or idx.max() >= self.config.vocab_size:
@@ -217,8 +293,10 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, states=None, start: int = 0) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, C) of tokens at positions start .. start + T - 1."""
         self._check_idx(idx, start)
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        x = self.emb_dropout(self.token_emb(idx) + self.pos_emb(pos))
+        x = self.token_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
+        x = self.emb_dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if states is None else states[i])
         return self.ln_final(x)
@@ -244,7 +322,8 @@ class GPT(nn.Module):
         method's decoding state (``attention.init_state()``: a KV cache, or SRF's constant-size state), so each
         new token costs one position's work. Absolute position embeddings rule out sliding a cache, so once the
         text is longer than the block, the state is rebuilt from the last ``block_size`` tokens at each step:
-        the logits are those of the uncached model either way.
+        the logits are those of the uncached model either way. A model without position embeddings keeps the
+        same window of ``block_size`` tokens (its training length), which bounds the cost of a step.
         """
         if temperature <= 0:
             raise ValueError(f"generate: temperature must be > 0, got {temperature}")

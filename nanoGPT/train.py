@@ -213,7 +213,8 @@ def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """The checkpoint must be of the same model and data order as the config asks for."""
     saved_cfg = saved["config"]
     keys = [*MODEL_KEYS, "batch_size", "gradient_accumulation_steps", "seed"]
-    defaults = {"gradient_accumulation_steps": 1}  # checkpoints written before the key existed
+    # checkpoints written before these keys existed
+    defaults = {"gradient_accumulation_steps": 1, "position_embedding": "learned", "layer_attention": None}
     diffs = [f"{k}: checkpoint {saved_cfg.get(k, defaults.get(k))!r} vs config {getattr(cfg, k)!r}" for k in keys
              if saved_cfg.get(k, defaults.get(k)) != getattr(cfg, k)]
     if diffs:

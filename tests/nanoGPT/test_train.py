@@ -87,7 +87,7 @@ def test_checkpoint_in_the_old_layout_resumes(tmp_path):
     whole = train(tiny_config(tmp_path / "whole", "--max_iters=8", *common_args))
     train(tiny_config(tmp_path / "old", "--max_iters=4", *common_args))
     state = load_checkpoint(tmp_path / "old")
-    assert set(OLD_CONFIG_KEYS) <= set(state["config"]) and sorted(state["model_config"]) == sorted(OLD_MODEL_KEYS)
+    assert set(OLD_CONFIG_KEYS) <= set(state["config"]) and set(OLD_MODEL_KEYS) <= set(state["model_config"])
     state["config"] = {k: state["config"][k] for k in OLD_CONFIG_KEYS}  # the old keys only, in the old order
     state["model_config"] = {k: state["model_config"][k] for k in OLD_MODEL_KEYS}
     save_checkpoint(tmp_path / "old", state)
