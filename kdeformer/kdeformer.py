@@ -178,11 +178,27 @@ def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_s
     return from_logits(logits, up(blocks.values), "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
+BLOCK_BYTES = 2 ** 31  # the working memory a block of the causal path aims at (its gathered rows and mask)
+
+
+def rows_per_block(batch_heads: int, width: int, tile_rows: int, row_dim: int, itemsize: int) -> int:
+    """Query rows per block of :func:`causal_kde_output` so that the block takes about :data:`BLOCK_BYTES`: per row,
+    a mask row of ``width`` entries (plus its boolean pieces and, in the unfused CPU kernel, a score row in up to
+    float64), and a 1 / ``tile_rows`` share of its tile's ``width`` gathered keys and values (``row_dim`` = D + Dv)
+    and their long indices."""
+    per_row = batch_heads * width * ((itemsize + 1 + 8) + (row_dim * itemsize + 8) / tile_rows)
+    return max(1, int(BLOCK_BYTES // per_row))
+
+
 def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int, chunk_size: int,
-                      generator: torch.Generator) -> torch.Tensor:
+                      generator: torch.Generator, query_block: int | None = None) -> torch.Tensor:
     """Causal KDEformer (module docstring, "Causal attention"): diagonal chunks exact and block-causal, an LSH
-    window of earlier keys, stratified residual samples of the earlier chunks, all in one fused attention call;
-    (B, H, Nq, Dv). The stages carry the same ``torch.profiler`` labels as :func:`kde_blocks`."""
+    window of earlier keys, stratified residual samples of the earlier chunks, in one fused attention call per block
+    of query chunks; (B, H, Nq, Dv). The stages carry the same ``torch.profiler`` labels as :func:`kde_blocks`.
+
+    Memory: everything before the block loop is O(Nk) per head (plus a (chunks x distinct codes) count table); a
+    block of ``query_block`` query rows (default: as many as keep its tiles' keys, values and mask near
+    :data:`BLOCK_BYTES`, :func:`rows_per_block`) is gathered, attended and written at a time."""
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     dev = q.device
@@ -209,65 +225,101 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
         n_valid = slot_valid.sum(-1, keepdim=True)  # >= 1 for every query chunk
         mid = torch.minimum(torch.arange(groups, device=dev) * Q + Q // 2, n_valid - 1)  # (B, H, n_qc, G)
         tile_code = torch.gather(sorted_code, -1, mid)
-        # keys sorted by (code, position); past[c, x]: the x-th sorted key lies before chunk c
-        code_s, perm_k = torch.sort(code_k, dim=-1, stable=True)
-        past_count = F.pad(torch.cumsum(perm_k.unsqueeze(2) < chunk_start.view(n_qc, 1), dim=-1), (1, 0))
-        # (B, H, n_qc, Nk + 1): past keys among the first x sorted keys
+        # keys sorted by (code, position): the keys of one code form a segment in position order, so the keys of
+        # that code before chunk c are the first past_by_code[c, code] of its segment
+        perm_k = torch.sort(code_k, dim=-1, stable=True).indices
+        codes = torch.unique(code_k)  # the distinct codes (all heads), sorted: dense code = index in it
+        dense_k = torch.searchsorted(codes, code_k)
+        n_codes, n_key_chunks = codes.numel(), math.ceil(nk / C)
+        key_chunk = torch.arange(nk, device=dev) // C
+        per_chunk = torch.zeros(b, h, n_key_chunks * n_codes, dtype=torch.long, device=dev).scatter_add_(
+            -1, key_chunk * n_codes + dense_k, torch.ones_like(dense_k)).view(b, h, n_key_chunks, n_codes)
+        segment = F.pad(per_chunk.sum(2).cumsum(-1), (1, 0))  # (B, H, codes + 1): sorted index where a code starts
+        past_by_code = F.pad(per_chunk.cumsum(2), (0, 0, 1, 0))[:, :, first:first + n_qc]  # keys before chunk c
+        past_below = F.pad(past_by_code.cumsum(-1), (1, 0))  # (B, H, n_qc, codes + 1): past keys of a lower code
         n_past = chunk_start.view(1, 1, n_qc, 1)  # keys before chunk c (all of them are past for its queries)
-        start = torch.gather(past_count, -1, torch.searchsorted(code_s, tile_code.reshape(b, h, n_qc * groups)).view(
-            b, h, n_qc, groups))  # rank among the past keys of the tile's code
-        lo = torch.minimum((start - K // 2).clamp_min(0), (n_past - K).clamp_min(0))
-        ranks = lo.unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, n_qc, G, K)
-        window_valid = ranks < n_past.unsqueeze(-1)
-        where = torch.searchsorted(past_count[..., 1:].contiguous(), (ranks + 1).view(b, h, n_qc, groups * K))
-        window = torch.gather(perm_k, -1, where.clamp_max(nk - 1).view(b, h, n_qc * groups * K)).view(b, h, n_qc, groups, K)
+        tile_dense = torch.searchsorted(codes, tile_code.reshape(-1)).view(b, h, n_qc, groups)
+        start = torch.gather(past_below, -1, tile_dense)  # rank among the past keys of the tile's code
+        lo = torch.minimum((start - K // 2).clamp_min(0), (n_past - K).clamp_min(0))  # (B, H, n_qc, G)
     own = chunk_start.view(n_qc, 1) + torch.arange(C, device=dev)  # (n_qc, C) positions of each chunk's keys
-    keys_index = [own.clamp_max(nk - 1).view(n_qc, 1, C).expand(b, h, n_qc, groups, C), window]
-    bias_tile = [torch.zeros(b, h, n_qc, groups, K, dtype=acc, device=dev).masked_fill(~window_valid, float("-inf"))]
     n_strata = last  # key chunks 0 .. last - 1 are full and lie before the last query chunk
+    per = 0
     if sample_size > 0 and n_strata > 0:
         with record_function("kdeformer.residual_sample"):
             per = math.ceil(2 * sample_size / n_strata)  # a query reads sample_size of them on average
             probs = residual_probabilities(v[:, :, : n_strata * C].reshape(b, h * n_strata, C, dv), generator)
             local = torch.multinomial(probs.view(b * h * n_strata, C), per, replacement=True, generator=generator)
             log_w = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(b, h, n_strata * per)
-            stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,)
+            stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,), in increasing order
             samples = (local.view(b, h, n_strata, per) + (torch.arange(n_strata, device=dev) * C).view(-1, 1)).view(
                 b, h, n_strata * per)
             rank_s = torch.empty_like(perm_k).scatter_(-1, perm_k, torch.arange(nk, device=dev).expand(b, h, nk))
-            past_rank = torch.gather(past_count, -1, torch.gather(rank_s, -1, samples).unsqueeze(2).expand(
-                b, h, n_qc, samples.shape[-1]))  # (B, H, n_qc, M)
-            in_window = (past_rank.unsqueeze(3) >= lo.unsqueeze(-1)) & (past_rank.unsqueeze(3) < lo.unsqueeze(-1) + K)
-            m_all = n_strata * per
-            usable = (stratum * C < chunk_start.view(n_qc, 1)).view(1, 1, n_qc, 1, m_all) & ~in_window
-            keys_index.append(samples.view(b, h, 1, 1, m_all).expand(b, h, n_qc, groups, m_all))
-            bias_tile.append(log_w.view(b, h, 1, 1, m_all).masked_fill(~usable, float("-inf")))
-    with record_function("kdeformer.gather"):
-        index = torch.cat(keys_index, dim=-1)  # (B, H, n_qc, G, L)
-        q_rows = slot_query.clamp(0, nq - 1).view(b, h, n_qc, groups, Q)
-        qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
-        qpos = slot_pos.view(b, h, n_qc, groups, Q, 1)
-        own_ok = (own.view(n_qc, 1, 1, C) <= qpos) & (own.view(n_qc, 1, 1, C) < nk)  # (B, H, n_qc, G, Q, C)
-        own_bias = torch.zeros(own_ok.shape, dtype=acc, device=dev).masked_fill(~own_ok, float("-inf"))
-        rest = torch.cat(bias_tile, dim=-1).unsqueeze(4).expand(b, h, n_qc, groups, Q, -1)
-        bias = torch.cat([own_bias, rest], dim=-1).to(q.dtype)
-    with record_function("kdeformer.block_attention"):
-        L = index.shape[-1]
-        out = F.scaled_dot_product_attention(qt.reshape(b * h, n_qc * groups, Q, d), kt.reshape(b * h, n_qc * groups, L, d),
-                                             vt.reshape(b * h, n_qc * groups, L, dv),
-                                             attn_mask=bias.reshape(b * h, n_qc * groups, Q, L),
-                                             scale=scale)
+            sample_code = torch.gather(dense_k, -1, samples)  # (B, H, M)
+            sample_offset = torch.gather(rank_s, -1, samples) - torch.gather(segment, -1, sample_code)
+    inverse = torch.zeros(b, h, nq + 1, dtype=torch.long, device=dev).scatter_(
+        -1, torch.where(slot_valid, slot_query, nq).view(b, h, n_qc * C),
+        torch.arange(n_qc * C, device=dev).expand(b, h, -1))[:, :, :nq]  # the sorted slot of each query
+    out = torch.empty(b, h, n_qc * C, dv, dtype=q.dtype, device=dev)
+    rows = query_block or rows_per_block(b * h, C + K + per * n_strata, Q, d + dv, q.element_size())
+    block = max(1, rows // C)  # query chunks per block
+    for c0 in range(0, n_qc, block):
+        c1 = min(n_qc, c0 + block)
+        nc, sl = c1 - c0, slice(c0, c1)
+        with record_function("kdeformer.lsh_sort"):  # the window: ranks lo .. lo + K - 1 among the past keys
+            ranks = lo[:, :, sl].unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, nc, G, K)
+            window_valid = ranks < n_past[:, :, sl].unsqueeze(-1)
+            below = past_below[:, :, sl]
+            code_of = torch.searchsorted(below[..., 1:].contiguous(), ranks.view(b, h, nc, groups * K), right=True)
+            code_of = code_of.clamp_max(n_codes - 1)
+            where = torch.gather(segment, -1, code_of.view(b, h, -1)).view(b, h, nc, groups * K) + \
+                ranks.view(b, h, nc, groups * K) - torch.gather(below, -1, code_of)
+            window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups, K)
+        keys_index = [own[sl].clamp_max(nk - 1).view(nc, 1, C).expand(b, h, nc, groups, C), window]
+        bias_tile = [torch.zeros(b, h, nc, groups, K, dtype=q.dtype, device=dev).masked_fill(~window_valid,
+                                                                                             float("-inf"))]
+        m_used = min(n_strata, first + c1 - 1) * per  # the strata before the block's last chunk
+        if m_used > 0:
+            with record_function("kdeformer.residual_sample"):
+                cols = slice(0, m_used)
+                past_rank = torch.gather(below[..., :-1], -1, sample_code[:, :, cols].unsqueeze(2).expand(
+                    b, h, nc, m_used)) + sample_offset[:, :, cols].unsqueeze(2)  # (B, H, nc, M): rank among past keys
+                lo_blk = lo[:, :, sl].unsqueeze(-1)
+                in_window = (past_rank.unsqueeze(3) >= lo_blk) & (past_rank.unsqueeze(3) < lo_blk + K)
+                usable = (stratum[cols] * C < chunk_start[sl].view(nc, 1)).view(1, 1, nc, 1, m_used) & ~in_window
+                keys_index.append(samples[:, :, cols].view(b, h, 1, 1, m_used).expand(b, h, nc, groups, m_used))
+                bias_tile.append(log_w[:, :, cols].to(q.dtype).view(b, h, 1, 1, m_used).masked_fill(~usable,
+                                                                                                      float("-inf")))
+        with record_function("kdeformer.gather"):
+            width = C + sum(x.shape[-1] for x in bias_tile)
+            pad = -width % 16  # a mask width the fused kernels take without copying it
+            if pad:
+                keys_index.append(torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=dev).expand(b, h, nc, groups, pad))
+                bias_tile.append(torch.full((1, 1, 1, 1, pad), float("-inf"), dtype=q.dtype, device=dev).expand(
+                    b, h, nc, groups, pad))
+            index = torch.cat(keys_index, dim=-1)  # (B, H, nc, G, L)
+            q_rows = slot_query[:, :, sl].clamp(0, nq - 1).view(b, h, nc, groups, Q)
+            qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
+            qpos = slot_pos[:, :, sl].view(b, h, nc, groups, Q, 1)
+            own_ok = (own[sl].view(nc, 1, 1, C) <= qpos) & (own[sl].view(nc, 1, 1, C) < nk)  # (B, H, nc, G, Q, C)
+            own_bias = torch.zeros(own_ok.shape, dtype=q.dtype, device=dev).masked_fill(~own_ok, float("-inf"))
+            rest = torch.cat(bias_tile, dim=-1).unsqueeze(4).expand(b, h, nc, groups, Q, -1)
+            bias = torch.cat([own_bias, rest], dim=-1)
+        with record_function("kdeformer.block_attention"):
+            L = index.shape[-1]
+            out[:, :, c0 * C:c1 * C] = F.scaled_dot_product_attention(
+                qt.reshape(b * h, nc * groups, Q, d), kt.reshape(b * h, nc * groups, L, d),
+                vt.reshape(b * h, nc * groups, L, dv), attn_mask=bias.reshape(b * h, nc * groups, Q, L),
+                scale=scale).view(b, h, nc * C, dv)
     with record_function("kdeformer.unsort"):
-        dest = torch.where(slot_valid, slot_query, nq).view(b, h, n_qc * C)
-        inverse = torch.zeros(b, h, nq + 1, dtype=torch.long, device=dev).scatter_(
-            -1, dest, torch.arange(n_qc * C, device=dev).expand(b, h, -1))[:, :, :nq]
-        return gather_rows(out.view(b, h, n_qc * C, dv), inverse)
+        return gather_rows(out, inverse)
 
 
 @register("kdeformer")
 class KDEformerAttention(AttentionMethod):
     """KDEformer attention (module docstring). Options: num_bits r (7), bucket_size (64), sample_size (64),
-    chunk_size (causal: the exact block-causal diagonal chunks; default bucket_size), seed.
+    chunk_size (causal: the exact block-causal diagonal chunks; default bucket_size), query_block (causal: query rows
+    per fused call, rounded down to whole chunks; default None: about :data:`BLOCK_BYTES` of working memory per call,
+    so that memory grows like Nk (D + Dv) whatever the budget), seed.
 
     A bucket_size larger than the keys of a call (e.g. a short prompt while decoding) is clamped to Nk, which makes
     the call exact, and said once per instance (``warnings.warn``). sample_size may exceed Nk: the residual samples
@@ -279,13 +331,16 @@ class KDEformerAttention(AttentionMethod):
     randomized = True
 
     def __init__(self, num_bits: int = 7, bucket_size: int = 64, sample_size: int = 64,
-                 chunk_size: int | None = None, seed: int | None = None, check_finite: bool = True):
+                 chunk_size: int | None = None, query_block: int | None = None, seed: int | None = None,
+                 check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.num_bits = check_int(num_bits, "num_bits", "kdeformer", minimum=1)
         self.bucket_size = check_int(bucket_size, "bucket_size", "kdeformer", minimum=1)
         self.sample_size = check_int(sample_size, "sample_size", "kdeformer", minimum=0)
         self.chunk_size = self.bucket_size if chunk_size is None else check_int(
             chunk_size, "chunk_size", "kdeformer", minimum=1)
+        self.query_block = None if query_block is None else check_int(query_block, "query_block", "kdeformer",
+                                                                       minimum=1)
         self._warned_clamp = False
 
     def _options(self, device):
@@ -306,7 +361,7 @@ class KDEformerAttention(AttentionMethod):
         self._warn_if_clamped(k.shape[2])
         if causal:
             return causal_kde_output(q, k, v, scale, self.num_bits, self.bucket_size, self.sample_size,
-                                     self.chunk_size, self.generator(q.device))
+                                     self.chunk_size, self.generator(q.device), self.query_block)
         return kde_output(q, k, v, scale, *self._options(q.device))
 
     @classmethod

@@ -1,0 +1,207 @@
+"""Issue 13's GPU check of the sampling and tree methods: time, peak memory and error against exact SDPA.
+
+    python -m kdeformer.gpu_check --out /tmp/kde_gpu.csv                       # on a GPU (about 3 min on an H100)
+    python -m kdeformer.gpu_check --quick --device cpu --out /tmp/kde_cpu.csv  # the same code at tiny n on the CPU
+
+Cells (B = 1, H = 8, D = 64, the ``clustered`` input, ``--dtype`` bfloat16 by default): causal at n = 16,384,
+131,072 and 262,144 and non-causal at 131,072 (``--quick``: causal at 256 and 512, non-causal at 512). In each cell
+exact attention (``torch.nn.functional.scaled_dot_product_attention`` in the same dtype: the flash kernel on a GPU)
+is timed first, then each method of ``--methods`` (by registered name; default kdeformer, reformer, sblocal, uniform,
+tree) at each budget it declares for n (``budgets(n)``, seeded), forward only, under ``torch.no_grad``:
+
+- time: the median of up to ``--repeats`` synchronised calls after a warm-up call (fewer, at least one, when the
+  warm-up shows they would not fit in the time left); ``ratio`` = time / exact's time in the same cell;
+- peak memory: ``torch.cuda.max_memory_allocated`` during the method's calls, above what was allocated before
+  (the inputs); empty on the CPU;
+- error (at the cell's n when n <= ``--error-max-n``, 16,384 by default): the relative Frobenius error of the whole
+  output against exact attention in float32;
+- ``inner_products_per_query``: for a method that counts them (``last_inner_products``, tree), their mean over the
+  queries of the last call.
+
+A call that runs out of memory or fails gives a row with its status (``oom`` / ``error``) and message and the run
+goes on (the same method and budget are not tried at a larger n). Once ``--time-budget`` seconds are spent, the
+remaining rows are written as ``skipped``. The CSV is rewritten after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import metrics
+from common.bench import _sync
+from common.data import InputSpec, make_input
+from common.registry import budget_options, get_attention
+
+CELLS = ((16384, True), (131072, True), (131072, False), (262144, True))
+QUICK_CELLS = ((256, True), (512, True), (512, False))
+METHODS = ("kdeformer", "reformer", "sblocal", "uniform", "tree")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FIELDS = ["n", "causal", "method", "budget", "options", "status", "message", "time_s", "ratio_to_exact",
+          "exact_time_s", "repeats", "peak_mem_bytes", "rel_fro", "inner_products_per_query", "dtype", "device",
+          "torch"]
+
+
+def _status(err: BaseException) -> str:
+    return "oom" if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower() else "error"
+
+
+def _message(err: BaseException) -> str:
+    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    at = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{at}"[:300]
+
+
+def _reset(device) -> int:
+    """Free cached CUDA memory and restart the peak count; the memory still allocated (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def timed(fn, device, repeats: int, deadline: float) -> tuple[object, float, int]:
+    """(output of the warm-up call, median time of the timed calls, their number): up to ``repeats`` timed calls,
+    as many as fit before ``deadline`` (a ``time.perf_counter`` value) judging by the warm-up, at least one."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    n = max(1, min(repeats, int((deadline - time.perf_counter()) / max(first, 1e-9))))
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return out, sorted(times)[len(times) // 2], n
+
+
+def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cuda", heads: int = 8, head_dim: int = 64,
+              repeats: int = 3, error_max_n: int = 16384, time_budget: float = 170.0, seed: int = 0,
+              on_row=None) -> list[dict]:
+    """Every row of the check (module docstring); ``on_row(rows)`` after each new row."""
+    device = torch.device(device)
+    stop_at = time.perf_counter() + time_budget
+    fields = {"dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    rows, failed = [], {}
+
+    def add(row):
+        rows.append({f: None for f in FIELDS} | fields | row)
+        if on_row is not None:
+            on_row(rows)
+
+    for n, causal in cells:
+        cell = {"n": n, "causal": causal}
+        plan = [(name, label, options) for name in methods
+                for label, options in zip(("low", "mid", "high"), budget_options(name, n, seed))]
+        if time.perf_counter() > stop_at:
+            add({**cell, "method": "exact", "options": {}, "status": "skipped", "message": "time budget spent"})
+            for name, label, options in plan:
+                add({**cell, "method": name, "budget": label, "options": options, "status": "skipped",
+                     "message": "time budget spent"})
+            continue
+        x = make_input("clustered", n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype,
+                                                 device=str(device), progress=False))
+        q, k, v = x.q, x.k, x.v
+        reference = None
+        try:
+            base = _reset(device)
+            with torch.no_grad():
+                out, t_exact, reps = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), device,
+                                           repeats, stop_at)
+                if n <= error_max_n:
+                    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+            peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+            add({**cell, "method": "exact", "options": {}, "status": "ok", "time_s": t_exact, "ratio_to_exact": 1.0,
+                 "exact_time_s": t_exact, "repeats": reps, "peak_mem_bytes": peak,
+                 "rel_fro": None if reference is None else metrics.relative_frobenius_error(out.float(), reference)})
+            del out
+        except Exception as err:  # noqa: BLE001 - a cell without its baseline still times the methods
+            t_exact = None
+            add({**cell, "method": "exact", "options": {}, "status": _status(err), "message": _message(err)})
+        for name, label, options in plan:
+            row = {**cell, "method": name, "budget": label, "options": options, "exact_time_s": t_exact}
+            if (name, label) in failed or time.perf_counter() > stop_at:
+                add({**row, "status": "skipped", "message": failed.get((name, label), "time budget spent")})
+                continue
+            attn = None
+            try:
+                base = _reset(device)
+                attn = get_attention(name, **options)
+                with torch.no_grad():
+                    out, t, reps = timed(lambda: attn(q, k, v, causal=causal), device, repeats, stop_at)
+                peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+                inner = getattr(attn, "last_inner_products", None)
+                add({**row, "status": "ok", "time_s": t, "repeats": reps, "peak_mem_bytes": peak,
+                     "ratio_to_exact": None if t_exact is None else t / t_exact,
+                     "rel_fro": None if reference is None else metrics.relative_frobenius_error(out.float(),
+                                                                                                reference),
+                     "inner_products_per_query": None if inner is None else inner.double().mean().item()})
+                del out
+            except Exception as err:  # noqa: BLE001 - out of memory or an error: a row, and the run goes on
+                failed[name, label] = f"{_status(err)} at n={n}, causal={causal}"
+                add({**row, "status": _status(err), "message": _message(err)})
+            finally:
+                del attn
+                _reset(device)
+        del q, k, v, x, reference
+        _reset(device)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({**r, "options": json.dumps(r["options"])} for r in rows)
+    tmp.replace(path)
+    return path
+
+
+def summary(rows: list[dict]) -> str:
+    """A markdown table of the rows: time ratio to exact, peak memory, error, inner products."""
+    fmt = lambda x, f: "-" if x is None else format(x, f)
+    lines = ["| n | causal | method | budget | status | time (ms) | x exact | peak (GiB) | rel. err | inner prod. |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 30
+        lines.append(f"| {r['n']} | {r['causal']} | {r['method']} | {r.get('budget') or '-'} | {r['status']} | "
+                     f"{fmt(r['time_s'] and 1e3 * r['time_s'], '.2f')} | {fmt(r['ratio_to_exact'], '.3f')} | "
+                     f"{fmt(peak, '.2f')} | {fmt(r['rel_fro'], '.3g')} | {fmt(r['inner_products_per_query'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-budget", type=float, default=170.0, help="seconds; rows not started are skipped")
+    parser.add_argument("--error-max-n", type=int, default=16384, help="the error is measured up to this n")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="n = 256 and 512 (CPU-sized)")
+    args = parser.parse_args(argv)
+    rows = run_check(QUICK_CELLS if args.quick else CELLS, args.methods, dtype=DTYPES[args.dtype], device=args.device,
+                     repeats=args.repeats, error_max_n=args.error_max_n, time_budget=args.time_budget,
+                     seed=args.seed, on_row=lambda rows: write_csv(rows, args.out))
+    print(summary(rows))
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
