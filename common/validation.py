@@ -77,6 +77,50 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                 raise ValueError(f"{method}: {name} contains non-finite values (nan or inf)")
 
 
+def check_masks(q: torch.Tensor, k: torch.Tensor, *, attn_mask=None, key_padding_mask=None, return_lse=False,
+                method: str = "attention") -> None:
+    """Raise naming ``method`` and the argument if a mask or ``return_lse`` breaks the contract (docs/DESIGN.md,
+    "Masks and log-normaliser"); q (B, H, Nq, D), k (B, Hkv, Nk, D) already checked by :func:`check_qkv`.
+
+    ``key_padding_mask``: a bool tensor of shape exactly (B, Nk), True marking a padded key (the convention of
+    ``torch.nn.MultiheadAttention``). ``attn_mask``: SDPA's, a bool tensor (True = may attend) or an additive
+    float tensor of q's dtype (0 where allowed, -inf where not; no nan, no +inf), of rank <= 4 and broadcastable to
+    (B, H, Nq, Nk) under PyTorch's broadcasting (each of its trailing dims is 1 or the target's). Both on q's
+    device. Nothing is cast: a wrong dtype is an error.
+    """
+    b, h, nq = q.shape[:3]
+    nk = k.shape[2]
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{method}: return_lse must be a bool, got {type(return_lse).__name__}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"{method}: key_padding_mask must be a torch.Tensor or None, "
+                            f"got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{method}: key_padding_mask must be a bool tensor (True = padded key), got dtype "
+                            f"{key_padding_mask.dtype} (nothing is cast silently)")
+        if tuple(key_padding_mask.shape) != (b, nk):
+            raise ValueError(f"{method}: key_padding_mask must have shape (B, Nk) = {(b, nk)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{method}: key_padding_mask must be on q's device {q.device}, "
+                             f"got {key_padding_mask.device}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"{method}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise TypeError(f"{method}: attn_mask must be a bool tensor (True = may attend) or an additive float "
+                            f"tensor of q's dtype {q.dtype}, got dtype {attn_mask.dtype} (nothing is cast silently)")
+        target = (b, h, nq, nk)
+        if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(reversed(attn_mask.shape), reversed(target))):
+            raise ValueError(f"{method}: attn_mask must be broadcastable to (B, H, Nq, Nk) = {target}, "
+                             f"got shape {tuple(attn_mask.shape)}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{method}: attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+        if attn_mask.is_floating_point() and (attn_mask.isnan().any() or (attn_mask == float("inf")).any()):
+            raise ValueError(f"{method}: attn_mask (additive) contains nan or +inf; use -inf for a masked entry")
+
+
 def check_scale(scale, method: str = "attention") -> float:
     """Return ``scale`` as a float if it is a positive finite real number, else raise naming it."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):

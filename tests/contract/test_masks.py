@@ -1,0 +1,296 @@
+"""Masks and the log-normaliser (issue 15; docs/DESIGN.md, "Masks and log-normaliser"), for every registered method.
+
+- ``key_padding_mask`` (True = padded key): a padded batch (right and left padding, causal and not) gives, on the real
+  positions, what the unpadded sequences give run one by one with the same seed, both under the method's exact
+  options (and then equal to the reference) and at a randomised default budget; garbage in the padded keys and
+  values changes nothing (padded keys never enter); a sequence with no real key gives zeros, not nan.
+- ``attn_mask``: ``exact`` honours any bool or additive mask (equal to :func:`common.softmax_attention` with it); the
+  other methods accept a key-padding pattern (equal to the same ``key_padding_mask``) and refuse anything else with
+  an error naming the method.
+- ``return_lse``: equal to ``torch.logsumexp`` of the masked scores where the method forms a normaliser, mergeable;
+  refused naming the method elsewhere.
+- Refusals name the argument.
+"""
+import pytest
+import torch
+
+import common
+from common.attention import attention_scores
+
+B, H, N, D = 3, 2, 12, 4
+LENGTHS = (12, 9, 5)  # real keys per batch element; the first one unpadded
+
+
+def _options(name, budget):
+    """The method's exact options at N (None when it has none), or its middle declared budget (seeded)."""
+    if budget == "exact":
+        return common.method_class(name).exact_options(N)
+    options = common.budget_options(name, N, seed=0)
+    return options[len(options) // 2]
+
+
+def _method(name, options):
+    return common.get_attention(name, **common.method_options(name, options, seed=0))
+
+
+def _sequences(seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(1, H, n, D, generator=gen, dtype=dtype) for _ in range(3)) for n in LENGTHS]
+
+
+def _padded_batch(sequences, padding, fill=0.0):
+    """The sequences stacked into (B, H, N, D) with ``fill`` in the padded slots, and the mask (True = padded)."""
+    q, k, v = (torch.full((B, H, N, D), fill, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        n = seq[0].shape[2]
+        where = slice(0, n) if padding == "right" else slice(N - n, N)
+        for padded, real in zip((q, k, v), seq):
+            padded[i, :, where] = real[0]
+        mask[i, where] = False
+    return q, k, v, mask
+
+
+def _real_rows(mask, i):
+    return (~mask[i]).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("budget", ["exact", "default"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", common.methods())
+def test_padded_batch_equals_sequences_one_by_one(name, causal, padding, budget):
+    if causal and name not in common.methods(causal=True):
+        pytest.skip(f"{name} does not run causal")
+    options = _options(name, budget)
+    if options is None:
+        pytest.skip(f"{name} has no exact options")
+    sequences = _sequences()
+    q, k, v, mask = _padded_batch(sequences, padding)
+    with torch.no_grad():
+        batched = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask)
+        alone_method = _method(name, options)  # same seed, the sequences in batch order
+        alone = [alone_method(*seq, causal=causal) for seq in sequences]
+    for i, (seq, out) in enumerate(zip(sequences, alone)):
+        rows = _real_rows(mask, i)
+        torch.testing.assert_close(batched[i:i + 1, :, rows], out, rtol=0, atol=1e-12)
+        if budget == "exact":
+            reference = common.softmax_attention(*seq, causal=causal)
+            tolerance = common.method_class(name).exact_tolerance * reference.norm()
+            assert (batched[i:i + 1, :, rows] - reference).norm() <= tolerance
+            if not causal and N - len(rows) <= len(rows):
+                # the queries at padded positions read the real keys as well (cross-attention), in a call of
+                # N - n queries on n keys (exact options promise exact attention for Nq <= Nk only: sblocal)
+                full = common.softmax_attention(q[i:i + 1], seq[1], seq[2])
+                assert (batched[i:i + 1] - full).norm() <= common.method_class(name).exact_tolerance * full.norm()
+        if causal:  # a causal query at a padded position reads nothing: a zero row
+            padded_rows = mask[i].nonzero().squeeze(1)
+            assert torch.equal(batched[i, :, padded_rows], torch.zeros_like(batched[i, :, padded_rows]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", common.methods())
+def test_garbage_in_padded_keys_changes_nothing(name, causal):
+    if causal and name not in common.methods(causal=True):
+        pytest.skip(f"{name} does not run causal")
+    sequences = _sequences(seed=1)
+    clean = _padded_batch(sequences, "right")
+    garbage = _padded_batch(sequences, "right", fill=1e6)
+    options = _options(name, "default")
+    with torch.no_grad():
+        outs = [_method(name, options)(q, k, v, causal=causal, key_padding_mask=mask) for q, k, v, mask in
+                (clean, garbage)]
+    real = ~clean[3]
+    if not causal:  # the padded queries themselves are garbage in the second input: compare the real queries
+        real = real.unsqueeze(1).unsqueeze(-1).expand_as(outs[0])
+        torch.testing.assert_close(outs[1][real], outs[0][real], rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", common.methods())
+def test_sequence_without_real_keys_gives_zero_rows(name, causal):
+    if causal and name not in common.methods(causal=True):
+        pytest.skip(f"{name} does not run causal")
+    q, k, v, mask = _padded_batch(_sequences(seed=2), "left")
+    mask[1] = True
+    out = _method(name, _options(name, "default"))(q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", common.methods())
+def test_key_padding_attn_mask_equals_key_padding_mask(name):
+    q, k, v, mask = _padded_batch(_sequences(seed=3), "left")
+    causal = name in common.methods(causal=True)
+    options = _options(name, "default")
+    with torch.no_grad():
+        expected = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask)
+        allowed = ~mask[:, None, None, :]                                  # (B, 1, 1, Nk): constant along queries
+        with_causal = allowed & common.causal_mask(N, N)                   # what a decoder builds
+        additive = torch.zeros(B, 1, N, N, dtype=q.dtype).masked_fill(~with_causal, torch.finfo(q.dtype).min)
+        for attn_mask in (allowed, with_causal, additive):
+            got = _method(name, options)(q, k, v, causal=causal, attn_mask=attn_mask)
+            if name == "exact":  # exact reads the mask as SDPA does: equal on the rows of real queries
+                keep = (~mask)[:, None, :, None].expand_as(got)
+                torch.testing.assert_close(got[keep], expected[keep], rtol=0, atol=1e-12)
+            else:
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in common.methods() if n != "exact"])
+def test_general_attn_mask_is_refused_naming_the_method(name):
+    q, k, v, _ = _padded_batch(_sequences(seed=4), "right")
+    general = torch.rand(1, 1, N, N, generator=torch.Generator().manual_seed(0)) < 0.7
+    general[..., 0] = True
+    attn = _method(name, _options(name, "default"))
+    with pytest.raises(ValueError, match=rf"^{name}: attn_mask is not a key-padding pattern; only exact honours"):
+        attn(q, k, v, attn_mask=general)
+    with pytest.raises(ValueError, match=rf"^{name}: attn_mask has additive values other than 0 and -inf"):
+        attn(q, k, v, attn_mask=torch.randn(N, N, dtype=q.dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(B, H, N, N), (B, 1, N, N), (N, N), (1, N), (H, 1, N)])
+def test_exact_honours_any_attn_mask(shape, causal):
+    q, k, v, _ = _padded_batch(_sequences(seed=5), "right")
+    gen = torch.Generator().manual_seed(1)
+    allowed = torch.rand(*shape, generator=gen) < 0.6
+    allowed[..., -1] = True  # every row reads a key (the reference formula gives nan for an empty row)
+    if causal:
+        allowed = allowed & common.causal_mask(N, N) | torch.eye(N, dtype=torch.bool)
+    additive = torch.randn(*shape, generator=gen, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    exact = common.get_attention("exact")
+    for attn_mask in (allowed, additive):
+        reference = common.softmax_attention(q, k, v, causal=causal, attn_mask=attn_mask)
+        torch.testing.assert_close(exact(q, k, v, causal=causal, attn_mask=attn_mask), reference)
+        out, lse = exact(q, k, v, causal=causal, attn_mask=attn_mask, return_lse=True)
+        torch.testing.assert_close(out, reference)
+        torch.testing.assert_close(lse, torch.logsumexp(attention_scores(q, k, causal, None, attn_mask), -1))
+
+
+def test_exact_row_without_allowed_key_is_zero_not_nan():
+    q, k, v, _ = _padded_batch(_sequences(seed=6), "right")
+    allowed = torch.ones(N, N, dtype=torch.bool)
+    allowed[3] = False
+    for attn_mask in (allowed, torch.zeros(N, N, dtype=q.dtype).masked_fill(~allowed, float("-inf"))):
+        out, lse = common.get_attention("exact")(q, k, v, attn_mask=attn_mask, return_lse=True)
+        assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3])) and (lse[:, :, 3] == float("-inf")).all()
+        torch.testing.assert_close(common.get_attention("exact")(q, k, v, attn_mask=attn_mask), out)
+        assert torch.isfinite(out).all() and not lse.isnan().any()
+
+
+def test_mask_refusals_name_the_argument():
+    q, k, v, mask = _padded_batch(_sequences(seed=7), "right")
+    attn = common.get_attention("knn")
+    cases = [
+        (dict(key_padding_mask=mask.long()), TypeError, r"^knn: key_padding_mask must be a bool tensor"),
+        (dict(key_padding_mask=mask[:, :-1]), ValueError, r"^knn: key_padding_mask must have shape \(B, Nk\)"),
+        (dict(key_padding_mask=mask[None]), ValueError, r"^knn: key_padding_mask must have shape"),
+        (dict(key_padding_mask=mask.tolist()), TypeError, r"^knn: key_padding_mask must be a torch.Tensor"),
+        (dict(attn_mask=torch.ones(N, N, dtype=torch.float32)), TypeError, r"^knn: attn_mask must be a bool .* "
+                                                                           r"dtype torch.float64"),
+        (dict(attn_mask=torch.ones(N, N, dtype=torch.int64)), TypeError, r"^knn: attn_mask must be a bool"),
+        (dict(attn_mask=torch.ones(N, N - 1, dtype=torch.bool)), ValueError,
+         r"^knn: attn_mask must be broadcastable to \(B, H, Nq, Nk\)"),
+        (dict(attn_mask=torch.ones(2, B, H, N, N, dtype=torch.bool)), ValueError, r"^knn: attn_mask must be broad"),
+        (dict(attn_mask=torch.ones(5, 1, N, N, dtype=torch.bool)), ValueError, r"^knn: attn_mask must be broad"),
+        (dict(attn_mask=torch.full((N, N), float("nan"), dtype=torch.float64)), ValueError,
+         r"^knn: attn_mask \(additive\) contains nan"),
+        (dict(attn_mask=[[True]]), TypeError, r"^knn: attn_mask must be a torch.Tensor"),
+        (dict(return_lse=1), TypeError, r"^knn: return_lse must be a bool"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            attn(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("name", common.methods())
+def test_gqa_and_key_padding_compose(name):
+    q, k, v, mask = _padded_batch(_sequences(seed=8), "left")
+    k, v = k[:, :1], v[:, :1]  # one key/value head for H query heads
+    causal = name in common.methods(causal=True)
+    options = _options(name, "default")
+    with torch.no_grad():
+        grouped = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask, enable_gqa=True)
+        repeated = _method(name, options)(q, k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1), causal=causal,
+                                          key_padding_mask=mask)
+    torch.testing.assert_close(grouped, repeated, rtol=0, atol=0)
+
+
+def _lse_methods():
+    return [n for n in common.methods() if common.method_class(n).supports_lse]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", _lse_methods())
+def test_return_lse_is_the_log_normaliser_under_exact_options(name, causal, padded):
+    if causal and name not in common.methods(causal=True):
+        pytest.skip(f"{name} does not run causal")
+    options = _options(name, "exact")
+    if options is None:
+        pytest.skip(f"{name} has no exact options: its lse is an estimate (tested in its package)")
+    q, k, v, mask = _padded_batch(_sequences(seed=9), "left")
+    mask = mask if padded else torch.zeros_like(mask)
+    with torch.no_grad():
+        out, lse = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
+    allowed = ~mask[:, None, None, :]
+    if causal:
+        allowed = allowed & common.causal_mask(N, N) & ~mask[:, None, :, None]
+    expected = torch.logsumexp(attention_scores(q, k, causal=False).masked_fill(~allowed, float("-inf")), -1)
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float64
+    tolerance = common.method_class(name).exact_tolerance
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - expected[finite]).abs().max() <= tolerance * expected[finite].abs().max()
+    torch.testing.assert_close(out, _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_lse_merges_two_halves_of_the_keys_into_full_attention(causal):
+    q, k, v, _ = _padded_batch(_sequences(seed=10), "right")
+    exact = common.get_attention("exact")
+    half = N // 2
+    if causal:  # the keys [0, half) and the rest, causal masks; a query before `half` reads none of the rest
+        allowed = common.causal_mask(N, N)
+        out1, lse1 = exact(q, k[:, :, :half], v[:, :, :half], attn_mask=allowed[:, :half], return_lse=True)
+        out2, lse2 = exact(q, k[:, :, half:], v[:, :, half:], attn_mask=allowed[:, half:], return_lse=True)
+        assert (lse2[:, :, :half] == float("-inf")).all() and torch.equal(out2[:, :, :half], 0 * out2[:, :, :half])
+    else:  # the two halves as key padding of the whole sequence
+        first = torch.zeros(B, N, dtype=torch.bool)
+        first[:, half:] = True
+        out1, lse1 = exact(q, k, v, key_padding_mask=first, return_lse=True)
+        out2, lse2 = exact(q, k, v, key_padding_mask=~first, return_lse=True)
+    total = torch.logaddexp(lse1, lse2)
+    merged = (lse1 - total).exp().unsqueeze(-1) * out1 + (lse2 - total).exp().unsqueeze(-1) * out2
+    full, full_lse = exact(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(merged, full)
+    torch.testing.assert_close(total, full_lse)
+
+
+@pytest.mark.parametrize("name", [n for n in common.methods() if not common.method_class(n).supports_lse])
+def test_return_lse_is_refused_where_the_method_forms_no_normaliser(name):
+    q, k, v, _ = _padded_batch(_sequences(seed=11), "right")
+    with pytest.raises(ValueError, match=rf"^{name}: return_lse=True is not supported"):
+        _method(name, _options(name, "default"))(q, k, v, return_lse=True)
+
+
+def test_padded_path_gradients_equal_the_sequences_alone():
+    sequences = _sequences(seed=12)
+    q, k, v, mask = (t.requires_grad_() if t.is_floating_point() else t for t in _padded_batch(sequences, "left"))
+    for name in ("exact", "uniform"):
+        out = _method(name, _options(name, "default"))(q, k, v, causal=True, key_padding_mask=mask)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        for i, seq in enumerate(sequences):
+            leaves = [t.detach().requires_grad_() for t in seq]
+            alone = _method(name, _options(name, "default"))
+            for j in range(i):  # the same random stream: the earlier sequences first
+                alone(*sequences[j], causal=True)
+            expected = torch.autograd.grad(alone(*leaves, causal=True).square().sum(), leaves)
+            rows = _real_rows(mask, i)
+            for grad, want in zip(grads, expected):
+                torch.testing.assert_close(grad[i:i + 1, :, rows], want, rtol=0, atol=1e-12)
+                padded = mask[i].nonzero().squeeze(1)
+                assert torch.equal(grad[i, :, padded], torch.zeros_like(grad[i, :, padded]))
