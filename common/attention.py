@@ -119,10 +119,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         if causal:
             logits = logits.masked_fill(torch.arange(j0, j1, device=q.device) > positions, float("-inf"))
         sums = sums.merge(from_logits(logits, v[:, :, j0:j1].to(acc)))
+    return output_and_lse(sums, q.dtype)
+
+
+def output_and_lse(sums: PartialSums, dtype: torch.dtype):
+    """(N / D in ``dtype``, lse = log D = shift + log den) of attention kept as sums: the hook through which a method
+    whose estimate is a :class:`~common.partial_sums.PartialSums` answers ``return_lse=True``. A row with D = 0
+    (no key read, or every term underflowed) gives out = 0 and lse = -inf, never nan."""
     empty = sums.den == 0
     den = sums.den.masked_fill(empty, 1.0)  # an empty row has num = 0: out 0, and no log(0) in the graph
     lse = torch.where(empty, torch.full_like(den, float("-inf")), sums.shift + den.log())
-    return (sums.num / den.unsqueeze(-1)).to(q.dtype), lse
+    return (sums.num / den.unsqueeze(-1)).to(dtype), lse
 
 
 def key_padding_from_attn_mask(attn_mask: torch.Tensor, batch: int, n_queries: int, n_keys: int, causal: bool,

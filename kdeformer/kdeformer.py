@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from common.attention import AttentionMethod, causal_query_positions, gather_rows
+from common.attention import AttentionMethod, causal_query_positions, gather_rows, output_and_lse
 from common.partial_sums import PartialSums, from_logits
 from common.registry import register
 from common.validation import check_int
@@ -329,6 +329,7 @@ class KDEformerAttention(AttentionMethod):
     """
 
     randomized = True
+    supports_lse = True
 
     def __init__(self, num_bits: int = 7, bucket_size: int = 64, sample_size: int = 64,
                  chunk_size: int | None = None, query_block: int | None = None, seed: int | None = None,
@@ -363,6 +364,15 @@ class KDEformerAttention(AttentionMethod):
             return causal_kde_output(q, k, v, scale, self.num_bits, self.bucket_size, self.sample_size,
                                      self.chunk_size, self.generator(q.device), self.query_block)
         return kde_output(q, k, v, scale, *self._options(q.device))
+
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the estimated normaliser) for ``return_lse=True``, from :func:`kde_partial` (the same
+        estimate as sums); non-causal only: the causal path's fused attention keeps no normaliser."""
+        if causal:
+            raise ValueError("kdeformer: return_lse=True is not supported with causal=True (the causal path's fused "
+                             "attention keeps no normaliser); use it non-causal")
+        self._warn_if_clamped(k.shape[2])
+        return output_and_lse(kde_partial(q, k, v, scale, *self._options(q.device)), q.dtype)
 
     @classmethod
     def budgets(cls, n_keys):
