@@ -29,6 +29,7 @@ from .mass_estimators import METHODS, MassEstimator
 from .tree import EXPANSION_RULES, HeapSummaries, PrefixSummaries, Summaries, combine, descend
 
 BUD_VALUES = ("count", "report")
+BLOCK_BYTES = 2 ** 31  # the buds' summaries of one block of queries (``TreeAttention``, option query_block)
 
 
 def _check_tree_options(method: str, P: int, L: int | None, e: float | None = None) -> None:
@@ -89,7 +90,8 @@ class TreeAttention(AttentionMethod):
     """Tree attention over a whole causal sequence (module docstring). Options: method, number_of_terms_exponent
     e in (0, 1], parallelism P (power of two), R (random features), base (time-decay), bud_value ('count' or
     'report'), expansions ('needed': T buds exactly, or 'P': the report's P expansions per round, ``tree.py``),
-    query_block (queries per descent: bounds the memory, O(B H query_block (T + P) D)), seed. Non-causal calls
+    query_block (queries per descent: bounds the memory, O(B H query_block (T + P) D); default None: as many as
+    keep a block's buds' sums near :data:`BLOCK_BYTES`, so that memory grows like Nq (D + Dv) whatever T), seed. Non-causal calls
     treat every query as sitting after all keys. Runs on the inputs' device (the descent included; no host copy).
 
     Precision: float16 / bfloat16 inputs are computed in float32 (features, masses, sums, the softmax over buds,
@@ -98,17 +100,18 @@ class TreeAttention(AttentionMethod):
     keeps the features' exponentials stabilised, so it does not arise for scores up to 1e4)."""
 
     randomized = True
+    supports_lse = True
 
     def __init__(self, method: str = "alignment", number_of_terms_exponent: float = 0.5, parallelism: int = 4,
                  R: int = 64, base: float = 0.9, bud_value: str = "count", expansions: str = "needed",
-                 query_block: int = 4096, seed: int | None = None, check_finite: bool = True):
+                 query_block: int | None = None, seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         _check_tree_options(method, parallelism, None, number_of_terms_exponent)
         self.method, self.number_of_terms_exponent, self.parallelism = method, number_of_terms_exponent, parallelism
         self.R, self.base = R, base
         self.bud_value = check_choice(bud_value, "bud_value", "tree", BUD_VALUES)
         self.expansions = check_choice(expansions, "expansions", "tree", EXPANSION_RULES)
-        self.query_block = check_int(query_block, "query_block", "tree", minimum=1)
+        self.query_block = None if query_block is None else check_int(query_block, "query_block", "tree", minimum=1)
         self.last_inner_products = None
         MassEstimator(method, 1, 1.0, R, base)  # validates R / base now, not at the first call
 
@@ -118,33 +121,50 @@ class TreeAttention(AttentionMethod):
         return {"number_of_terms_exponent": 1.0, "bud_value": "count"}
 
     def attend(self, q, k, v, causal, scale):
+        return self._attend_tree(q, k, v, causal, scale, False)
+
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the count-weighted normaliser over the buds, :func:`combine`) for ``return_lse=True``."""
+        if self.bud_value != "count":
+            raise ValueError(f"tree: return_lse=True needs bud_value='count' (bud_value={self.bud_value!r} weighs "
+                             "the buds without their key counts: no normaliser of the keys)")
+        return self._attend_tree(q, k, v, causal, scale, True)
+
+    def _attend_tree(self, q, k, v, causal, scale, return_lse):
         work = torch.promote_types(q.dtype, torch.float32)
         if q.dtype != work:  # float16 / bfloat16: computed in float32, returned in the input dtype
-            return self.attend(q.to(work), k.to(work), v.to(work), causal, scale).to(q.dtype)
+            result = self._attend_tree(q.to(work), k.to(work), v.to(work), causal, scale, return_lse)
+            return (result[0].to(q.dtype), result[1]) if return_lse else result.to(q.dtype)
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
         positions = causal_query_positions(nq, nk, q.device) if causal else torch.full((nq,), nk - 1, device=q.device)
         n_terms = number_of_terms(positions + 1, self.number_of_terms_exponent)
         if self.method == "tree-less":
-            return self._tree_less(q, k, v, positions, n_terms, scale)
+            return self._tree_less(q, k, v, positions, n_terms, scale, return_lse)
         L = 1 << max(0, math.ceil(math.log2(nk)))
         P = min(self.parallelism, L)
         generator = self.generator(q.device)
         estimator = MassEstimator(self.method, d, scale, self.R, self.base, generator)
         summaries_all = PrefixSummaries(k, v, L, positions, estimator)
         outputs, inner_products = [], []
-        for i in range(0, nq, self.query_block):  # independent queries: one descent per block
-            block = slice(i, i + self.query_block)
+        # the buds' key and value sums (and their differences, quotients) of a block: a few (T + P)(D + Dv) per query
+        rows = self.query_block or max(1, BLOCK_BYTES // (q.shape[0] * q.shape[1] * (int(n_terms.max()) + P) * (
+            d + v.shape[-1]) * q.element_size() * 4))
+        for i in range(0, nq, rows):  # independent queries: one descent per block
+            block = slice(i, i + rows)
             summaries = summaries_all.for_queries(positions[block])
             with torch.no_grad():  # the descent is discrete; gradients flow through the buds' summaries below
                 buds, inner = descend(summaries, estimator, q[:, :, block].detach(), positions[block],
                                       n_terms[block], L, P, generator, expansions=self.expansions)
             s = summaries(buds.clamp_min(0))
-            outputs.append(combine(q[:, :, block], s, (buds >= 0) & (s.count > 0), scale, self.bud_value))
+            outputs.append(combine(q[:, :, block], s, (buds >= 0) & (s.count > 0), scale, self.bud_value,
+                                   return_lse))
             inner_products.append(inner)
         self.last_inner_products = torch.cat(inner_products, 1)
+        if return_lse:
+            return torch.cat([o for o, _ in outputs], 2), torch.cat([lse for _, lse in outputs], 2)
         return torch.cat(outputs, 2)
 
-    def _tree_less(self, q, k, v, positions, n_terms, scale):
+    def _tree_less(self, q, k, v, positions, n_terms, scale, return_lse=False):
         """Buds: the T - 1 most recent keys, and one bud with all older keys."""
         window = int(n_terms.max())
         offsets = torch.arange(window, device=q.device)  # bud j < T - 1: the key at t - j; bud T - 1: [0, t - T + 2)
@@ -161,7 +181,7 @@ class TreeAttention(AttentionMethod):
         s = Summaries(stop - start, start, stop, summaries.range_sums(start, stop, "k"),
                       summaries.range_sums(start, stop, "v"))
         self.last_inner_products = (s.count > 0).sum(-1)  # one q . sum_k per non-empty bud
-        return combine(q, s, s.count > 0, scale, self.bud_value)
+        return combine(q, s, s.count > 0, scale, self.bud_value, return_lse)
 
     @classmethod
     def budgets(cls, n_keys):

@@ -304,12 +304,14 @@ def _print_round(nodes, summaries, log_pm, expanded_nodes, right_children, new_b
     print(f"  new buds: {new_buds[new_buds >= 0].tolist()}")
 
 
-def combine(q: torch.Tensor, s: Summaries, valid: torch.Tensor, scale: float, bud_value: str) -> torch.Tensor:
+def combine(q: torch.Tensor, s: Summaries, valid: torch.Tensor, scale: float, bud_value: str,
+            return_lse: bool = False):
     """The output per head from the buds' summaries.
 
     ``report``: softmax over buds of S q . mean key, times the buds' value sums (the original's combination);
     ``count``: each bud weighted by count * exp(S q . mean key), times its mean value; with every bud a leaf this
-    is exact softmax attention.
+    is exact softmax attention. ``return_lse`` (``count`` only): also the log of that normaliser,
+    logsumexp over the buds of S q . mean key + log count (B, H, n), -inf where no bud is valid.
     """
     count = s.count.clamp_min(1).unsqueeze(1).to(q.dtype)  # (B, 1, n, c)
     score = scale * torch.einsum("bhnd,bhncd->bhnc", q, s.sum_k) / count
@@ -317,5 +319,6 @@ def combine(q: torch.Tensor, s: Summaries, valid: torch.Tensor, scale: float, bu
     if bud_value == "report":
         weights = torch.softmax(score.masked_fill(~valid, float("-inf")), -1)
         return torch.einsum("bhnc,bhncv->bhnv", weights, s.sum_v)
-    weights = torch.softmax((score + torch.log(count)).masked_fill(~valid, float("-inf")), -1)
-    return torch.einsum("bhnc,bhncv->bhnv", weights, s.sum_v / count.unsqueeze(-1))
+    logits = (score + torch.log(count)).masked_fill(~valid, float("-inf"))
+    out = torch.einsum("bhnc,bhncv->bhnv", torch.softmax(logits, -1), s.sum_v / count.unsqueeze(-1))
+    return (out, torch.logsumexp(logits, -1)) if return_lse else out

@@ -294,6 +294,12 @@ def test_return_lse_is_refused_where_the_method_forms_no_normaliser(name):
         _method(name, _options(name, "default"))(q, k, v, return_lse=True)
 
 
+def test_tree_report_combination_refuses_lse():
+    q, k, v, _ = _padded_batch(_sequences(seed=11), "right")
+    with pytest.raises(ValueError, match=r"^tree: return_lse=True needs bud_value='count'"):
+        common.get_attention("tree", bud_value="report", seed=0)(q, k, v, return_lse=True)
+
+
 def test_padded_path_gradients_equal_the_sequences_alone():
     sequences = _sequences(seed=12)
     q, k, v, mask = (t.requires_grad_() if t.is_floating_point() else t for t in _padded_batch(sequences, "left"))
