@@ -31,8 +31,21 @@ accumulate each product in float32); the states, which sum over the whole sequen
 over chunks) in float32, and cast to the input dtype only for the product with the queries, as
 flash-linear-attention's chunk kernels do; the output and the final state are returned in float32 (float64 for
 float64 inputs), so that a caller divides numerator by normaliser in float32.
+
+Backends. :func:`chunk_linear_attention` (PyTorch) is the reference for everything else and the CPU path. On a CUDA
+GPU the causal form can instead run in flash-linear-attention's fused Triton kernels (package ``fla-core``, MIT
+licence; Yang, Wang, Shen, Panda, Kim, "Gated Linear Attention Transformers with Hardware-Efficient Training",
+ICML 2024, Sec. 3: the chunkwise form above with the per-chunk states computed in one pass and kept in on-chip
+memory): :func:`fla_chunk_linear_attention` has the arguments and result of :func:`chunk_linear_attention`, imports
+``fla`` only when called, and is optional: ``backend='auto'`` (:func:`resolve_backend`) takes it for causal
+bfloat16 features on CUDA when ``fla`` is importable, and the PyTorch form everywhere else, so a CPU user never
+needs it. Its normaliser is not fla's (which adds 1e-10 to every denominator and rounds it to the input dtype):
+:func:`normaliser` computes phi(q_i)^T (z_0 + sum_{j <= p_i} phi(k_j)) as a cumulative sum in float32.
 """
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 
@@ -50,8 +63,12 @@ def split_augmented(out: torch.Tensor) -> torch.Tensor:
     The denominator is a sum of positive terms; it can only be zero when every term underflowed (features of
     very large inputs), and then the numerator is zero too: the floor keeps the result finite (zero) there.
     """
-    numerator, denominator = out[..., :-1], out[..., -1:]
-    return numerator / denominator.clamp_min(torch.finfo(out.dtype).tiny)
+    return normalise(out[..., :-1], out[..., -1:])
+
+
+def normalise(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator with the denominator floored at the smallest normal number of its dtype."""
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
 
 
 def _check(name, q, k, v, causal, initial_state):
@@ -154,3 +171,132 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     intra = ((qc @ kc.transpose(-2, -1)) * within) @ vc
     out = (inter.to(before.dtype) + intra.to(before.dtype)).reshape(b, h, n * chunk_size, e)[:, :, :length]
     return out, final if output_final_state else None
+
+
+def normaliser(q: torch.Tensor, k: torch.Tensor, causal: bool = False, initial_state: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """The softmax normaliser of linear attention: phi(q_i)^T (z_0 + sum_{j <= p_i} phi(k_j)), (B, H, Nq, 1).
+
+    It is :func:`linear_attention` with values 1 (the last column of :func:`augment_values`), written as a
+    cumulative sum over keys (the sum over all keys if not causal) accumulated in float32 (float64 for float64
+    features) and multiplied by the query features in that dtype. ``initial_state`` z_0 (B, H, m) is the key sum of
+    earlier positions. Used with :func:`fla_chunk_linear_attention`, whose kernels return the numerator only.
+    """
+    acc = _accumulation(k)
+    _check("normaliser", q, k, k[..., :1], causal, None if initial_state is None else initial_state.unsqueeze(-1))
+    if causal:
+        z = k.cumsum(2, dtype=acc)[:, :, k.shape[2] - q.shape[2]:]          # (B, H, Nq, m): keys j <= p_i
+    else:
+        z = k.sum(2, keepdim=True, dtype=acc)
+    if initial_state is not None:
+        z = z + initial_state.to(acc).unsqueeze(2)
+    return (z * q).sum(-1, keepdim=True)
+
+
+BACKENDS = ("auto", "torch", "fla")
+
+
+def fla_available() -> bool:
+    """Whether flash-linear-attention (``pip install fla-core``) and Triton can be imported."""
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fla") is not None
+
+
+def _check_fla(name: str, q: torch.Tensor, argument: str = "backend") -> None:
+    if not fla_available():
+        raise RuntimeError(f"{name}: {argument}='fla' needs flash-linear-attention and Triton (pip install fla-core), "
+                           f"which are not installed; use {argument}='torch'")
+    if q.device.type != "cuda":
+        raise RuntimeError(f"{name}: {argument}='fla' runs Triton kernels on CUDA devices, got tensors on {q.device}; "
+                           f"use {argument}='torch'")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: {argument}='fla' takes float32, bfloat16 or float16 features, got {q.dtype}; "
+                         f"use {argument}='torch'")
+
+
+def resolve_backend(backend: str, q: torch.Tensor, causal: bool, name: str = "linear_attention",
+                    argument: str = "backend") -> str:
+    """'torch' or 'fla' for ``backend`` in :data:`BACKENDS` and query features ``q``.
+
+    'auto' is 'fla' for causal bfloat16 features on a CUDA device when ``fla`` is importable, else 'torch': the
+    non-causal form is two matrix products, which PyTorch already runs at the GPU's speed; float32 features stay on
+    PyTorch because fla's kernels multiply float32 in TF32 (10-bit mantissa), PyTorch's by default in full float32.
+    'fla' asked for where it cannot run raises, naming 'torch'; ``name`` and ``argument`` name the caller and its
+    option in the messages.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: {argument} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "fla":
+        _check_fla(name, q, argument)
+        return "fla"
+    if backend == "auto" and causal and q.is_cuda and q.dtype == torch.bfloat16 and fla_available():
+        return "fla"
+    return "torch"
+
+
+# fla autotunes each of its two state kernels over 48 configurations (tile sizes x 4 warp counts x 3 pipeline
+# depths) for every new shape and dtype, and a causal forward + backward runs them three times (the backward
+# recomputes the states in float32): minutes of compilation on the first call. We keep its four tilings at the
+# warp counts and depths below, process-wide, the first time this module calls fla.
+FLA_STATE_KERNEL_WARPS = (4,)
+FLA_STATE_KERNEL_STAGES = (2, 3)
+
+
+def limit_fla_autotuning() -> None:
+    """Restrict the autotuning of fla's state kernels (``fla.ops.common.chunk_h``) to the configurations with
+    :data:`FLA_STATE_KERNEL_WARPS` warps and :data:`FLA_STATE_KERNEL_STAGES` stages; other kernels are left alone."""
+    from triton.runtime.autotuner import Autotuner
+    from fla.ops.common import chunk_h
+
+    for kernel in (chunk_h.chunk_fwd_kernel_h, chunk_h.chunk_bwd_kernel_dh):
+        if isinstance(kernel, Autotuner):
+            kept = [c for c in kernel.configs
+                    if c.num_warps in FLA_STATE_KERNEL_WARPS and c.num_stages in FLA_STATE_KERNEL_STAGES]
+            kernel.configs = kept or kernel.configs
+
+
+@functools.cache
+def _fla_kernel():
+    limit_fla_autotuning()
+    from fla.ops.linear_attn import chunk_linear_attn
+    return chunk_linear_attn
+
+
+def fla_chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                               initial_state: torch.Tensor | None = None, output_final_state: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunk_linear_attention` (same arguments and result, to float rounding) with the causal part computed by
+    flash-linear-attention's ``chunk_linear_attn`` (``normalize=False``, ``scale=1``: our features carry the scale),
+    forward and backward (its own autograd function, gradients for q, k, v and ``initial_state``).
+
+    Layout: our (B, H, N, m) tensors are passed as fla's (B, T, H, K) = (B * H, N, 1, m), a view, so nothing is
+    transposed. Causal with Nq < Nk: the first Nk - Nq keys are folded into the initial state first (in PyTorch), as
+    :func:`chunk_linear_attention` does. Not causal: the PyTorch form (fla has no non-causal kernel; it is two
+    matrix products). fla's half-precision backward needs an even m and Dv: an odd one gets a zero column, which
+    changes no sum. Numerics: products of bfloat16 / float16 features in fp32 accumulators, the running state in
+    float32 inside the kernel and stored per chunk in the input dtype, the output rounded to the input dtype by fla
+    and returned in float32; float32 features are multiplied in TF32 (Triton's default). CUDA only.
+    """
+    _check("fla_chunk_linear_attention", q, k, v, causal, initial_state)
+    _check_fla("fla_chunk_linear_attention", q)
+    if not causal or q.shape[2] == 0:
+        return chunk_linear_attention(q, k, v, causal, initial_state=initial_state,
+                                      output_final_state=output_final_state)
+    b, h, length, m = q.shape
+    e = v.shape[-1]
+    past = k.shape[2] - length
+    state = initial_state
+    if past:
+        state = _final_state(k[:, :, :past], v[:, :, :past], initial_state, True)
+        k, v = k[:, :, past:], v[:, :, past:]
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    pad_m, pad_e = m % 2, e % 2
+    q, k = (torch.nn.functional.pad(t.to(dtype), (0, pad_m)) for t in (q, k))
+    v = torch.nn.functional.pad(v.to(dtype), (0, pad_e))
+    if state is not None:
+        state = torch.nn.functional.pad(state.float(), (0, pad_e, 0, pad_m)).reshape(b * h, 1, m + pad_m, e + pad_e)
+    out, final = _fla_kernel()(*(t.reshape(b * h, length, 1, t.shape[-1]) for t in (q, k, v)), scale=1.0,
+                               initial_state=state, output_final_state=output_final_state, normalize=False)
+    out = out.reshape(b, h, length, e + pad_e)[..., :e].to(_accumulation(v))
+    if output_final_state:
+        final = final.reshape(b, h, m + pad_m, e + pad_e)[:, :, :m, :e].to(_accumulation(v))
+    return out, final

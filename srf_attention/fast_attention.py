@@ -13,8 +13,13 @@ attention (``common.linear_attention``); features and projections come from ``co
 Three ways of running it, as the package README promises:
 
 - ``mode='train'``: the whole sequence at once, causal (chunked prefix sums) or not; autograd works through it.
-  ``attn_fn='torch'`` is plain PyTorch; ``attn_fn='flash'`` is reserved for a fused GPU kernel and refuses clearly
-  where there is none.
+  The linear-attention core (``attn_fn``): ``'torch'``, plain PyTorch (``common.linear_attention``, the reference
+  and the CPU path); ``'fla'``, flash-linear-attention's fused Triton chunk kernels behind the same interface
+  (``common.linear_attention.fla_chunk_linear_attention``, optional, CUDA); ``'auto'`` (default), ``'fla'`` for causal
+  bfloat16 on CUDA when it is installed, else ``'torch'``; ``'flash'``, our own Triton kernel
+  (``flash_linear_attention.py``). The feature map (``feature_kernel``): ``'torch'``
+  (``common.random_features``), ``'triton'`` (``triton_features.py``: one fused kernel, CUDA) or ``'auto'`` (the
+  fused kernel on CUDA where it fits). Those that cannot run where asked refuse clearly, naming ``'torch'``.
 - ``mode='prefill'``: a causal prompt, returning ``(o, kv, key_maxima, denominator)``, the state for generation.
   ``attn_fn='parallel'`` (chunked prefix sums over the whole prompt), ``'chunkwise-recurrent'`` (one chunk at a
   time, carrying the state) and ``'recurrent'`` (one token at a time) give the same result to float tolerance.
@@ -37,14 +42,17 @@ from common.attention import AttentionMethod, causal_mask
 from common.registry import register
 from common.validation import check_choice, check_finite_result, check_int, check_qkv, resolve_scale
 
-from common.linear_attention import augment_values, chunk_linear_attention, split_augmented
+from common.linear_attention import (augment_values, chunk_linear_attention, fla_chunk_linear_attention, normalise,
+                                     normaliser, resolve_backend, split_augmented)
 from common.random_features import FEATURE_TYPES, NORMS, positive_random_features, random_matrix
 
 from .flash_linear_attention import check_available as check_flash_available, flash_linear_attention
+from .triton_features import fused_features_available, fused_positive_random_features
 
 MODES = ("train", "prefill", "generation")
-ATTN_FNS = {"train": ("torch", "flash"), "prefill": ("parallel", "chunkwise-recurrent", "recurrent"),
+ATTN_FNS = {"train": ("auto", "torch", "fla", "flash"), "prefill": ("parallel", "chunkwise-recurrent", "recurrent"),
             "generation": ("recurrent",)}
+FEATURE_KERNELS = ("torch", "auto", "triton")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,10 +71,13 @@ class FastAttention(nn.Module):
         norm: 'chi' (unbiased) or 'fixed' row norms (``common.random_features``).
         chunk_size: C of the chunked prefix sums and of chunkwise-recurrent prefill.
         seed: seeds the generator that draws W (and every redraw), so that a run repeats exactly.
+        feature_kernel: 'torch' (``common.random_features``), 'triton' (the fused kernel of ``triton_features.py``,
+            CUDA) or 'auto' (the fused kernel where it runs).
     """
 
     def __init__(self, head_dim: int, nb_features: int | None = None, causal: bool = False,
-                 feature_type: str = "simplex", norm: str = "chi", chunk_size: int = 64, seed: int | None = None):
+                 feature_type: str = "simplex", norm: str = "chi", chunk_size: int = 64, seed: int | None = None,
+                 feature_kernel: str = "torch"):
         super().__init__()
         self.head_dim = check_int(head_dim, "head_dim", "FastAttention", minimum=1)
         self.nb_features = check_int(head_dim if nb_features is None else nb_features, "nb_features",
@@ -75,6 +86,7 @@ class FastAttention(nn.Module):
         self.feature_type = check_choice(feature_type, "feature_type", "FastAttention", FEATURE_TYPES)
         self.norm = check_choice(norm, "norm", "FastAttention", NORMS)
         self.chunk_size = check_int(chunk_size, "chunk_size", "FastAttention", minimum=1)
+        self.feature_kernel = check_choice(feature_kernel, "feature_kernel", "FastAttention", FEATURE_KERNELS)
         self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
@@ -100,19 +112,33 @@ class FastAttention(nn.Module):
         return self
 
     # --- features -------------------------------------------------------------------------------------
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the feature map runs in the fused Triton kernel; 'triton' where it cannot run raises."""
+        if self.feature_kernel == "triton" and not fused_features_available(x, self.projection):
+            raise RuntimeError(f"FastAttention: feature_kernel='triton' is a Triton kernel for CUDA tensors of float32, "
+                               f"bfloat16 or float16 (got {x.dtype} on {x.device}); use feature_kernel='torch'")
+        return self.feature_kernel == "triton" or (self.feature_kernel == "auto"
+                                                   and fused_features_available(x, self.projection))
+
+    def _features(self, x: torch.Tensor, scale: float, offset) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fused(x):
+            return fused_positive_random_features(x, self.projection, scale, offset)
+        return positive_random_features(x, self.projection, scale, offset)
+
     def query_features(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """phi(q) with each query's own maximum removed (it cancels in that query's ratio)."""
-        return positive_random_features(q, self.projection, scale, offset="row")[0]
+        return self._features(q, scale, "row")[0]
 
     def key_features(self, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(phi(k) exp(-c), c) with c the largest key logit of each (batch, head), shape (B, H, 1, 1)."""
-        return positive_random_features(k, self.projection, scale, offset="global")
+        return self._features(k, scale, "global")
 
     # --- mode='train' --------------------------------------------------------------------------------
     def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                         scale: float, attn_fn: str = "torch") -> torch.Tensor:
+                         scale: float, attn_fn: str = "auto") -> torch.Tensor:
         """The whole sequence at once (Performer Sec. 2: FAVOR+ attention; causal by prefix sums), in PyTorch
-        (``attn_fn='torch'``) or with the fused Triton kernel (``'flash'``, ``flash_linear_attention.py``).
+        (``attn_fn='torch'``), flash-linear-attention's kernels (``'fla'``; ``'auto'`` picks, see the module
+        docstring) or our Triton kernel (``'flash'``, ``flash_linear_attention.py``).
 
         With causal and Nq < Nk the queries are the last Nq positions: the first Nk - Nq keys form the state.
 
@@ -123,22 +149,33 @@ class FastAttention(nn.Module):
         float16 is computed in float32: stored in float16, features below its smallest normal (6e-5) of the largest
         one would vanish, and with them whole rows (measured: rms error 0.7 on one key at scores 1e4). The output
         has the input dtype.
+
+        With ``'fla'`` the numerator phi(Q) (prefix) sums of phi(K)^T V comes from fla's kernels (bfloat16 products,
+        float32 states, see ``common.linear_attention.fla_chunk_linear_attention``) and the normaliser from
+        ``common.linear_attention.normaliser`` (a float32 cumulative sum of the key features); the other cores
+        compute both at once on values augmented with a column of ones.
         """
-        if attn_fn == "flash":
-            check_flash_available(q.device)  # before any redraw: a refused call changes nothing
-        if self.redraw_on_call and self.training:
-            self.redraw_()
         dtype = q.dtype
         if dtype == torch.float16:  # its range (smallest normal 6e-5) would flush most key features to zero
             q, k, v = (t.float() for t in (q, k, v))
+        # every refusal before any redraw: a refused call changes nothing
+        if attn_fn == "flash":
+            check_flash_available(q.device)
+            core = "flash"
+        else:
+            core = resolve_backend(attn_fn, q, causal, "FastAttention", "attn_fn")
+        self._fused(q)
+        if self.redraw_on_call and self.training:
+            self.redraw_()
         qf = self.query_features(q, scale)
         kf, _ = self.key_features(k, scale)
-        v_aug = augment_values(v)
-        if attn_fn == "flash":
-            out = flash_linear_attention(qf, kf, v_aug, causal)
+        if core == "fla":
+            out = normalise(fla_chunk_linear_attention(qf, kf, v, causal)[0], normaliser(qf, kf, causal))
+        elif core == "flash":
+            out = split_augmented(flash_linear_attention(qf, kf, augment_values(v), causal))
         else:
-            out, _ = chunk_linear_attention(qf, kf, v_aug, causal, self.chunk_size)
-        return split_augmented(out).to(dtype)
+            out = split_augmented(chunk_linear_attention(qf, kf, augment_values(v), causal, self.chunk_size)[0])
+        return out.to(dtype)
 
     # --- mode='prefill' and 'generation' ------------------------------------------------------------------
     def _advance(self, q, k, v, state, key_maxima, scale, chunk_size):
@@ -220,7 +257,7 @@ class FastAttention(nn.Module):
                 denominator=None, scale: float | None = None):
         """q, k: (B, H, N, head_dim), v: (B, H, N, Dv).
 
-        - mode='train', attn_fn 'torch' (default) or 'flash': returns o (B, H, Nq, Dv);
+        - mode='train', attn_fn 'auto' (default), 'torch', 'fla' or 'flash': returns o (B, H, Nq, Dv);
         - mode='prefill', attn_fn 'parallel' (default), 'chunkwise-recurrent' or 'recurrent': returns
           (o, kv, key_maxima, denominator);
         - mode='generation' (attn_fn 'recurrent'): q, k, v the new token(s), (kv, key_maxima, denominator) the
@@ -242,7 +279,8 @@ class FastAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, nb_features={self.nb_features}, causal={self.causal}, "
-                f"feature_type={self.feature_type!r}, norm={self.norm!r}, chunk_size={self.chunk_size}")
+                f"feature_type={self.feature_type!r}, norm={self.norm!r}, chunk_size={self.chunk_size}, "
+                f"feature_kernel={self.feature_kernel!r}")
 
 
 class SRFState:
@@ -262,8 +300,9 @@ class SRFAttention(AttentionMethod):
     """Simplex random feature attention (Reid et al. 2023) behind the repository's contract.
 
     Options: ``nb_features`` m (>= 1), ``chunk_size`` of the causal prefix sums, ``norm`` ('chi' | 'fixed'),
-    ``redraw`` (new features at every call in training mode), ``attn_fn`` ('torch', or 'flash': the Triton
-    kernel, CUDA only), ``seed``. The projection is built at the first
+    ``redraw`` (new features at every call in training mode), ``attn_fn`` (the linear-attention core: 'auto',
+    'torch', 'fla' or 'flash', see :class:`FastAttention`), ``feature_kernel`` ('torch', 'auto' or 'triton'),
+    ``seed``. The projection is built at the first
     call, when the head dim is known; later calls must use the same head dim. Cost O(N m (D + Dv)).
     Incremental decoding keeps the O(m Dv) state :class:`SRFState` instead of a KV cache. ``exact_options`` is
     None (the base class's): no finite number of features makes the estimate exact; its error falls as 1/sqrt(m).
@@ -273,19 +312,22 @@ class SRFAttention(AttentionMethod):
     randomized = True
 
     def __init__(self, nb_features: int = 64, chunk_size: int = 64, norm: str = "chi", redraw: bool = False,
-                 attn_fn: str = "torch", seed: int | None = None, check_finite: bool = True):
+                 attn_fn: str = "auto", feature_kernel: str = "torch", seed: int | None = None,
+                 check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.nb_features = check_int(nb_features, "nb_features", self.name, minimum=1)
         self.chunk_size = check_int(chunk_size, "chunk_size", self.name, minimum=1)
         self.norm = check_choice(norm, "norm", self.name, NORMS)
         self.redraw = bool(redraw)
         self.attn_fn = check_choice(attn_fn, "attn_fn", self.name, ATTN_FNS["train"])
+        self.feature_kernel = check_choice(feature_kernel, "feature_kernel", self.name, FEATURE_KERNELS)
         self.fast: FastAttention | None = None
 
     def _fast_for(self, head_dim: int, device) -> FastAttention:
         if self.fast is None:
             self.fast = FastAttention(head_dim, self.nb_features, causal=True, feature_type=self.feature_type,
-                                      norm=self.norm, chunk_size=self.chunk_size, seed=self.seed).to(device)
+                                      norm=self.norm, chunk_size=self.chunk_size, seed=self.seed,
+                                      feature_kernel=self.feature_kernel).to(device)
             self.fast.redraw_on_call_(self.redraw)
             self.fast.train(self.training)
         elif self.fast.head_dim != head_dim:

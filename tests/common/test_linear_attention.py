@@ -1,9 +1,14 @@
-"""common.linear_attention: the chunkwise form equals the reference (masked quadratic) form, state in and out."""
+"""common.linear_attention: the chunkwise form equals the reference (masked quadratic) form, state in and out; the
+normaliser; the backend choice, and (CUDA with fla-core only, ids with 'cuda') fla's kernels against the reference."""
 import pytest
 import torch
 
-from common.linear_attention import (augment_values, chunk_linear_attention, chunk_states, linear_attention,
+import common.linear_attention as la
+from common.linear_attention import (augment_values, chunk_linear_attention, chunk_states, fla_available,
+                                     fla_chunk_linear_attention, linear_attention, normaliser, resolve_backend,
                                      split_augmented)
+
+HAS_FLA = torch.cuda.is_available() and fla_available()
 
 
 def features(b, h, n, m, seed):
@@ -100,3 +105,77 @@ def test_rows_whose_terms_all_underflowed_give_zero_and_finite_gradients():
     assert (out[:, :, 1] == 0).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (37, 37), (13, 37), (0, 5)])
+def test_normaliser_is_linear_attention_with_values_one(causal, nq, nk):
+    q, k = features(2, 3, nq, 5, 12), features(2, 3, nk, 5, 13)
+    ones = torch.ones(2, 3, nk, 1, dtype=torch.float64)
+    z0 = torch.rand(2, 3, 5, dtype=torch.float64)
+    for initial in (None, z0):
+        ref, _ = linear_attention(q, k, ones, causal, initial_state=None if initial is None else initial[..., None])
+        torch.testing.assert_close(normaliser(q, k, causal, initial), ref, atol=1e-12, rtol=1e-12)
+
+
+def test_normaliser_accumulates_half_precision_in_float32():
+    q, k = features(1, 1, 4096, 8, 14).bfloat16(), features(1, 1, 4096, 8, 15).bfloat16()
+    z = normaliser(q, k, True)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), normaliser(q.double(), k.double(), True), rtol=1e-6, atol=0)
+
+
+def test_backend_choice_on_the_cpu_never_needs_fla(monkeypatch):
+    """'auto' is the PyTorch form on the CPU (and for float32, and non-causal); 'fla' where it cannot run raises a
+    RuntimeError naming the alternative; an unknown backend is a ValueError naming the argument."""
+    q = torch.rand(1, 1, 4, 3)
+    for causal in (False, True):
+        assert resolve_backend("auto", q, causal) == resolve_backend("torch", q, causal) == "torch"
+        assert resolve_backend("auto", q.bfloat16(), causal) == "torch"
+    with pytest.raises(ValueError, match=r"attend: attn_fn must be one of \('auto', 'torch', 'fla'\), got 'cuda'"):
+        resolve_backend("cuda", q, True, "attend", "attn_fn")
+    monkeypatch.setattr(la, "fla_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"backend='fla' needs flash-linear-attention.*pip install fla-core.*"
+                                           r"use backend='torch'"):
+        resolve_backend("fla", q, True)
+    with pytest.raises(RuntimeError, match="fla_chunk_linear_attention: backend='fla' needs"):
+        fla_chunk_linear_attention(q, q, q, True)
+    monkeypatch.setattr(la, "fla_available", lambda: True)  # installed, but the tensors are not on a GPU
+    with pytest.raises(RuntimeError, match="backend='fla' runs Triton kernels on CUDA devices, got tensors on cpu"):
+        resolve_backend("fla", q, True)
+    assert resolve_backend("auto", q.bfloat16(), True) == "torch"
+
+
+def _relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.skipif(not HAS_FLA, reason="needs a CUDA device and fla-core")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nq,nk,m,e", [(200, 200, 64, 64), (70, 333, 63, 63)])
+def test_cuda_fla_equals_reference(dtype, nq, nk, m, e):
+    """Outputs, final states and gradients (q, k, v, initial state) of fla's kernels against the float64 reference on
+    the same (rounded) inputs. float32 runs in TF32 (unit roundoff 2^-11) and bfloat16 stores its per-chunk states
+    and its output in bfloat16 (2^-8 relative spacing): a few roundings of each, relative Frobenius error at most
+    4 x 2^-11 and 4 x 2^-8. Nq < Nk folds the first keys into the state; odd m and Dv are padded with a zero column.
+    All shapes pad to m = Dv = 64, so fla autotunes once per dtype."""
+    tol = 4 * (2.0 ** -11 if dtype == torch.float32 else 2.0 ** -8)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.rand(2, 3, nq, m, device="cuda", generator=gen).to(dtype)
+    k = torch.rand(2, 3, nk, m, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(2, 3, nk, e, device="cuda", generator=gen).to(dtype)
+    s0 = torch.rand(2, 3, m, e, device="cuda", generator=gen)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    out, final = fla_chunk_linear_attention(*ins[:3], True, initial_state=ins[3], output_final_state=True)
+    ref, ref_final = linear_attention(*ins64[:3], True, initial_state=ins64[3], output_final_state=True)
+    assert out.dtype == final.dtype == torch.float32
+    assert _relative(out, ref) < tol and _relative(final, ref_final) < tol
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * grad_out).sum() + final.sum(), ins)
+    ref_grads = torch.autograd.grad((ref * grad_out).sum() + ref_final.sum(), ins64)
+    for g, r in zip(grads, ref_grads):
+        assert _relative(g, r) < tol
+    # non-causal is the PyTorch form
+    out_nc, _ = fla_chunk_linear_attention(*ins[:3], False, initial_state=ins[3])
+    torch.testing.assert_close(out_nc, chunk_linear_attention(*ins[:3], False, initial_state=ins[3])[0])

@@ -31,7 +31,7 @@ def test_refused_on_cpu_naming_the_alternative():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 8, 8), (2, 3, 100, 100, 16, 20), (1, 2, 30, 130, 32, 64),
                                    (1, 4, 1000, 1000, 64, 64)])
-def test_flash_equals_torch_on_gpu(causal, shape):
+def test_cuda_flash_equals_torch(causal, shape):
     b, h, nq, nk, d, m = shape
     x = synthetic_qkv("gaussian", b, h, nq, nk, d, seed=0, device="cuda")
     fast = FastAttention(d, m, causal=causal, seed=0).cuda()
@@ -50,7 +50,7 @@ def test_flash_equals_torch_on_gpu(causal, shape):
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and Triton")
-def test_flash_bfloat16_on_gpu():
+def test_cuda_flash_bfloat16():
     x = synthetic_qkv("gaussian", 1, 2, 300, 300, 64, seed=1, dtype=torch.bfloat16, device="cuda")
     fast = FastAttention(64, 64, causal=True, seed=0).cuda()
     out = fast(x.q, x.k, x.v, attn_fn="flash")
