@@ -244,14 +244,25 @@ FLA_STATE_KERNEL_STAGES = (2, 3)
 def limit_fla_autotuning() -> None:
     """Restrict the autotuning of fla's state kernels (``fla.ops.common.chunk_h``) to the configurations with
     :data:`FLA_STATE_KERNEL_WARPS` warps and :data:`FLA_STATE_KERNEL_STAGES` stages; other kernels are left alone."""
-    from triton.runtime.autotuner import Autotuner
     from fla.ops.common import chunk_h
 
+    for kernel in fla_state_kernels(chunk_h):
+        kept = [c for c in kernel.configs
+                if c.num_warps in FLA_STATE_KERNEL_WARPS and c.num_stages in FLA_STATE_KERNEL_STAGES]
+        kernel.configs = kept or kernel.configs
+
+
+def fla_state_kernels(chunk_h) -> list:
+    """The autotuners of fla's two state kernels (under their ``triton.heuristics`` wrappers)."""
+    from triton.runtime.autotuner import Autotuner
+
+    found = []
     for kernel in (chunk_h.chunk_fwd_kernel_h, chunk_h.chunk_bwd_kernel_dh):
+        while not isinstance(kernel, Autotuner) and hasattr(kernel, "fn"):
+            kernel = kernel.fn
         if isinstance(kernel, Autotuner):
-            kept = [c for c in kernel.configs
-                    if c.num_warps in FLA_STATE_KERNEL_WARPS and c.num_stages in FLA_STATE_KERNEL_STAGES]
-            kernel.configs = kept or kernel.configs
+            found.append(kernel)
+    return found
 
 
 @functools.cache

@@ -8,7 +8,8 @@ For each n (B = 1, H = 8, D = 64, m = 64, ``--dtype`` bfloat16 by default), in t
 - the pieces of srf's causal forward alone: query + key features (each feature kernel), the core (each), the
   normaliser, so that the bottleneck shows;
 timed as causal forward, causal forward + backward and non-causal forward (medians of ``--repeats`` after one
-warm-up; the first call, compilation and autotuning included, is reported as ``first_call_s``). At the smallest n,
+warm-up; the first call, compilation and autotuning included, is reported as ``first_call_s``); n is measured in
+the order given, 131,072 second by default, and rows are sorted by n in the CSV. At the smallest n,
 on clustered inputs (``common.data``), each output's relative Frobenius error against exact attention in float32 and
 its relative difference from the PyTorch path (srf, 'torch' core and features) are reported beside the time.
 
@@ -33,7 +34,7 @@ from common.data import synthetic_qkv
 from common.linear_attention import (augment_values, chunk_linear_attention, fla_chunk_linear_attention, normaliser)
 
 B, H, D, M = 1, 8, 64, 64
-LENGTHS = (16384, 65536, 131072, 262144)
+LENGTHS = (16384, 131072, 65536, 262144)  # in this order, so that a spent time budget skips the least needed
 # (method, attn_fn, feature_kernel); 'flash' (our Triton kernel) only at the smallest n: it is 4-8x slower causally
 VARIANTS = [("srf", "torch", "torch"), ("srf", "fla", "torch"), ("srf", "torch", "triton"), ("srf", "fla", "triton"),
             ("performer", "torch", "torch"), ("performer", "fla", "triton")]
@@ -203,7 +204,7 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
             torch.cuda.empty_cache()
     for row in rows:
         row["versions"] = versions
-    return rows
+    return sorted(rows, key=lambda row: row["n"])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
