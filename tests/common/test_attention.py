@@ -127,3 +127,88 @@ def test_exact_options():
     assert common.method_class("exact").exact_options(7) == {}
     assert common.method_class("uniform").exact_options(7) is None  # sampling with replacement is never exact
     assert common.AttentionMethod.exact_options(7) is None
+
+
+# --- masks and the log-normaliser (issue 15; every method: tests/contract/test_masks.py) ----------------------
+def test_attention_with_lse_in_key_chunks_equals_one_chunk_and_the_reference():
+    from common.attention import attention_with_lse
+    x = synthetic_qkv("gaussian", 2, 3, 7, 11, 4, value_dim=5, dtype=torch.float64, seed=2)
+    allowed = torch.rand(2, 1, 7, 11, generator=torch.Generator().manual_seed(0)) < 0.7
+    allowed[..., 0] = True
+    for causal, mask in ((False, None), (True, None), (False, allowed), (True, allowed)):
+        scores = common.attention_scores(x.q, x.k, causal, 0.4, mask)
+        reference = (torch.softmax(scores, -1) @ x.v, torch.logsumexp(scores, -1))
+        for chunk_elements in (1, 2 * 3 * 7 * 4, 1 << 24):  # one key per chunk, four keys, all keys
+            out, lse = attention_with_lse(x.q, x.k, x.v, 0.4, causal, mask, chunk_elements=chunk_elements)
+            torch.testing.assert_close(out, reference[0])
+            torch.testing.assert_close(lse, reference[1])
+
+
+def test_attention_with_lse_gradients_match_autograd_of_the_formula():
+    from common.attention import attention_with_lse
+    x = synthetic_qkv("gaussian", 1, 2, 5, 6, 3, dtype=torch.float64, seed=3)
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_with_lse(a, b, c, 0.5, True, chunk_elements=20),
+                                    (q, k, v))
+
+
+def test_exact_lse_in_half_precision_is_float32_and_finite_at_large_scores():
+    x = synthetic_qkv("gaussian", 1, 2, 8, 8, 4, dtype=torch.float64, seed=4)
+    q, k = x.q * 60, x.k * 60  # |scores| up to about 1e4
+    reference = torch.logsumexp(common.attention_scores(q, k, True), -1)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out, lse = common.get_attention("exact")(q.to(dtype), k.to(dtype), x.v.to(dtype), causal=True,
+                                                 return_lse=True)
+        assert out.dtype == dtype and lse.dtype == torch.float32 and torch.isfinite(lse).all()
+        rounded = torch.logsumexp(common.attention_scores(q.to(dtype).double(), k.to(dtype).double(), True), -1)
+        torch.testing.assert_close(lse.double(), rounded, rtol=1e-5, atol=1e-3)  # float32 sums of ~1e4 scores
+    assert (reference - rounded).abs().max() < 200  # the rounding of q and k (bf16/fp16) moves scores of 1e4 by ~ 1e1
+
+
+def test_exact_masked_path_gradients():
+    x = synthetic_qkv("gaussian", 2, 1, 4, 4, 2, dtype=torch.float64, seed=5)
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    padding = torch.tensor([[False] * 4, [True] + [False] * 3])
+    additive = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = common.get_attention("exact")
+    assert torch.autograd.gradcheck(lambda a, b, c: exact(a, b, c, causal=True, key_padding_mask=padding,
+                                                          attn_mask=additive), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: exact(a, b, c, key_padding_mask=padding, return_lse=True),
+                                    (q, k, v))
+
+
+def test_key_padding_from_attn_mask():
+    from common.attention import key_padding_from_attn_mask
+    padded = torch.tensor([[False, False, True, True], [True, False, False, False]])
+    allowed = ~padded[:, None, None, :]
+    assert torch.equal(key_padding_from_attn_mask(allowed, 2, 3, 4, False, "m"), padded)
+    assert torch.equal(key_padding_from_attn_mask(allowed.expand(2, 5, 3, 4), 2, 3, 4, False, "m"), padded)
+    causal = allowed & common.causal_mask(3, 4)
+    assert torch.equal(key_padding_from_attn_mask(causal, 2, 3, 4, True, "m"), padded)
+    with pytest.raises(ValueError, match="^m: attn_mask is not a key-padding pattern"):
+        key_padding_from_attn_mask(causal, 2, 3, 4, False, "m")  # a causal pattern without causal=True
+    finfo_min = torch.zeros(2, 1, 3, 4).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert torch.equal(key_padding_from_attn_mask(finfo_min, 2, 3, 4, True, "m"), padded)
+    assert torch.equal(key_padding_from_attn_mask(torch.ones(4, dtype=torch.bool), 2, 3, 4, False, "m"),
+                       torch.zeros(2, 4, dtype=torch.bool))  # rank 1, broadcast over batch, heads and queries
+    per_head = allowed.expand(2, 2, 3, 4).clone()
+    per_head[0, 1, :, 0] = False
+    with pytest.raises(ValueError, match="^m: attn_mask is not a key-padding pattern"):
+        key_padding_from_attn_mask(per_head, 2, 3, 4, False, "m")
+
+
+def test_softmax_attention_reference_with_attn_mask_equals_sdpa():
+    x = synthetic_qkv("gaussian", 2, 3, 5, 7, 4, dtype=torch.float64, seed=6)
+    allowed = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(2)) < 0.6
+    allowed[..., 1] = True
+    additive = torch.randn(2, 1, 5, 7, dtype=torch.float64)
+    for mask in (allowed, additive):
+        torch.testing.assert_close(common.softmax_attention(x.q, x.k, x.v, attn_mask=mask),
+                                   F.scaled_dot_product_attention(x.q, x.k, x.v, attn_mask=mask))
+
+
+def test_empty_batch_with_masks_and_lse():
+    q, k, v = torch.randn(0, 2, 3, 4), torch.randn(0, 2, 5, 4), torch.randn(0, 2, 5, 6)
+    out, lse = common.get_attention("exact")(q, k, v, key_padding_mask=torch.zeros(0, 5, dtype=torch.bool),
+                                             return_lse=True)
+    assert out.shape == (0, 2, 3, 6) and lse.shape == (0, 2, 3) and lse.dtype == torch.float32
