@@ -135,7 +135,7 @@ class FastAttention(nn.Module):
 
     # --- mode='train' --------------------------------------------------------------------------------
     def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                         scale: float, attn_fn: str = "auto") -> torch.Tensor:
+                         scale: float, attn_fn: str = "auto", return_lse: bool = False):
         """The whole sequence at once (Performer Sec. 2: FAVOR+ attention; causal by prefix sums), in PyTorch
         (``attn_fn='torch'``), flash-linear-attention's kernels (``'fla'``; ``'auto'`` picks, see the module
         docstring) or our Triton kernel (``'flash'``, ``flash_linear_attention.py``).
@@ -148,7 +148,8 @@ class FastAttention(nn.Module):
         sequence) and the final numerator / normaliser division are float32 (``common.linear_attention``).
         float16 is computed in float32: stored in float16, features below its smallest normal (6e-5) of the largest
         one would vanish, and with them whole rows (measured: rms error 0.7 on one key at scores 1e4). The output
-        has the input dtype.
+        has the input dtype. ``return_lse=True`` returns (out, lse) with lse (B, H, Nq) the log of the estimated
+        normaliser (float32, float64 for float64 inputs).
 
         With ``'fla'`` the numerator phi(Q) (prefix) sums of phi(K)^T V comes from fla's kernels (bfloat16 products,
         float32 states, see ``common.linear_attention.fla_chunk_linear_attention``) and the normaliser from
@@ -167,15 +168,20 @@ class FastAttention(nn.Module):
         self._fused(q)
         if self.redraw_on_call and self.training:
             self.redraw_()
-        qf = self.query_features(q, scale)
-        kf, _ = self.key_features(k, scale)
+        qf, c_q = self._features(q, scale, "row")  # query_features, with the offsets kept for return_lse
+        kf, c_k = self.key_features(k, scale)
         if core == "fla":
-            out = normalise(fla_chunk_linear_attention(qf, kf, v, causal)[0], normaliser(qf, kf, causal))
-        elif core == "flash":
-            out = split_augmented(flash_linear_attention(qf, kf, augment_values(v), causal))
+            num, den = fla_chunk_linear_attention(qf, kf, v, causal)[0], normaliser(qf, kf, causal)
         else:
-            out = split_augmented(chunk_linear_attention(qf, kf, augment_values(v), causal, self.chunk_size)[0])
-        return out.to(dtype)
+            out = flash_linear_attention(qf, kf, augment_values(v), causal) if core == "flash" else \
+                chunk_linear_attention(qf, kf, augment_values(v), causal, self.chunk_size)[0]
+            num, den = out[..., :-1], out[..., -1:]
+        if not return_lse:
+            return normalise(num, den).to(dtype)
+        # the log of the estimated normaliser e^{c_q + c_k} phi~(q_i).sum_j phi~(k_j) of sum_j e^{S q_i.k_j}
+        # (unbiased: Performer's Lemma 1), float32 at least; -inf where every feature product underflowed
+        acc = torch.promote_types(den.dtype, torch.float32)
+        return normalise(num, den).to(dtype), den.squeeze(-1).to(acc).log() + (c_q + c_k).squeeze(-1).to(acc)
 
     # --- mode='prefill' and 'generation' ------------------------------------------------------------------
     def _advance(self, q, k, v, state, key_maxima, scale, chunk_size):
@@ -310,6 +316,7 @@ class SRFAttention(AttentionMethod):
 
     feature_type = "simplex"
     randomized = True
+    supports_lse = True
 
     def __init__(self, nb_features: int = 64, chunk_size: int = 64, norm: str = "chi", redraw: bool = False,
                  attn_fn: str = "auto", feature_kernel: str = "torch", seed: int | None = None,
@@ -344,6 +351,11 @@ class SRFAttention(AttentionMethod):
 
     def attend(self, q, k, v, causal, scale):
         return self._fast_for(q.shape[-1], q.device).linear_attention(q, k, v, causal, scale, self.attn_fn)
+
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the estimated normaliser) for ``return_lse=True`` (``FastAttention.linear_attention``)."""
+        return self._fast_for(q.shape[-1], q.device).linear_attention(q, k, v, causal, scale, self.attn_fn,
+                                                                      return_lse=True)
 
     def attention_matrix(self, q, k, causal=False, scale=None):
         """The attention matrix the features imply: phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j') (B,H,Nq,Nk)."""

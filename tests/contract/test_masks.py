@@ -265,6 +265,36 @@ def test_return_lse_is_the_log_normaliser_under_exact_options(name, causal, padd
     torch.testing.assert_close(out, _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask))
 
 
+# Methods whose normaliser estimate is unbiased, E[e^lse] = sum_j e^{s_ij}: kdeformer (exact LSH blocks plus an
+# importance-weighted residual, Zandieh et al. 2023, Sec. 3), sblocal (exact local blocks plus FAVOR+ low rank,
+# Chen et al. 2021), srf and performer (positive random features, Choromanski et al. 2021, Lemma 1; Reid et al.
+# 2023). (reformer drops the keys outside a query's buckets, tree summarises a bud by its mean key: both biased,
+# checked only under exact options.)
+UNBIASED_LSE = ["kdeformer", "performer", "sblocal", "srf"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", [n for n in UNBIASED_LSE if common.method_class(n).supports_lse])
+def test_estimated_lse_is_an_unbiased_normaliser(name, causal):
+    if causal and (name in NON_CAUSAL_LSE or name not in common.methods(causal=True)):
+        pytest.skip(f"{name} has no causal return_lse")
+    q, k, v, mask = _padded_batch(_sequences(seed=13), "left")
+    q, k = q * 0.5, k * 0.5  # moderate scores: a few hundred draws pin the mean down
+    options = common.budget_options(name, N)[0]  # the smallest budget: the estimate is far from exact
+    ratios = []
+    with torch.no_grad():
+        for seed in range(200):  # a fresh instance per seed (srf draws its projection once per instance)
+            attn = common.get_attention(name, **options, seed=seed)
+            ratios.append(attn(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)[1])
+    expected = _masked_logsumexp(q, k, mask, causal)
+    rows = torch.isfinite(expected)
+    ratio = (torch.stack(ratios) - expected).exp()[:, rows]  # e^lse / D per draw and row
+    mean, stderr = ratio.mean(0), ratio.std(0) / len(ratios) ** 0.5
+    assert ratio.std(0).max() > 1e-3  # a real estimate (not exact at this budget)
+    assert ((mean - 1).abs() <= 5 * stderr + 1e-9).all(), (mean - 1).abs().max()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_lse_merges_two_halves_of_the_keys_into_full_attention(causal):
     q, k, v, _ = _padded_batch(_sequences(seed=10), "right")
