@@ -35,6 +35,7 @@ class UniformSamplingAttention(AttentionMethod):
     """
 
     randomized = True
+    supports_lse = True
 
     def __init__(self, num_samples: int = 64, query_block: int | None = None, seed: int | None = None,
                  check_finite: bool = True):
@@ -44,6 +45,13 @@ class UniformSamplingAttention(AttentionMethod):
                                                                        minimum=1)
 
     def attend(self, q, k, v, causal, scale):
+        return self._estimate(q, k, v, causal, scale, False)[0]
+
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the unbiased normaliser estimate |P_i| / l sum_s e^{s_i j_s}) for ``return_lse=True``."""
+        return self._estimate(q, k, v, causal, scale, True)
+
+    def _estimate(self, q, k, v, causal, scale, return_lse):
         b, h, nq, _ = q.shape
         counts = allowed_key_counts(nq, k.shape[2], causal, q.device)
         generator = self.generator(q.device)
@@ -52,7 +60,7 @@ class UniformSamplingAttention(AttentionMethod):
         # per query row the gathered keys and values take num_samples (D + Dv) floats: a block of rows at a time
         row_bytes = b * h * self.num_samples * (q.shape[-1] + v.shape[-1]) * (q.element_size() + 4)
         block = self.query_block or max(1, BLOCK_BYTES // row_bytes)
-        out = []
+        out, lse = [], []
         for i in range(0, nq, block):
             rows = slice(i, i + block)
             n_allowed = counts[rows].view(1, 1, -1, 1)
@@ -64,7 +72,9 @@ class UniformSamplingAttention(AttentionMethod):
             # The |P_i|/l factor cancels in the ratio; softmax over the samples is the self-normalised estimate.
             weights = torch.softmax(scores, dim=-1)
             out.append(torch.einsum("bhqs,bhqsv->bhqv", weights, v_s).to(q.dtype))
-        return torch.cat(out, dim=2)
+            if return_lse:
+                lse.append(torch.logsumexp(scores, -1) + torch.log(n_allowed.squeeze(-1).to(acc) / self.num_samples))
+        return torch.cat(out, dim=2), (torch.cat(lse, dim=2) if return_lse else None)
 
     @classmethod
     def budgets(cls, n_keys):

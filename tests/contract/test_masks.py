@@ -268,9 +268,9 @@ def test_return_lse_is_the_log_normaliser_under_exact_options(name, causal, padd
 # Methods whose normaliser estimate is unbiased, E[e^lse] = sum_j e^{s_ij}: kdeformer (exact LSH blocks plus an
 # importance-weighted residual, Zandieh et al. 2023, Sec. 3), sblocal (exact local blocks plus FAVOR+ low rank,
 # Chen et al. 2021), srf and performer (positive random features, Choromanski et al. 2021, Lemma 1; Reid et al.
-# 2023). (reformer drops the keys outside a query's buckets, tree summarises a bud by its mean key: both biased,
-# checked only under exact options.)
-UNBIASED_LSE = ["kdeformer", "performer", "sblocal", "srf"]
+# 2023), uniform (|P_i| / l times the sum over l uniform samples). (reformer drops the keys outside a query's
+# buckets, tree summarises a bud by its mean key: both biased, checked only under exact options.)
+UNBIASED_LSE = ["kdeformer", "performer", "sblocal", "srf", "uniform"]
 
 
 @pytest.mark.slow
