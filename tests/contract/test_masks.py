@@ -11,6 +11,8 @@
   refused naming the method elsewhere.
 - Refusals name the argument.
 """
+import importlib.util
+
 import pytest
 import torch
 
@@ -347,3 +349,60 @@ def test_padded_path_gradients_equal_the_sequences_alone():
                 torch.testing.assert_close(grad[i:i + 1, :, rows], want, rtol=0, atol=1e-12)
                 padded = mask[i].nonzero().squeeze(1)
                 assert torch.equal(grad[i, :, padded], torch.zeros_like(grad[i, :, padded]))
+
+
+# --- on a GPU (skipped without CUDA): the same guarantees through the CUDA kernels ----------------------------
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("name", common.methods())
+def test_cuda_padded_batch_equals_sequences_one_by_one(name):
+    causal = name in common.methods(causal=True)
+    sequences = [tuple(t.float().cuda() for t in seq) for seq in _sequences(seed=14)]
+    q, k, v, mask = (t.cuda() for t in _padded_batch(_sequences(seed=14), "left"))
+    q, k, v = q.float(), k.float(), v.float()
+    options = _options(name, "default")
+    if name == "knn":
+        options = dict(options, index="torch")  # the on-device index (faiss is CPU-only)
+    with torch.no_grad():
+        batched = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask)
+        alone_method = _method(name, options)
+        alone = [alone_method(*seq, causal=causal) for seq in sequences]
+    assert batched.is_cuda and torch.isfinite(batched).all()
+    for i, out in enumerate(alone):
+        torch.testing.assert_close(batched[i:i + 1, :, _real_rows(mask.cpu(), i).cuda()], out, rtol=1e-5, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_exact_masks_and_lse_in_every_dtype(dtype):
+    q, k, v, mask = _padded_batch(_sequences(seed=15), "right")
+    mask[1] = True  # an element with no real key: SDPA's fused kernels must not turn its rows into nan
+    reference, reference_lse = common.get_attention("exact")(q, k, v, causal=True, key_padding_mask=mask,
+                                                             return_lse=True)
+    exact = common.get_attention("exact")
+    args = [t.to(dtype).cuda() for t in (q, k, v)]
+    out = exact(*args, causal=True, key_padding_mask=mask.cuda())
+    out_lse, lse = exact(*args, causal=True, key_padding_mask=mask.cuda(), return_lse=True)
+    tolerance = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-5}[dtype]
+    for got in (out, out_lse):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double().cpu(), reference, rtol=tolerance, atol=tolerance)
+    assert lse.dtype == torch.float32 and not lse.isnan().any()
+    torch.testing.assert_close(lse.double().cpu(), reference_lse, rtol=tolerance, atol=tolerance)
+
+
+@CUDA
+def test_cuda_srf_lse_is_the_same_on_every_core():
+    from common.linear_attention import fla_available
+    q, k, v, _ = _padded_batch(_sequences(seed=16), "right")
+    args = [t.to(torch.bfloat16).cuda() for t in (q, k, v)]
+    cores = ["torch"] + (["fla"] if fla_available() else []) + \
+        (["flash"] if importlib.util.find_spec("triton") is not None else [])
+    results = [common.get_attention("srf", seed=0, attn_fn=core)(*args, causal=True, return_lse=True)
+               for core in cores]
+    for out, lse in results:
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all() and lse.dtype == torch.float32
+        torch.testing.assert_close(lse, results[0][1], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out.float(), results[0][0].float(), rtol=3e-2, atol=3e-2)
