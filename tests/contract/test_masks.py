@@ -120,6 +120,28 @@ def test_sequence_without_real_keys_gives_zero_rows(name, causal):
     out = _method(name, _options(name, "default"))(q, k, v, causal=causal, key_padding_mask=mask)
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
+    if common.method_class(name).supports_lse and not (causal and name in NON_CAUSAL_LSE):
+        out_lse, lse = _method(name, _options(name, "default"))(q, k, v, causal=causal, key_padding_mask=mask,
+                                                                return_lse=True)
+        assert (lse[1] == float("-inf")).all() and not lse.isnan().any() and torch.isfinite(lse[0]).all()
+        assert torch.equal(out_lse[1], out[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", common.methods())
+def test_half_precision_padded_batch_equals_sequences_one_by_one(name, dtype):
+    causal = name in common.methods(causal=True)
+    sequences = [tuple(t.to(dtype) for t in seq) for seq in _sequences(seed=17)]
+    q, k, v, mask = _padded_batch(_sequences(seed=17), "right")
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    options = _options(name, "default")
+    with torch.no_grad():
+        batched = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask)
+        alone_method = _method(name, options)
+        alone = [alone_method(*seq, causal=causal) for seq in sequences]
+    assert batched.dtype == dtype and torch.isfinite(batched).all()
+    for i, out in enumerate(alone):
+        torch.testing.assert_close(batched[i:i + 1, :, _real_rows(mask, i)], out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", common.methods())
