@@ -22,10 +22,12 @@ import warnings
 
 import torch
 
-from common.attention import AttentionMethod, causal_query_positions, gather_rows
+from common.attention import AttentionMethod, causal_query_positions, gather_rows, output_and_lse
 from common.partial_sums import PartialSums, from_logits
 from common.registry import register
 from common.validation import check_int
+
+BLOCK_BYTES = 2 ** 31  # the logits and weights of one group of chunks (:func:`lsh_round`)
 
 
 def rotation_buckets(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -59,12 +61,18 @@ def lsh_round(q, k, v, scale: float, bucket_size: int, n_buckets: int, causal: b
         back = lambda t: torch.cat([t, t.roll(1, dims=2)], dim=3)
         kc, vc, pk, key_valid = back(kc), back(vc), back(pk), back(key_valid)
     qc = gather_rows(q, perm_q_pad).view(b, h, n_chunks, q_chunk, d)
-    logits = torch.einsum("bhcqd,bhckd->bhcqk", qc, kc) * scale
-    allowed = key_valid.unsqueeze(3).expand_as(logits)
-    if causal:
-        qpos = pos_q[perm_q_pad].view(b, h, n_chunks, q_chunk, 1)
-        allowed = allowed & (pk.unsqueeze(3) < qpos)  # strictly past; the own key is added exactly below
-    parts = from_logits(logits.masked_fill(~allowed, float("-inf")), vc, "bhcqk,bhckv->bhcqv")
+    qpos = pos_q[perm_q_pad].view(b, h, n_chunks, q_chunk, 1)
+    # chunks in groups: a group's logits and weights take about BLOCK_BYTES whatever the bucket size
+    step = max(1, BLOCK_BYTES // (b * h * q_chunk * kc.shape[3] * (3 * q.element_size() + 2)))
+    pieces = []
+    for c0 in range(0, n_chunks, step):
+        part = slice(c0, c0 + step)
+        logits = torch.einsum("bhcqd,bhckd->bhcqk", qc[:, :, part], kc[:, :, part]) * scale
+        allowed = key_valid[:, :, part].unsqueeze(3).expand_as(logits)
+        if causal:
+            allowed = allowed & (pk[:, :, part].unsqueeze(3) < qpos[:, :, part])  # strictly past; own key below
+        pieces.append(from_logits(logits.masked_fill(~allowed, float("-inf")), vc[:, :, part], "bhcqk,bhckv->bhcqv"))
+    parts = PartialSums(*(torch.cat([getattr(p, f) for p in pieces], dim=2) for f in ("num", "den", "shift")))
     inverse = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(nq, device=q.device).expand(b, h, nq))
     parts = parts.map_queries(lambda t: gather_rows(t.reshape(b, h, n_chunks * q_chunk, t.shape[-1]), inverse))
     if causal:  # the own position's key, exactly (it was masked out of the chunks so no row is empty)
@@ -77,12 +85,14 @@ def lsh_round(q, k, v, scale: float, bucket_size: int, n_buckets: int, causal: b
 @register("reformer")
 class ReformerAttention(AttentionMethod):
     """LSH attention (module docstring). Options: bucket_size (64), n_hashes (hashing rounds, 1), n_buckets
-    (default: 2 * ceil(Nk / bucket_size / 2), the paper's n / bucket_size rounded to even), seed.
+    (default: 2 * ceil(Nk / bucket_size / 2), the paper's n / bucket_size rounded to even), seed. The chunks are
+    attended in groups of about :data:`BLOCK_BYTES` of logits, so memory grows like Nk (D + Dv) whatever the bucket.
 
     A bucket_size larger than the keys of a call (e.g. a short prompt while decoding) is clamped to Nk (one chunk:
     exact) and said once per instance (``warnings.warn``)."""
 
     randomized = True
+    supports_lse = True
 
     def __init__(self, bucket_size: int = 64, n_hashes: int = 1, n_buckets: int | None = None,
                  seed: int | None = None, check_finite: bool = True):
@@ -97,13 +107,14 @@ class ReformerAttention(AttentionMethod):
         """One chunk holding every key: each query reads all keys (causal: all earlier ones), in every round."""
         return {"bucket_size": n_keys, "n_hashes": 1}
 
-    def attend(self, q, k, v, causal, scale):
+    def _sums(self, q, k, v, causal, scale) -> PartialSums:
+        """The rounds' sums merged, in float32 at least."""
         nk = k.shape[2]
         bucket_size = min(self.bucket_size, nk)
         if bucket_size < self.bucket_size and not self._warned_clamp:
             self._warned_clamp = True
             warnings.warn(f"reformer: bucket_size={self.bucket_size} is larger than the number of keys Nk={nk}; "
-                          "clamped to Nk (one chunk of all keys: exact). Said once per instance.", stacklevel=3)
+                          "clamped to Nk (one chunk of all keys: exact). Said once per instance.", stacklevel=4)
         n_buckets = self.n_buckets or 2 * math.ceil(nk / bucket_size / 2)
         gen = self.generator(q.device)
         work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
@@ -111,7 +122,14 @@ class ReformerAttention(AttentionMethod):
         for _ in range(self.n_hashes):
             r = lsh_round(q.to(work), k.to(work), v.to(work), scale, bucket_size, n_buckets, causal, gen)
             parts = r if parts is None else parts.merge(r)
-        return parts.output().to(q.dtype)
+        return parts
+
+    def attend(self, q, k, v, causal, scale):
+        return self._sums(q, k, v, causal, scale).output().to(q.dtype)
+
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the rounds' merged normaliser) for ``return_lse=True``."""
+        return output_and_lse(self._sums(q, k, v, causal, scale), q.dtype)
 
     @classmethod
     def budgets(cls, n_keys):

@@ -30,16 +30,19 @@ the low-rank part.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from common.attention import AttentionMethod, causal_mask, causal_query_positions
+from common.attention import AttentionMethod, causal_mask, causal_query_positions, output_and_lse
 from common.linear_attention import augment_values, chunk_states
 from common.partial_sums import PartialSums, from_logits
 from common.random_features import orthogonal_random_matrix, positive_random_features
 from common.registry import register
 from common.validation import check_int
+
+BLOCK_BYTES = 2 ** 31  # the features, scores and weights of one group of blocks (``ScatterBrainAttention``)
 
 
 def local_blocks(x: torch.Tensor, block: int, front: int = 0) -> torch.Tensor:
@@ -53,20 +56,33 @@ def local_blocks(x: torch.Tensor, block: int, front: int = 0) -> torch.Tensor:
 class ScatterBrainAttention(AttentionMethod):
     """Exact local blocks + FAVOR+ low-rank part elsewhere (module docstring).
 
-    Options: local_size (block length, 64), nb_features (random features, 64), seed. A block covering every key
+    Options: local_size (block length, 64), nb_features (random features, 64), query_block (query rows per group of
+    blocks whose features and local scores are formed at once; default None: about :data:`BLOCK_BYTES`, so that
+    memory grows like Nk (D + Dv + nb_features Dv / local_size) whatever the budget), seed. A block covering every key
     (``local_size >= Nk``, :meth:`exact_options`) is exact attention for Nq <= Nk."""
 
     randomized = True
+    supports_lse = True
 
-    def __init__(self, local_size: int = 64, nb_features: int = 64, seed: int | None = None,
-                 check_finite: bool = True):
+    def __init__(self, local_size: int = 64, nb_features: int = 64, query_block: int | None = None,
+                 seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.local_size = check_int(local_size, "local_size", "sblocal", minimum=1)
         self.nb_features = check_int(nb_features, "nb_features", "sblocal", minimum=1)
+        self.query_block = None if query_block is None else check_int(query_block, "query_block", "sblocal",
+                                                                       minimum=1)
 
     def attend(self, q, k, v, causal, scale):
-        dtype = q.dtype
-        work = torch.promote_types(dtype, torch.float32)
+        total = self._sums(q, k, v, causal, scale)
+        return (total.num / total.den.clamp_min(torch.finfo(total.den.dtype).tiny).unsqueeze(-1)).to(q.dtype)
+
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the estimated normaliser: exact local sums + low-rank sums) for ``return_lse=True``."""
+        return output_and_lse(self._sums(q, k, v, causal, scale), q.dtype)
+
+    def _sums(self, q, k, v, causal, scale) -> PartialSums:
+        """The estimate as sums (in float32 at least): the low-rank part merged with the exact local part."""
+        work = torch.promote_types(q.dtype, torch.float32)
         q, k, v = (t.to(work) for t in (q, k, v))
         b, h, nq, d = q.shape
         nk, dv = k.shape[2], v.shape[-1]
@@ -79,37 +95,61 @@ class ScatterBrainAttention(AttentionMethod):
 
         w = orthogonal_random_matrix(self.nb_features, d, generator=self.generator(q.device), device=q.device,
                                      dtype=work)
-        phi_q, c_q = positive_random_features(q, w, scale, offset="row")
-        phi_k, c_k = positive_random_features(k, w, scale, offset="global")
         key_front = empty_blocks * size
-        kb, vb, fkb = (local_blocks(t, size, key_front) for t in (k, augment_values(v), phi_k))
-        qb, fqb = (local_blocks(t, size, lead) for t in (q, phi_q))
-        # the key blocks the query blocks sit on: the last ones (the last query is at the last key's position)
-        mine = slice(kb.shape[2] - qb.shape[2], None)
+        kb, vb = local_blocks(k, size, key_front), local_blocks(augment_values(v), size, key_front)
+        qb = local_blocks(q, size, lead)
+        n_kb, n_qb = kb.shape[2], qb.shape[2]
+        off = n_kb - n_qb  # query block i sits on key block off + i (the last query is at the last key's position)
+        # blocks in groups: a group's features, scores and weights take about BLOCK_BYTES whatever the budget
+        step = self.query_block // size if self.query_block else BLOCK_BYTES // (
+            b * h * size * (3 * self.nb_features + 4 * size + 2 * (dv + 1)) * q.element_size())
+        groups = [(g, min(n_kb, g + max(1, step))) for g in range(0, n_kb, max(1, step))]
 
-        # low-rank part over the blocks that are not local: before (and, non-causal, after) the query's block
-        before, _ = chunk_states(fkb, vb)
-        low = fqb @ before[:, :, mine]
-        if not causal:
-            after, _ = chunk_states(fkb, vb, reverse=True)
-            low = low + fqb @ after[:, :, mine]
-        unblock = lambda t: t.reshape(b, h, -1, t.shape[-1])[:, :, lead:lead + nq]
-        low = unblock(low)
-        low_rank = PartialSums(low[..., :dv], low[..., dv], (c_q + c_k).squeeze(-1))
+        def key_features(g0, g1, offset):
+            """FAVOR+ features (B, H, g1 - g0, size, m) of key blocks g0 .. g1 - 1, zero on the padding rows."""
+            lo, hi = max(0, g0 * size - key_front), min(nk, g1 * size - key_front)
+            if hi <= lo:
+                return kb.new_zeros(b, h, g1 - g0, size, self.nb_features), None
+            phi, c = positive_random_features(k[:, :, lo:hi], w, scale, offset)
+            front = lo + key_front - g0 * size
+            phi = torch.nn.functional.pad(phi, (0, 0, front, (g1 - g0) * size - front - (hi - lo)))
+            return phi.view(b, h, g1 - g0, size, -1), c
 
-        # exact local part: scores of each query block against its own key block, masked, max-subtracted
-        scores = qb @ kb[:, :, mine].transpose(-2, -1) * scale
-        key_slot = torch.arange(kb.shape[2] * size, device=q.device).view(-1, size)[mine] - key_front
-        keep = ((key_slot >= 0) & (key_slot < nk)).unsqueeze(-2)
-        if causal:
-            keep = keep & causal_mask(size, size, q.device)                 # key slot <= query slot in the block
-        local = from_logits(scores.masked_fill(~keep, float("-inf")), vb[:, :, mine][..., :dv],
-                            "bhnqk,bhnkv->bhnqv")
-        local = local.map_queries(unblock)
-
-        total = low_rank.merge(local)
-        out = total.num / total.den.clamp_min(torch.finfo(work).tiny).unsqueeze(-1)
-        return out.to(dtype)
+        # the keys' offset c_k: one maximum over all keys (``positive_random_features``' 'global'), group by group
+        offsets = [key_features(g0, g1, "global")[1] for g0, g1 in groups] if len(groups) > 1 else ["global"]
+        c_k = functools.reduce(torch.maximum, [c for c in offsets if c is not None]) if len(groups) > 1 else "global"
+        after = None
+        if not causal:  # the low-rank states of the blocks after each block: a pass from the last group back
+            pieces, state = [], None
+            for g0, g1 in reversed(groups):
+                later, state = chunk_states(key_features(g0, g1, c_k)[0], vb[:, :, g0:g1], state, reverse=True)
+                pieces.append(later)
+            after = torch.cat(pieces[::-1], dim=2)
+        outputs, state = [], None
+        for g0, g1 in groups:
+            phi_k, c = key_features(g0, g1, c_k)
+            c_k = c if isinstance(c_k, str) else c_k
+            before, state = chunk_states(phi_k, vb[:, :, g0:g1], state)  # low-rank part: the blocks before
+            mine = slice(max(g0, off), g1)  # the key blocks of this group that hold queries
+            if mine.start >= mine.stop:
+                continue
+            qs = slice(mine.start - off, mine.stop - off)
+            phi_q, c_q = positive_random_features(qb[:, :, qs], w, scale, offset="row")
+            low = phi_q @ before[:, :, mine.start - g0:]
+            if not causal:
+                low = low + phi_q @ after[:, :, mine]
+            low_rank = PartialSums(low[..., :dv], low[..., dv], (c_q + c_k.unsqueeze(2)).squeeze(-1))
+            # exact local part: scores of each query block against its own key block, masked, max-subtracted
+            scores = qb[:, :, qs] @ kb[:, :, mine].transpose(-2, -1) * scale
+            key_slot = torch.arange(n_kb * size, device=q.device).view(-1, size)[mine] - key_front
+            keep = ((key_slot >= 0) & (key_slot < nk)).unsqueeze(-2)
+            if causal:
+                keep = keep & causal_mask(size, size, q.device)                 # key slot <= query slot in the block
+            local = from_logits(scores.masked_fill(~keep, float("-inf")), vb[:, :, mine][..., :dv],
+                                "bhnqk,bhnkv->bhnqv")
+            outputs.append(low_rank.merge(local))
+        total = PartialSums(*(torch.cat([getattr(p, f) for p in outputs], dim=2) for f in ("num", "den", "shift")))
+        return total.map_queries(lambda t: t.reshape(b, h, -1, t.shape[-1])[:, :, lead:lead + nq])
 
     @classmethod
     def exact_options(cls, n_keys):

@@ -91,8 +91,9 @@ class TreeAttention(AttentionMethod):
     e in (0, 1], parallelism P (power of two), R (random features), base (time-decay), bud_value ('count' or
     'report'), expansions ('needed': T buds exactly, or 'P': the report's P expansions per round, ``tree.py``),
     query_block (queries per descent: bounds the memory, O(B H query_block (T + P) D); default None: as many as
-    keep a block's buds' sums near :data:`BLOCK_BYTES`, so that memory grows like Nq (D + Dv) whatever T), seed. Non-causal calls
-    treat every query as sitting after all keys. Runs on the inputs' device (the descent included; no host copy).
+    keep a block's buds' sums near :data:`BLOCK_BYTES`, so that memory grows like Nq (D + Dv) whatever T), seed.
+    Non-causal calls treat every query as sitting after all keys. Runs on the inputs' device (the descent included;
+    no host copy).
 
     Precision: float16 / bfloat16 inputs are computed in float32 (features, masses, sums, the softmax over buds,
     max-subtracted by ``torch.softmax``) and the output is cast back to the input dtype; float32 and float64 stay
