@@ -5,8 +5,8 @@ For each n (B = 1, H = 8, D = 64, m = 64, ``--dtype`` bfloat16 by default), in t
 - ``srf`` and ``performer`` (registered methods, ``check_finite=False`` as SDPA checks nothing) with each core
   (``attn_fn``: 'torch', 'fla', and our Triton kernel 'flash' at the smallest n only) and each feature map
   (``feature_kernel``: 'torch', 'triton');
-- the pieces of srf's causal forward alone: query + key features (each feature kernel), the core (each), the
-  normaliser, so that the bottleneck shows;
+- the pieces of srf's causal pass alone, forward and forward + backward: query + key features (each feature
+  kernel), the core (each), the normaliser, so that the bottleneck shows;
 timed as causal forward, causal forward + backward and non-causal forward (medians of ``--repeats`` after one
 warm-up; the first call, compilation and autotuning included, is reported as ``first_call_s``); n is measured in
 the order given, 131,072 second by default, and rows are sorted by n in the CSV. At the smallest n,
@@ -102,7 +102,9 @@ def _method(name, attn_fn, feature_kernel, seed):
 
 
 def _parts(n, device, dtype, seed):
-    """The pieces of srf's causal forward: {(feature_kernel or attn_fn, part): callable}."""
+    """The pieces of srf's causal pass: {(attn_fn, feature_kernel, part): (function, its inputs)}. The PyTorch core
+    runs on values with a column of ones (numerator and normaliser at once); fla's core gives the numerator, the
+    normaliser is its own piece."""
     from .fast_attention import FastAttention
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -110,14 +112,33 @@ def _parts(n, device, dtype, seed):
     parts = {}
     for feature_kernel in ("torch", "triton"):
         fast = FastAttention(D, M, causal=True, seed=seed, feature_kernel=feature_kernel).to(device)
-        parts[(feature_kernel, "features")] = (lambda fast=fast: (fast.query_features(q, D ** -0.5),
-                                                                   fast.key_features(k, D ** -0.5)))
+        parts[("-", feature_kernel, "features")] = (
+            lambda q, k, fast=fast: (fast.query_features(q, D ** -0.5), fast.key_features(k, D ** -0.5)[0]), (q, k))
     fast = FastAttention(D, M, causal=True, seed=seed).to(device)
-    qf, kf = fast.query_features(q, D ** -0.5), fast.key_features(k, D ** -0.5)[0]
-    parts[("torch", "core")] = lambda: chunk_linear_attention(qf, kf, augment_values(v), True)
-    parts[("fla", "core")] = lambda: fla_chunk_linear_attention(qf, kf, v, True)
-    parts[("fla", "normaliser")] = lambda: normaliser(qf, kf, True)
+    with torch.no_grad():
+        qf, kf = fast.query_features(q, D ** -0.5), fast.key_features(k, D ** -0.5)[0]
+    parts[("torch", "-", "core")] = (lambda qf, kf, v: chunk_linear_attention(qf, kf, augment_values(v), True)[0],
+                                     (qf, kf, v))
+    parts[("fla", "-", "core")] = (lambda qf, kf, v: fla_chunk_linear_attention(qf, kf, v, True)[0], (qf, kf, v))
+    parts[("fla", "-", "normaliser")] = (lambda qf, kf: normaliser(qf, kf, True), (qf, kf))
     return parts
+
+
+def _part_call(fn, ins, kind: str):
+    """A callable running ``fn`` forward (no graph), or forward and backward of the sum of its outputs."""
+    if kind == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(*ins)
+        return fwd
+    leaves = [t.detach().clone().requires_grad_() for t in ins]
+
+    def train():
+        outs = fn(*leaves)
+        sum(o.float().sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
+        for t in leaves:
+            t.grad = None
+    return train
 
 
 def _row(n, mask, kind, method, attn_fn, feature_kernel, part, device, dtype, **values):
@@ -196,10 +217,10 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
                         (row["method"], row["attn_fn"], row["feature_kernel"])
                     row["rel_err_vs_exact_fp32"], row["rel_diff_vs_torch_path"] = \
                         errors.get((row["mask"], variant), (None, None))
-        for (backend, part), fn in _parts(n, device, dtype, seed).items():
-            attn_fn, feature_kernel = (backend, "-") if part != "features" else ("-", backend)
-            rows.append(_row(n, "causal", "fwd", "srf", attn_fn, feature_kernel, part, device_name, dtype,
-                             **_measure(fn, device, repeats, clock)))
+        for (attn_fn, feature_kernel, part), (fn, ins) in _parts(n, device, dtype, seed).items():
+            for kind in ("fwd", "fwd+bwd"):
+                rows.append(_row(n, "causal", kind, "srf", attn_fn, feature_kernel, part, device_name, dtype,
+                                 **_measure(_part_call(fn, ins, kind), device, repeats, clock)))
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     for row in rows:

@@ -77,9 +77,13 @@ def test_gpu_check_degrades_to_notes_on_the_cpu(tmp_path):
             # exact in bfloat16 is within bfloat16 rounding of float32 exact; 16 random features are not
             assert (r["rel_err_vs_exact_fp32"] < 2e-2) == (r["method"] == "exact")
     assert {r["pass"] for r in whole} == {"fwd", "fwd+bwd"}
-    assert {(r["part"], r["attn_fn"], r["feature_kernel"]) for r in rows if r["part"] != "all"} == {
+    pieces = [r for r in rows if r["part"] != "all"]
+    assert {(r["part"], r["attn_fn"], r["feature_kernel"]) for r in pieces} == {
         ("features", "-", "torch"), ("features", "-", "triton"), ("core", "torch", "-"), ("core", "fla", "-"),
         ("normaliser", "fla", "-")}
+    assert len(pieces) == 10 and {r["pass"] for r in pieces} == {"fwd", "fwd+bwd"}
+    assert all(("time_ms" in r) == (r["feature_kernel"] != "triton" and r["attn_fn"] != "fla" or
+                                   r["part"] == "normaliser") for r in pieces)
     skipped = gpu_check.run([32], device="cpu", repeats=1, time_budget_s=0)
     assert all(r["note"] == "skipped: time budget" for r in skipped)
 
