@@ -206,32 +206,44 @@ def _rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, index.reshape(-1)).view(*ids.shape, d)
 
 
-def build_device_cells(keys: torch.Tensor, nlist: int, cell_size: int, iterations: int = 10,
-                       points_per_centroid: int = 32, generator: torch.Generator | None = None) -> DeviceCells:
-    """k-means cells over keys (G, Nk, D) on their device, cut into chunks of ``cell_size`` keys (step 1 of
-    :func:`ivf_top_k`). Lloyd's algorithm, batched over G, on the keys at min(Nk, points_per_centroid nlist)
-    random positions (the same positions for every g), started from nlist of them; an empty cell keeps its
-    centroid. Then every key joins its nearest centroid's cell."""
+def kmeans(keys: torch.Tensor, nlist: int, iterations: int = 10, points_per_centroid: int = 32,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """min(nlist, Nk) k-means centroids (G, nlist, D) of keys (G, Nk, D) on their device: Lloyd's algorithm, batched
+    over G, on the keys at min(Nk, points_per_centroid nlist) random positions (the same positions for every g),
+    started from nlist of them; an empty cell keeps its centroid. No host synchronisation."""
     g, nk, d = keys.shape
     nlist = min(nlist, nk)
     sample = keys[:, torch.randperm(nk, generator=generator, device=keys.device)[:min(nk, points_per_centroid * nlist)]]
     centroids = sample[:, :nlist]
     base = (torch.arange(g, device=keys.device) * nlist).unsqueeze(1)
     for _ in range(iterations):
-        # cell sums as segment sums of the points sorted by cell (index_add_ is ~10x slower on a CPU; torch's
-        # bincount reads its maximum back to the host on CUDA, _count does not)
+        # cell sums by index_add_ (sync-free; torch's bincount reads its maximum back to the host on CUDA, _count
+        # does not)
         flat = (_nearest_centroid(sample, centroids) + base).reshape(-1)
-        counts = _count(flat.unsqueeze(0), g * nlist).view(-1)
-        sums = torch.segment_reduce(sample.reshape(-1, d)[flat.argsort()], "sum", lengths=counts, unsafe=True)
-        counts = counts.view(g, nlist, 1)
+        counts = _count(flat.unsqueeze(0), g * nlist).view(g, nlist, 1)
+        sums = sample.new_zeros(g * nlist, d).index_add_(0, flat, sample.reshape(-1, d))
         centroids = torch.where(counts > 0, sums.view(g, nlist, d) / counts.clamp_min(1), centroids)
-    cell = _nearest_centroid(keys, centroids)
+    return centroids
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last dimension (a zero row stays zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def build_device_cells(keys: torch.Tensor, nlist: int, cell_size: int, iterations: int = 10,
+                       points_per_centroid: int = 32, generator: torch.Generator | None = None) -> DeviceCells:
+    """k-means cells over keys (G, Nk, D) on their device (:func:`kmeans`), cut into chunks of ``cell_size`` keys
+    (step 1 of :func:`ivf_top_k`): every key joins its nearest centroid's cell."""
+    g, nk, d = keys.shape
+    nlist = min(nlist, nk)
+    cell = _nearest_centroid(keys, kmeans(keys, nlist, iterations, points_per_centroid, generator))
     slots, _, _ = _group_into_chunks(cell, nlist, cell_size)
     chunk_keys = slots.view(g, -1, cell_size)
     vectors = _rows(keys, chunk_keys)
     valid = chunk_keys >= 0
     mean = vectors.sum(2) / valid.sum(-1, keepdim=True).clamp_min(1)
-    directions = mean / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
+    directions = unit(mean)
     first = torch.where(valid, chunk_keys, nk).amin(-1)
     return DeviceCells(chunk_keys=chunk_keys, chunk_vectors=vectors, directions=directions, first_key=first,
                        cell_of_key=cell)

@@ -31,7 +31,10 @@ Index: ``flat`` / ``ivf`` / ``hnsw`` / ``torch`` / ``ivf_torch`` (``index.py``) 
 the estimator gathers those rows; ``torch`` (exact) and ``ivf_torch`` (approximate, non-causal) retrieve in torch on
 the tensors' device, ``flat`` off the CPU is served by ``torch``, ``ivf`` / ``hnsw`` (faiss-cpu) refuse non-CPU
 tensors; ``ivf_blas`` (``ivf_blocked.py``, non-causal, (a) and (b) only) takes S_i = the keys of the
-probed k-means cells and evaluates the estimator cell by cell with dense matmuls, the fast path on a CPU.
+probed k-means cells and evaluates the estimator cell by cell with dense matmuls, the fast path on a CPU;
+``ivf_blocks`` (``block_routing.py``, causal or not, (a) and (b) only) routes blocks of queries to blocks of
+cell-sorted keys and evaluates (b) (a shared uniform tail) in one fused attention call per chunk of query
+blocks, in the input's dtype, the fast path on a GPU.
 
 Gradients: ``gradient='autograd'`` differentiates the estimator (a), (b) or (d) through the gathered keys (indices are
 held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators (``backward_pass.py``); the
@@ -50,6 +53,7 @@ from common.registry import register
 from common.validation import check_choice, check_int
 
 from .backward_pass import SampledGradientAttention
+from .block_routing import block_options, ivf_blocks_attention
 from .index import (EXACT_INDEX_TYPES, IndexOptions, SearchTimes, causal_local_keys, causal_top_k_indices,
                     top_k_indices)
 from .ivf_blocked import ivf_blocked_attention
@@ -57,8 +61,12 @@ from .softmax_expectation import (adaptive_top_set, expectation_estimate, lazy_g
                                   median_of_means_sizes, retrieved_set, sample_tail_uniform)
 
 ESTIMATORS = ("topk", "topk_uniform_tail", "gumbel", "adaptive")
+# indexes that attend whole cells (no per-query lists): estimators (a) and (b) only, nprobe / nlist instead of k
+CELL_INDEX_TYPES = ("ivf_blas", "ivf_blocks")
 GRADIENTS = ("autograd", "sampled")
 DV_ESTIMATORS = ("scatter", "walk")
+# From this many keys on, the declared budgets use index='ivf_blocks' (``budgets``).
+LONG_N = 16384
 # Query chunk size is chosen so that a chunk's gathered keys hold about this many numbers.
 _CHUNK_ELEMENTS = 2 ** 24
 
@@ -68,14 +76,23 @@ def default_budget(n_keys: int) -> int:
     return max(1, math.ceil(math.sqrt(n_keys)))
 
 
+def ivf_blocks_budgets(n_keys: int) -> list[dict]:
+    """Three budgets of ``index='ivf_blocks'``: each query block reads about 2, 4 or 8 sqrt(n) exact keys (whole
+    key blocks of ``block_routing.block_options(n).block`` keys) plus l = sqrt(n)/2, sqrt(n), 2 sqrt(n) tail
+    draws."""
+    root, block = default_budget(n_keys), block_options(n_keys).block
+    return [{"index": "ivf_blocks", "nprobe": math.ceil(m * root / block), "num_samples": max(1, l)}
+            for m, l in ((2, root // 2), (4, root), (8, 2 * root))]
+
+
 @register("knn")
 class KNNAttention(AttentionMethod):
     """kNN attention with a faiss top-k set and one of four estimators (see the module docstring); the default is
     (d) ``adaptive`` ((b) with ``index='ivf_blas'``).
 
     Options: k (top set size, default ceil(sqrt(Nk))), num_samples (l, default ceil(sqrt(Nk))), estimator,
-    index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch' | 'ivf_torch') with nlist, nprobe, hnsw_m, ef_search,
-    cell_size ('ivf_torch'), causal_block,
+    index ('flat' | 'ivf' | 'ivf_blas' | 'hnsw' | 'torch' | 'ivf_torch' | 'ivf_blocks') with nlist, nprobe, hnsw_m,
+    ef_search, cell_size ('ivf_torch'; the block size of 'ivf_blocks'), causal_block,
     tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), eps and delta
     (median of means for 'gumbel'), tail_slack (widened Gumbel cutoff), k_max and tail_ratio ('adaptive'),
     dv_estimator ('scatter' | 'walk': dV of gradient='sampled' by the paper's random walks, ``dv_walks`` per column
@@ -96,13 +113,13 @@ class KNNAttention(AttentionMethod):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
-        # the default: (d) adaptive; 'ivf_blas' has no per-query lists to adapt, so (b) there
-        estimator = estimator or ("topk_uniform_tail" if index == "ivf_blas" else "adaptive")
+        # the default: (d) adaptive; 'ivf_blas' and 'ivf_blocks' have no per-query lists to adapt, so (b) there
+        estimator = estimator or ("topk_uniform_tail" if index in CELL_INDEX_TYPES else "adaptive")
         self.estimator = check_choice(estimator, "estimator", "knn", ESTIMATORS)
         self.index = index
         self.index_options = IndexOptions(index, nlist, nprobe, hnsw_m, ef_search, cell_size)
-        if index == "ivf_blas" and k is not None:
-            raise ValueError("knn: index='ivf_blas' retrieves whole cells (|S_i| = the keys of the nprobe probed "
+        if index in CELL_INDEX_TYPES and k is not None:
+            raise ValueError(f"knn: index={index!r} retrieves whole cells (|S_i| = the keys of the nprobe probed "
                              "cells, about nprobe * Nk / nlist); set nprobe and nlist instead of k")
         self.causal_block = None if causal_block is None else check_int(causal_block, "causal_block", "knn", minimum=1)
         self.tail_block = check_int(tail_block, "tail_block", "knn", minimum=1)
@@ -119,9 +136,9 @@ class KNNAttention(AttentionMethod):
                 raise ValueError("knn: eps/delta set the number of samples of estimator='gumbel' (median of means); "
                                  "use them with estimator='gumbel' and without num_samples")
         needs_lists = self.estimator == "gumbel" or self.gradient == "sampled" or self.estimator == "adaptive"
-        if needs_lists and index == "ivf_blas":
+        if needs_lists and index in CELL_INDEX_TYPES:
             raise ValueError(f"knn: estimator={estimator!r} / gradient={self.gradient!r} needs per-query top-k lists; "
-                             "index='ivf_blas' has none (use 'flat', 'torch', 'hnsw' or 'ivf')")
+                             f"index={index!r} has none (use 'flat', 'torch', 'hnsw' or 'ivf')")
         if tail_slack is None:
             tail_slack = 0.0 if index in EXACT_INDEX_TYPES else "cauchy_schwarz"
         if tail_slack != "cauchy_schwarz" and not (isinstance(tail_slack, (int, float)) and tail_slack >= 0):
@@ -188,10 +205,21 @@ class KNNAttention(AttentionMethod):
             return top_k, groups * per_group
         return top_k, default_budget(nk) if self.num_samples is None else self.num_samples
 
+    def _attend_ivf_blocks(self, q, k, v, causal, scale):
+        nk = k.shape[2]
+        num = (0 if self.estimator == "topk" else
+               self.num_samples if self.num_samples is not None else default_budget(nk))
+        opts = block_options(nk, self.index_options.nlist, self.index_options.nprobe, self.index_options.cell_size,
+                             num)
+        return ivf_blocks_attention(q, k, v, causal, scale, opts, self.generator(q.device))
+
     def attend(self, q, k, v, causal, scale):
         """float16 / bfloat16 inputs are attended in float32 (scores, exponentials, normalisers and the
         max-subtracted sums of ``common.partial_sums`` all in float32; the index is float32 anyway) and the output
-        is cast back to the input's dtype, as SDPA returns it."""
+        is cast back to the input's dtype, as SDPA returns it. ``ivf_blocks`` keeps the input's dtype: its fused
+        attention kernel accumulates in float32 itself (``block_routing.py``)."""
+        if self.index == "ivf_blocks":
+            return self._attend_ivf_blocks(q, k, v, causal, scale)
         if q.dtype in (torch.float16, torch.bfloat16):
             return self._attend(q.float(), k.float(), v.float(), causal, scale).to(q.dtype)
         return self._attend(q, k, v, causal, scale)
@@ -244,6 +272,10 @@ class KNNAttention(AttentionMethod):
 
     @classmethod
     def budgets(cls, n_keys):
+        """k = l = sqrt(n)/2, sqrt(n), 4 sqrt(n) with the default index; from ``LONG_N`` keys on,
+        :func:`ivf_blocks_budgets` (on any device; a long-n GPU run is what they are for)."""
+        if n_keys >= LONG_N:
+            return ivf_blocks_budgets(n_keys)
         root = default_budget(n_keys)
         return [{"k": min(n_keys, max(1, root // 2)), "num_samples": max(1, root // 2)},
                 {"k": root, "num_samples": root},

@@ -14,7 +14,11 @@ For each (batch, head) an inner-product index is built over that head's keys and
   and the exact path on a GPU, where faiss-cpu is not;
 - ``ivf_torch``: an inverted file built and searched in torch on the tensors' own device
   (``device_index.ivf_top_k``: k-means with ``nlist`` cells cut into chunks of ``cell_size`` keys, ``nprobe``
-  chunks scored per query): sub-quadratic, approximate, the approximate path on a GPU. Non-causal only (as ``ivf``).
+  chunks scored per query): sub-quadratic, approximate. Non-causal only (as ``ivf``).
+- ``ivf_blocks``: the fast approximate path on a GPU, causal or not (``block_routing.py``): queries and keys sorted
+  by k-means cell and cut into blocks, each query block attends the keys of its ``nprobe`` best key blocks plus a
+  shared uniform tail in one fused attention call; like ``ivf_blas`` it has no per-query lists, so it does not go
+  here either.
 
 Only ``flat`` and ``torch`` return the true top-k; the lazy Gumbel sampler relies on that (its tail bound).
 
@@ -45,7 +49,7 @@ from common.validation import check_choice, check_int
 
 from .device_index import blocked_top_k, ivf_top_k
 
-INDEX_TYPES = ("flat", "ivf", "ivf_blas", "hnsw", "torch", "ivf_torch")
+INDEX_TYPES = ("flat", "ivf", "ivf_blas", "hnsw", "torch", "ivf_torch", "ivf_blocks")
 DEFAULT_NPROBE = {"ivf": 8, "ivf_blas": 8, "ivf_torch": 8}
 EXACT_INDEX_TYPES = ("flat", "torch")
 # index kinds that copy the tensors to the host (faiss-cpu)
@@ -72,10 +76,11 @@ class IndexOptions:
             check_int(self.nlist, "nlist", "knn", minimum=1)
         if self.cell_size is not None:
             check_int(self.cell_size, "cell_size", "knn", minimum=1)
-        if self.nprobe is None:
+        if self.nprobe is None and self.kind != "ivf_blocks":  # ivf_blocks: a default that depends on Nk
             self.nprobe = DEFAULT_NPROBE.get(self.kind, 8)
         for name in ("nprobe", "hnsw_m", "ef_search"):
-            check_int(getattr(self, name), name, "knn", minimum=1)
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, "knn", minimum=1)
 
 
 @dataclass

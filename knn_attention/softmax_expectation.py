@@ -90,14 +90,17 @@ def retrieved_set(q, k, indices: torch.Tensor, counts: torch.Tensor, scale: floa
                         counts=counts.expand_as(top_size), top_size=top_size)
 
 
+_NO_KEY = 2 ** 62  # larger than any key id plus the width of any retrieved set
+
+
 def tail_rank_to_index(top: RetrievedSet, ranks: torch.Tensor) -> torch.Tensor:
     """Map ranks r in [0, |T_i|) (..., num) to the r-th key of the tail T_i = P_i \\ S_i.
 
     With the allowed retrieved ids sorted as s_0 < s_1 < ..., the r-th key not in S_i is
-    r + #{t : s_t - t <= r}, found by one ``searchsorted``.
+    r + #{t : s_t - t <= r}, found by one ``searchsorted``. Slots not allowed sort last as a constant sentinel far
+    above any key id (no value is read back from the device).
     """
-    sentinel = top.counts.max().item() + top.indices.shape[-1] + 1
-    s_sorted = torch.where(top.allowed, top.indices, torch.full_like(top.indices, sentinel)).sort(-1).values
+    s_sorted = torch.where(top.allowed, top.indices, torch.full_like(top.indices, _NO_KEY)).sort(-1).values
     shifted = s_sorted - torch.arange(s_sorted.shape[-1], device=s_sorted.device)
     index = ranks + torch.searchsorted(shifted.contiguous(), ranks.contiguous(), right=True)
     return torch.minimum(index, top.counts.unsqueeze(-1) - 1)  # only rows with an empty tail are clamped

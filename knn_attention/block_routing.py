@@ -1,0 +1,212 @@
+"""kNN attention by query blocks routed to key blocks: the on-device inverted file (``index='ivf_blocks'``;
+Haris 2024, Sec. 4, estimators (a) and (b) of ``forward_pass``).
+
+``ivf_blocked.py`` (``ivf_blas``) evaluates kNN attention cell by cell on a CPU: one BLAS call per k-means cell.
+On a GPU thousands of small calls of data-dependent size are slow and read sizes back to the host, so this module
+keeps every shape static and spends the work in one fused attention kernel
+(``torch.nn.functional.scaled_dot_product_attention``, flash-style, accumulating in float32) over gathered blocks:
+
+1. cells (``device_index.kmeans``): ``iterations`` Lloyd steps of k-means with ``nlist`` centroids on a subsample
+   of ``points_per_centroid`` keys per centroid; every key joins its nearest centroid (L2), every query the
+   centroid of largest cosine (the probe rule of ``ivf_blas``);
+2. blocks: keys are sorted by (cell, position) and cut into key blocks of ``block`` consecutive keys (a block may
+   straddle two cells; the last is padded); queries are sorted the same way by their cell and cut into query
+   blocks of ``block`` queries, so a query block holds queries that want the same keys;
+3. routing: query block b takes the ``nprobe`` key blocks with the largest (sum of its queries) . (unit mean of
+   the block's keys); its exact set S_b is their keys (``nprobe * block`` keys). Under ``causal`` a key block
+   whose every key lies after every query of b is never chosen, and each query block also holds the keys at its
+   own queries' positions (so every query reads at least its own key, and an early query is never left with
+   nothing);
+4. tail (estimator (b), ``num_samples`` = l > 0): l key ids drawn uniformly from all Nk keys per query block
+   (with replacement), each with weight Nk / l; a draw inside S_b drops out (weight 0):
+
+       E[ (Nk / l) sum_s [j_s not in S_b, j_s allowed for i] e^{s_i j_s} v_{j_s} ] = sum_{j in T_i} e^{s_ij} v_j,
+
+   T_i = P_i \\ S_b, the same unbiased tail sum as estimator (b) of ``forward_pass`` (the draws are shared by the
+   block's queries, as ``ivf_blas`` shares them by ``tail_block``). The fraction of wasted draws is |S_b| / Nk.
+5. attention: every query block attends its width W = |S_b| (+ own keys) (+ l) gathered keys in one batched
+   ``scaled_dot_product_attention`` call, the weights entering as an additive mask: 0 for S_b, log(Nk / l) for a
+   draw, -inf for a dropped draw or padding, and under ``causal`` -inf for every key after the query's position.
+   The softmax over that row is exactly N_i / D_i of estimator (b) (or (a) without draws); outputs are put back in
+   query order.
+
+With ``nprobe`` >= the number of key blocks every key is in S_b, every draw drops out, and the result is exact
+attention (tested). Cost per head: k-means O(iterations points_per_centroid nlist^2 D), assignment O((Nq + Nk)
+nlist D), routing O(Nq Nk D / block^2), attention O(Nq W D) with W = nprobe block + l (+ block), all dense and
+batched over B H and the query blocks; memory is bounded by attending the query blocks in chunks. No value is read
+back to the host: every shape follows from the input shapes and the options.
+
+Precision: scores, exponentials and sums are float32 inside the attention kernel for every input dtype; the mask is
+in the input dtype, so in bfloat16 the tail's log weight log(Nk / l) is rounded to 8 significant bits (a relative
+weight error below 2^-8 log(Nk / l), about 2.4% at Nk / l = 512, the size of bfloat16 rounding of the scores). The
+index is built in float32 (float64 for float64 inputs) from detached inputs; autograd differentiates the
+attention with the cells, routes and draws held fixed.
+
+Causal: no future key or value is ever read (masked to -inf), but the cells and blocks are built from all keys, so
+which past keys a query reads depends on future keys (as with Reformer's buckets; ``ivf`` / ``ivf_torch`` refuse
+causal for that reason, this index accepts it and says so).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.attention import causal_query_positions
+from common.validation import check_int
+
+from .device_index import _group_into_chunks, _nearest_centroid, _rows, _score_dtype, kmeans, unit
+
+# Query blocks are attended in chunks whose mask holds about this many numbers.
+_CHUNK_ELEMENTS = 2 ** 28
+# The width of every query block's key list is padded to a multiple of this (the alignment the fused kernels want).
+_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """The options of ``ivf_blocks`` for Nk keys (see :func:`block_options`)."""
+    nlist: int
+    nprobe: int
+    block: int
+    num_samples: int
+    iterations: int = 8
+    points_per_centroid: int = 32
+
+
+def block_options(n_keys: int, nlist: int | None = None, nprobe: int | None = None, block: int | None = None,
+                  num_samples: int | None = None) -> BlockOptions:
+    """Defaults for Nk keys, r = ceil(sqrt(Nk)): block = the power of two >= r / 2, clamped to [8, 128];
+    nlist = ceil(r / 2) cells (about 2 r keys each); nprobe = ceil(4 r / block) key blocks (|S_b| about 4 r keys,
+    the largest of ``knn``'s declared k); num_samples = r (0: no tail, estimator (a))."""
+    root = math.ceil(math.sqrt(n_keys))
+    block = (min(128, max(8, 1 << max(0, math.ceil(root / 2) - 1).bit_length())) if block is None
+             else check_int(block, "cell_size", "knn", minimum=1))
+    nlist = max(1, math.ceil(root / 2)) if nlist is None else check_int(nlist, "nlist", "knn", minimum=1)
+    nprobe = math.ceil(4 * root / block) if nprobe is None else check_int(nprobe, "nprobe", "knn", minimum=1)
+    num_samples = root if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=0)
+    return BlockOptions(nlist=nlist, nprobe=nprobe, block=block, num_samples=num_samples)
+
+
+@dataclass
+class Routing:
+    """What each query block reads, for G = B H heads and Q query blocks of ``block`` queries:
+
+    ``query_ids`` (G, Q, block) the block's query ids (-1 pads); ``query_slot`` (G, Nq) where each query sits in
+    ``query_ids`` viewed as (G, Q block); ``query_pos`` (G, Q, block) their causal
+    positions p_i (Nk for pads, which may read everything; their rows are discarded); ``key_ids`` (G, Q, W) the
+    key ids the block attends (-1 pads); ``bias`` (G, Q, W) float32 log weight of each: 0 (exact), log(Nk / l)
+    (a tail draw), -inf (a dropped draw, a duplicate own key, a pad)."""
+    query_ids: torch.Tensor
+    query_slot: torch.Tensor
+    query_pos: torch.Tensor
+    key_ids: torch.Tensor
+    bias: torch.Tensor
+
+
+@torch.no_grad()
+def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: BlockOptions,
+          generator: torch.Generator | None) -> Routing:
+    """Steps 1-4 of the module docstring for q (B, H, Nq, D), k (B, H, Nk, D); ``generator`` (on q's device)
+    draws the k-means subsample and the tail."""
+    b, h, nq, d = q.shape
+    nk, g, dev = k.shape[2], b * h, q.device
+    dtype = _score_dtype(q.dtype)
+    keys = k.detach().reshape(g, nk, d).to(dtype)
+    queries = q.detach().reshape(g, nq, d).to(dtype)
+    centroids = kmeans(keys, opts.nlist, opts.iterations, opts.points_per_centroid, generator)
+    nlist = centroids.shape[1]
+    # keys and queries sorted by (cell, position), each cell padded to whole blocks: a block never mixes cells
+    key_slots, _, key_slot_of = _group_into_chunks(_nearest_centroid(keys, centroids), nlist, opts.block)
+    query_slots, _, query_slot = _group_into_chunks(_nearest_centroid(queries, unit(centroids)), nlist, opts.block)
+    key_blocks, query_ids = key_slots.view(g, -1, opts.block), query_slots.view(g, -1, opts.block)
+    n_key_blocks = key_blocks.shape[1]
+    score = _rows(queries, query_ids).sum(2) @ unit(_rows(keys, key_blocks).sum(2)).transpose(1, 2)  # (G, Q, K)
+    score = score.masked_fill((key_blocks < 0).all(-1).unsqueeze(1), float("-inf"))  # unused (all-pad) blocks
+    positions = causal_query_positions(nq, nk, dev)[query_ids.clamp_min(0)].masked_fill(query_ids < 0, nk)
+    if causal:  # a key block after every query of the query block is never chosen
+        first_key = torch.where(key_blocks >= 0, key_blocks, nk).amin(-1)
+        last_query = torch.where(query_ids >= 0, positions, -1).amax(-1)
+        score = score.masked_fill(first_key.unsqueeze(1) > last_query.unsqueeze(2), float("-inf"))
+    chosen = score.topk(min(opts.nprobe, n_key_blocks), dim=-1).indices  # (G, Q, nprobe)
+    n_query_blocks, width = chosen.shape[1], chosen.shape[2] * opts.block
+    selected = torch.zeros(g, n_query_blocks, n_key_blocks, dtype=torch.bool, device=dev).scatter_(2, chosen, True)
+    block_of_key = key_slot_of // opts.block
+    def in_selected(ids):  # (G, Q, m) key ids >= 0 -> is the key in S_b
+        blocks = block_of_key.gather(1, ids.reshape(g, -1)).view_as(ids)
+        return selected.gather(2, blocks)
+
+    exact = key_blocks.gather(1, chosen.reshape(g, -1, 1).expand(-1, -1, opts.block)).view(g, n_query_blocks, width)
+    ids, bias = [exact], [torch.zeros(exact.shape, device=dev).masked_fill(exact < 0, float("-inf"))]
+    if causal:  # the keys at the block's own positions join S_b exactly (unless already in it)
+        own = torch.where(query_ids >= 0, positions, -1)
+        own_dropped = (own < 0) | in_selected(own.clamp_min(0))
+        own = own.masked_fill(own_dropped, -1)
+        ids.append(own)
+        bias.append(torch.zeros(own.shape, device=dev).masked_fill(own_dropped, float("-inf")))
+    if opts.num_samples:
+        draws = torch.randint(nk, (g, n_query_blocks, opts.num_samples), generator=generator, device=dev)
+        drop = in_selected(draws)
+        if causal:  # a draw of an own key is in S_b too
+            own_sorted = own.sort(-1).values
+            at = torch.searchsorted(own_sorted, draws).clamp_max(own_sorted.shape[-1] - 1)
+            drop |= own_sorted.gather(-1, at) == draws
+        ids.append(draws)
+        bias.append(torch.full(draws.shape, math.log(nk / opts.num_samples), device=dev).masked_fill(
+            drop, float("-inf")))
+    ids, bias = torch.cat(ids, -1), torch.cat(bias, -1)
+    pad = -ids.shape[-1] % _ALIGN
+    return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions, key_ids=F.pad(ids, (0, pad), value=-1),
+                   bias=F.pad(bias, (0, pad), value=float("-inf")))
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, C) -> (B H N + 1, C): the rows laid end to end plus a zero row (the pad target)."""
+    return torch.cat([x.reshape(-1, x.shape[-1]), x.new_zeros(1, x.shape[-1])])
+
+
+def _flat_index(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Ids (G, ...) in [0, n) or -1 -> rows of :func:`_flat_rows` (G n for -1)."""
+    g = ids.shape[0]
+    base = (torch.arange(g, device=ids.device) * n).view(g, *([1] * (ids.dim() - 1)))
+    return torch.where(ids >= 0, ids + base, g * n)
+
+
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                     routing: Routing) -> torch.Tensor:
+    """Step 5: each query block attends its routed keys; (B, H, Nq, Dv) in q's dtype, differentiable in q, k, v."""
+    b, h, nq, d = q.shape
+    nk, dv, g = k.shape[2], v.shape[-1], b * h
+    n_query_blocks, block = routing.query_ids.shape[1:]
+    width = routing.key_ids.shape[-1]
+    qf, kf, vf = _flat_rows(q), _flat_rows(k), _flat_rows(v)
+    query_rows = _flat_index(routing.query_ids, nq).reshape(g * n_query_blocks, block)
+    key_rows = _flat_index(routing.key_ids, nk).reshape(g * n_query_blocks, width)
+    key_pos = routing.key_ids.reshape(g * n_query_blocks, 1, width)
+    query_pos = routing.query_pos.reshape(g * n_query_blocks, block, 1)
+    bias = routing.bias.reshape(g * n_query_blocks, 1, width)
+    chunk = max(1, _CHUNK_ELEMENTS // (width * max(block, d, dv)))
+    outs = []
+    for s in range(0, g * n_query_blocks, chunk):
+        c = slice(s, s + chunk)
+        m = query_rows[c].shape[0]
+        row_bias = bias[c].to(q.dtype)
+        if causal:  # -inf after the query's position (pads have id -1 and bias -inf already)
+            mask = torch.where(key_pos[c] <= query_pos[c], row_bias, float("-inf"))
+        else:  # one bias row per query block, broadcast over its queries
+            mask = row_bias.expand(m, block, width)
+        outs.append(F.scaled_dot_product_attention(
+            qf.index_select(0, query_rows[c].reshape(-1)).view(m, 1, block, d),
+            kf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, d),
+            vf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, dv),
+            attn_mask=mask.unsqueeze(1), scale=scale))
+    out = torch.cat(outs).view(g, n_query_blocks * block, dv)
+    return out.gather(1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)  # query order
+
+
+def ivf_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                         opts: BlockOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """kNN attention through routed blocks (module docstring): estimator (b), or (a) with ``num_samples=0``."""
+    return routed_attention(q, k, v, causal, scale, route(q, k, causal, scale, opts, generator))

@@ -1,0 +1,148 @@
+"""knn's device paths never read a value back to the host nor copy a tensor off its device (issue 13).
+
+On any device, :class:`HostReads` watches every aten op of a forward: an op that must read device memory on the
+host (``.item()``, ``int(t)``, ``bool(t)``: ``_local_scalar_dense``; ``nonzero``, ``unique``, ``masked_select``,
+``bincount``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``: data-dependent shapes), a copy
+to another device, or a result of one or more dimensions on another device is recorded, and ``.tolist()`` /
+``.numpy()`` (which read memory without an op) raise. The control test shows it catches each of them. With CUDA
+the same paths also run under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronisation.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+from common.data import synthetic_qkv
+
+aten = torch.ops.aten
+HOST_READ_OPS = {aten._local_scalar_dense, aten.nonzero, aten.unique_dim, aten._unique, aten._unique2,
+                 aten.unique_consecutive, aten.masked_select, aten.bincount}
+
+
+class HostReads(TorchDispatchMode):
+    """Records every host read / device change of the ops run under it (module docstring) in ``self.found``."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.found = torch.device(device), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        flat = [a for a in args if isinstance(a, torch.Tensor)] + [
+            t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        if func in HOST_READ_OPS or packet in HOST_READ_OPS:
+            self.found.append(str(func))
+        if packet in (aten.index, aten.index_put, aten.index_put_) and any(
+                t.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for t in a
+                if isinstance(t, torch.Tensor)):
+            self.found.append(f"{func} with a boolean mask")
+        if packet == aten.repeat_interleave and "output_size" not in kwargs and func != aten.repeat_interleave.self_int:
+            self.found.append(f"{func} without output_size")
+        if packet in (aten._to_copy, aten.copy_) and any(t.device != self.device for t in flat):
+            self.found.append(f"{func} from another device")
+        out = func(*args, **kwargs)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.device != self.device:
+                self.found.append(f"{func} returned a tensor on {t.device}")
+        return out
+
+
+def _no_memory_reads(monkeypatch):
+    for name in ("tolist", "numpy", "__array__"):
+        def refuse(self, *a, name=name, **k):
+            raise AssertionError(f"Tensor.{name} read device memory on the host")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def run_watched(fn, device, monkeypatch):
+    """fn() under :class:`HostReads` with ``.tolist()`` / ``.numpy()`` refused; returns (result, what it found)."""
+    with monkeypatch.context() as m:
+        _no_memory_reads(m)
+        with HostReads(device) as watch:
+            result = fn()
+    return result, watch.found
+
+
+def test_the_watch_catches_host_reads(monkeypatch):
+    x = torch.arange(6.0)
+    for fn, expected in ((lambda: x.sum().item(), "_local_scalar_dense"), (lambda: int(x[2]), "_local_scalar_dense"),
+                         (lambda: bool(x.any()), "_local_scalar_dense"), (lambda: (x > 2).nonzero(), "nonzero"),
+                         (lambda: x.unique(), "unique"), (lambda: x[x > 2], "boolean mask"),
+                         (lambda: x.repeat_interleave(x.long()), "output_size")):
+        assert any(expected in f for f in run_watched(fn, "cpu", monkeypatch)[1]), expected
+    meta = torch.zeros(3, device="meta")  # expecting 'meta': a CPU result, a copy from the CPU
+    found = run_watched(lambda: meta + x[:3].to("meta"), "meta", monkeypatch)[1]
+    assert any("another device" in f for f in found) and any("on cpu" in f for f in found)
+    with pytest.raises(AssertionError, match="tolist"):
+        run_watched(lambda: x.tolist(), "cpu", monkeypatch)
+    assert run_watched(lambda: (x * 2).topk(3).indices.sort().values, "cpu", monkeypatch)[1] == []
+
+
+# (options, causal) of every knn path that must stay on the device
+DEVICE_PATHS = [({"index": "ivf_blocks", "estimator": e}, c) for e in ("topk", "topk_uniform_tail") for c in (False, True)] \
+    + [({"index": "torch", "estimator": e, "k": 6}, c) for e in ("topk", "topk_uniform_tail", "adaptive")
+       for c in (False, True)] \
+    + [({"index": "ivf_torch", "estimator": e, "k": 6, "nlist": 6}, False) for e in ("topk", "topk_uniform_tail",
+                                                                                       "adaptive")]
+
+
+def _qkv(device, dtype=torch.float32):
+    x = synthetic_qkv("clustered", 1, 2, 96, head_dim=16, seed=0)
+    return tuple(t.to(device, dtype) for t in (x.q, x.k, x.v))
+
+
+def _path_id(case):
+    options, causal = case
+    return f"{options['index']}-{options['estimator']}-{'causal' if causal else 'full'}"
+
+
+@pytest.mark.parametrize("case", DEVICE_PATHS, ids=_path_id)
+def test_device_paths_read_nothing_back_on_cpu(case, monkeypatch):
+    options, causal = case
+    q, k, v = _qkv("cpu")
+    attn = common.get_attention("knn", seed=0, check_finite=False, num_samples=8, **options)
+    out, found = run_watched(lambda: attn(q, k, v, causal=causal), "cpu", monkeypatch)
+    assert found == [] and out.shape == q.shape and torch.isfinite(out).all()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", DEVICE_PATHS, ids=_path_id)
+def test_cuda_device_paths_never_synchronise_nor_leave_the_device(case, dtype, monkeypatch):
+    options, causal = case
+    q, k, v = _qkv("cuda", dtype)
+    attn = common.get_attention("knn", seed=0, check_finite=False, num_samples=8, **options)
+    attn(q, k, v, causal=causal)  # warm-up: lazy CUDA initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, found = run_watched(lambda: attn(q, k, v, causal=causal), q.device, monkeypatch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert found == [] and out.device == q.device and out.dtype == dtype and torch.isfinite(out).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ivf_blocks_reading_every_block_equals_exact_with_gradients(causal, dtype):
+    """With every key block read, ivf_blocks on the GPU is exact attention: output and gradients equal the CPU
+    float64 reference (to the dtype's rounding)."""
+    x = synthetic_qkv("clustered", 2, 2, 300, head_dim=32, seed=1, dtype=torch.float64)
+    ref_in = tuple(t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    ref = common.softmax_attention(*ref_in, causal=causal)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref.backward(g)
+    gpu_in = tuple(t.detach().to("cuda", dtype).requires_grad_() for t in (x.q, x.k, x.v))
+    out = common.get_attention("knn", index="ivf_blocks", nprobe=10 ** 6, seed=0)(*gpu_in, causal=causal)
+    out.backward(g.to("cuda", dtype))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), **tol)
+    for got, want in zip(gpu_in, ref_in):
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, **tol)
