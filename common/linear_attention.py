@@ -197,14 +197,26 @@ BACKENDS = ("auto", "torch", "fla")
 
 
 def fla_available() -> bool:
-    """Whether flash-linear-attention (``pip install fla-core``) and Triton can be imported."""
-    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fla") is not None
+    """Whether flash-linear-attention (``pip install fla-core``) and Triton are installed and fla's kernels import."""
+    return _fla_import_error() is None
+
+
+@functools.cache
+def _fla_import_error() -> str | None:
+    """None when fla's linear-attention kernels import (their autotuning then limited), else why not; tried once."""
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("fla") is None:
+        return "not installed"
+    try:
+        _fla_kernel()
+    except Exception as error:  # noqa: BLE001  (an optional package that fails to import is not available)
+        return f"installed, but importing it failed ({type(error).__name__}: {error})"
+    return None
 
 
 def _check_fla(name: str, q: torch.Tensor, argument: str = "backend") -> None:
     if not fla_available():
-        raise RuntimeError(f"{name}: {argument}='fla' needs flash-linear-attention and Triton (pip install fla-core), "
-                           f"which are not installed; use {argument}='torch'")
+        raise RuntimeError(f"{name}: {argument}='fla' needs flash-linear-attention and Triton (pip install fla-core): "
+                           f"{_fla_import_error() or 'not installed'}; use {argument}='torch'")
     if q.device.type != "cuda":
         raise RuntimeError(f"{name}: {argument}='fla' runs Triton kernels on CUDA devices, got tensors on {q.device}; "
                            f"use {argument}='torch'")

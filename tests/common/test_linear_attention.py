@@ -135,8 +135,8 @@ def test_backend_choice_on_the_cpu_never_needs_fla(monkeypatch):
     with pytest.raises(ValueError, match=r"attend: attn_fn must be one of \('auto', 'torch', 'fla'\), got 'cuda'"):
         resolve_backend("cuda", q, True, "attend", "attn_fn")
     monkeypatch.setattr(la, "fla_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"backend='fla' needs flash-linear-attention.*pip install fla-core.*"
-                                           r"use backend='torch'"):
+    with pytest.raises(RuntimeError, match=r"backend='fla' needs flash-linear-attention and Triton \(pip install "
+                                           r"fla-core\): (not installed|installed, but).*; use backend='torch'"):
         resolve_backend("fla", q, True)
     with pytest.raises(RuntimeError, match="fla_chunk_linear_attention: backend='fla' needs"):
         fla_chunk_linear_attention(q, q, q, True)
