@@ -93,33 +93,47 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False,
-                       mask: torch.Tensor | None = None, chunk_elements: int = 1 << 24):
+                       mask: torch.Tensor | None = None, chunk_elements: int = 1 << 24, min_chunk_keys: int = 256):
     """Exact (out, lse): softmax attention and its log-normaliser lse_i = log sum_j exp(S q_i.k_j + M_ij).
 
-    The keys are taken in chunks of at most ``chunk_elements`` scores at a time, each chunk's sums kept as
-    :class:`~common.partial_sums.PartialSums` and merged (the online softmax of FlashAttention, Dao et al. 2022,
-    Alg. 1), so no (Nq, Nk) float matrix is held at once. ``mask``: bool (True = may attend) or additive float,
-    broadcastable to (B, H, Nq, Nk); ``causal`` adds the bottom-right causal mask. A row that reads no key gives
-    out = 0 and lse = -inf (never nan). Sums are accumulated in :func:`accumulation_dtype`; out has q's dtype,
-    lse the accumulation dtype (float32, or float64 for float64 inputs).
+    Tiles of queries x keys of about ``chunk_elements`` scores (B H x query rows x keys; at least ``min_chunk_keys``
+    keys a tile, fewer query rows when the batch is large) are formed one at a time, each tile's sums kept as
+    :class:`~common.partial_sums.PartialSums` and merged along the keys (the online softmax of FlashAttention, Dao
+    et al. 2022, Alg. 1), so no (Nq, Nk) float matrix is held at once; under ``causal`` the tiles wholly after a
+    block's last query position are skipped. ``mask``: bool (True = may attend) or additive float, broadcastable to
+    (B, H, Nq, Nk); ``causal`` adds the bottom-right causal mask. A row that reads no key gives out = 0 and
+    lse = -inf (never nan). Sums are accumulated in :func:`accumulation_dtype`; out has q's dtype, lse the
+    accumulation dtype (float32, or float64 for float64 inputs).
     """
     acc = accumulation_dtype(q.dtype)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
-    step = max(1, chunk_elements // max(1, b * h * nq))
-    qa = q.to(acc)
-    positions = causal_query_positions(nq, nk, q.device).unsqueeze(1)
-    sums = PartialSums.empty((b, h, nq), v.shape[-1], qa)
-    for j0 in range(0, nk, step):
-        j1 = min(nk, j0 + step)
-        logits = torch.matmul(qa, k[:, :, j0:j1].to(acc).transpose(-2, -1)) * scale
-        if mask is not None:
-            part = mask if mask.shape[-1] == 1 else mask[..., j0:j1]
-            logits = logits.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else logits + part.to(acc)
-        if causal:
-            logits = logits.masked_fill(torch.arange(j0, j1, device=q.device) > positions, float("-inf"))
-        sums = sums.merge(from_logits(logits, v[:, :, j0:j1].to(acc)))
-    return output_and_lse(sums, q.dtype)
+    key_step = min(nk, max(min_chunk_keys, chunk_elements // max(1, b * h * nq)))
+    query_step = max(1, chunk_elements // max(1, b * h * key_step))
+    positions = causal_query_positions(nq, nk, q.device)
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    outs, lses = [], []
+    for i0 in range(0, nq, query_step):
+        i1 = min(nq, i0 + query_step)
+        qa = q[:, :, i0:i1].to(acc)
+        rows = positions[i0:i1].unsqueeze(1)
+        sums = PartialSums.empty((b, h, i1 - i0), v.shape[-1], qa)
+        for j0 in range(0, (i1 + nk - nq) if causal else nk, key_step):  # causal: keys up to the last position
+            j1 = min(nk, j0 + key_step)
+            logits = torch.matmul(qa, k[:, :, j0:j1].to(acc).transpose(-2, -1)) * scale
+            if mask is not None:
+                part = mask if mask.shape[-2] == 1 else mask[..., i0:i1, :]
+                part = part if part.shape[-1] == 1 else part[..., j0:j1]
+                logits = logits.masked_fill(~part, float("-inf")) if part.dtype == torch.bool \
+                    else logits + part.to(acc)
+            if causal:
+                logits = logits.masked_fill(torch.arange(j0, j1, device=q.device) > rows, float("-inf"))
+            sums = sums.merge(from_logits(logits, v[:, :, j0:j1].to(acc)))
+        out, lse = output_and_lse(sums, q.dtype)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def output_and_lse(sums: PartialSums, dtype: torch.dtype):
@@ -410,6 +424,9 @@ class ExactAttention(AttentionMethod):
     name = "exact"
     supports_lse = True
     supports_attn_mask = True
+    # A key padding alone (no attn_mask) takes the base class's per-element path when the batched (B, Nq, Nk)
+    # bool mask would exceed this many entries (64 MiB): SDPA then runs on the real keys with its fused kernels.
+    native_mask_elements = 1 << 26
 
     @classmethod
     def exact_options(cls, n_keys):
@@ -426,8 +443,11 @@ class ExactAttention(AttentionMethod):
 
     def attend_masked(self, q, k, v, causal, scale, attn_mask, key_padding_mask, return_lse):
         """One SDPA call with causal, the key padding (same rule as the generic path: under causal a padded
-        query's row is empty) and ``attn_mask`` folded into one mask; rows with no allowed key give 0."""
+        query's row is empty) and ``attn_mask`` folded into one mask; rows with no allowed key give 0. A key padding
+        alone on a long batch (more than ``native_mask_elements`` mask entries) takes the generic path instead."""
         nq, nk = q.shape[2], k.shape[2]
+        if attn_mask is None and q.shape[0] * nq * nk > self.native_mask_elements:
+            return super().attend_masked(q, k, v, causal, scale, attn_mask, key_padding_mask, return_lse)
         allowed = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
         if causal:
             allowed = allowed & causal_mask(nq, nk, q.device)

@@ -135,11 +135,13 @@ def test_attention_with_lse_in_key_chunks_equals_one_chunk_and_the_reference():
     x = synthetic_qkv("gaussian", 2, 3, 7, 11, 4, value_dim=5, dtype=torch.float64, seed=2)
     allowed = torch.rand(2, 1, 7, 11, generator=torch.Generator().manual_seed(0)) < 0.7
     allowed[..., 0] = True
-    for causal, mask in ((False, None), (True, None), (False, allowed), (True, allowed)):
+    for causal, mask in ((False, None), (True, None), (False, allowed), (True, allowed), (True, allowed[0, 0]),
+                         (False, allowed[0, 0, 0])):  # masks of rank 4, 2 (Nq, Nk) and 1 (Nk)
         scores = common.attention_scores(x.q, x.k, causal, 0.4, mask)
         reference = (torch.softmax(scores, -1) @ x.v, torch.logsumexp(scores, -1))
-        for chunk_elements in (1, 2 * 3 * 7 * 4, 1 << 24):  # one key per chunk, four keys, all keys
-            out, lse = attention_with_lse(x.q, x.k, x.v, 0.4, causal, mask, chunk_elements=chunk_elements)
+        # tiles of one query x one key, 7 queries x 4 keys, 2 queries x 4 keys, everything at once
+        for chunk_elements, min_keys in ((1, 1), (2 * 3 * 7 * 4, 1), (2 * 3 * 2 * 4, 4), (1 << 24, 256)):
+            out, lse = attention_with_lse(x.q, x.k, x.v, 0.4, causal, mask, chunk_elements, min_keys)
             torch.testing.assert_close(out, reference[0])
             torch.testing.assert_close(lse, reference[1])
 
@@ -148,8 +150,7 @@ def test_attention_with_lse_gradients_match_autograd_of_the_formula():
     from common.attention import attention_with_lse
     x = synthetic_qkv("gaussian", 1, 2, 5, 6, 3, dtype=torch.float64, seed=3)
     q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
-    assert torch.autograd.gradcheck(lambda a, b, c: attention_with_lse(a, b, c, 0.5, True, chunk_elements=20),
-                                    (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_with_lse(a, b, c, 0.5, True, None, 20, 2), (q, k, v))
 
 
 def test_exact_lse_in_half_precision_is_float32_and_finite_at_large_scores():

@@ -163,6 +163,19 @@ def test_key_padding_attn_mask_equals_key_padding_mask(name):
                 torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_native_and_generic_key_padding_paths_agree(causal):
+    q, k, v, mask = _padded_batch(_sequences(seed=18), "right")
+    mask[2] = True  # and an element with no real key
+    native = common.get_attention("exact")
+    generic = common.get_attention("exact")
+    generic.native_mask_elements = 0  # as for a batch too long for one (B, Nq, Nk) mask
+    for return_lse in (False, True):
+        expected = native(q, k, v, causal=causal, key_padding_mask=mask, return_lse=return_lse)
+        got = generic(q, k, v, causal=causal, key_padding_mask=mask, return_lse=return_lse)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", [n for n in common.methods() if n != "exact"])
 def test_general_attn_mask_is_refused_naming_the_method(name):
     q, k, v, _ = _padded_batch(_sequences(seed=4), "right")
