@@ -158,8 +158,8 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
             drop, float("-inf")))
     ids, bias = torch.cat(ids, -1), torch.cat(bias, -1)
     pad = -ids.shape[-1] % _ALIGN
-    return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions, key_ids=F.pad(ids, (0, pad), value=-1),
-                   bias=F.pad(bias, (0, pad), value=float("-inf")))
+    return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions,
+                   key_ids=F.pad(ids, (0, pad), value=-1), bias=F.pad(bias, (0, pad), value=float("-inf")))
 
 
 def _flat_rows(x: torch.Tensor) -> torch.Tensor:

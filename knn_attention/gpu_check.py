@@ -19,7 +19,7 @@ Then the error table (no timing) at moderate n (``--error-n``, default 4096) on 
 the routed budget.
 
 Writes ``knn_gpu.csv`` (every row), ``knn_gpu.md`` (the same as a table) and, with ``--pytest`` (default on a GPU),
-``knn_gpu_pytest.txt``: the output of ``pytest tests/knn_attention -k cuda``.
+``knn_gpu_pytest.txt``: the output of ``pytest tests/knn_attention -k "cuda or gpu"``.
 """
 from __future__ import annotations
 
@@ -167,10 +167,11 @@ def _fmt(value, spec: str) -> str:
 
 
 def _line(r: dict) -> str:
-    return (f"| {r['table']} | {r['n']} | {r['causal']} | {r['input']} | {r['config']} | {_fmt(r.get('fwd_ms'), '.2f')} "
-            f"| {_fmt(r.get('exact_ms'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('rel_fro'), '.3f')} "
-            f"| {_fmt(r.get('route_ms'), '.2f')} | {_fmt(r.get('attend_ms'), '.2f')} | {_fmt(r.get('peak_mib'), '.0f')} "
-            f"| {r['status']} {r.get('message') or ''} |")
+    cells = [r["table"], r["n"], r["causal"], r["input"], r["config"], _fmt(r.get("fwd_ms"), ".2f"),
+             _fmt(r.get("exact_ms"), ".2f"), _fmt(r.get("speedup"), ".2f"), _fmt(r.get("rel_fro"), ".3f"),
+             _fmt(r.get("route_ms"), ".2f"), _fmt(r.get("attend_ms"), ".2f"), _fmt(r.get("peak_mib"), ".0f"),
+             f"{r['status']} {r.get('message') or ''}".strip()]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -186,9 +187,10 @@ def write(rows: list[dict], out: Path) -> None:
 
 
 def run_cuda_tests(out: Path) -> int:
-    """``pytest tests/knn_attention -k cuda``; its output goes to ``knn_gpu_pytest.txt``; returns its exit code."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rxXs", "tests/knn_attention", "-k", "cuda"],
-                          capture_output=True, text=True)
+    """``pytest tests/knn_attention -k "cuda or gpu"``; its output goes to ``knn_gpu_pytest.txt``; returns its exit
+    code."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rxXs", "tests/knn_attention", "-k",
+                           "cuda or gpu"], capture_output=True, text=True)
     (out / "knn_gpu_pytest.txt").write_text(done.stdout + done.stderr)
     return done.returncode
 
@@ -202,9 +204,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per median (default 5, 2 --quick)")
     parser.add_argument("--error-rows", type=int, default=1024, help="sampled rows of the timed rows' error")
     parser.add_argument("--error-n", type=int, default=None, help="n of the error table (default 4096, 256 --quick)")
-    parser.add_argument("--time-budget", type=float, default=150.0, help="seconds for the timed rows")
+    parser.add_argument("--time-budget", type=float, default=100.0,
+                        help="seconds for the timed rows (the rows not started by then are skipped)")
     parser.add_argument("--pytest", action=argparse.BooleanOptionalAction, default=None,
-                        help="run pytest tests/knn_attention -k cuda (default: on with a CUDA device)")
+                        help="run pytest tests/knn_attention -k 'cuda or gpu' (default: on with a CUDA device)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick
@@ -219,8 +222,9 @@ def main(argv=None) -> list[dict]:
     write(rows, args.out)
     if args.pytest if args.pytest is not None else device.type == "cuda":
         code = run_cuda_tests(args.out)
-        print(f"pytest tests/knn_attention -k cuda: exit code {code} (output in {args.out / 'knn_gpu_pytest.txt'})")
-    print(f"wrote {args.out / 'knn_gpu.csv'} and {args.out / 'knn_gpu.md'}")
+        print(f"pytest tests/knn_attention -k 'cuda or gpu': exit code {code} "
+              f"(output in {args.out / 'knn_gpu_pytest.txt'})")
+    print(f"wrote {args.out / 'knn_gpu.csv'} and {args.out / 'knn_gpu.md'} (torch {torch.__version__})")
     return rows
 
 

@@ -81,11 +81,10 @@ def test_the_watch_catches_host_reads(monkeypatch):
 
 
 # (options, causal) of every knn path that must stay on the device
-DEVICE_PATHS = [({"index": "ivf_blocks", "estimator": e}, c) for e in ("topk", "topk_uniform_tail") for c in (False, True)] \
-    + [({"index": "torch", "estimator": e, "k": 6}, c) for e in ("topk", "topk_uniform_tail", "adaptive")
-       for c in (False, True)] \
-    + [({"index": "ivf_torch", "estimator": e, "k": 6, "nlist": 6}, False) for e in ("topk", "topk_uniform_tail",
-                                                                                       "adaptive")]
+ESTIMATORS = ("topk", "topk_uniform_tail", "adaptive")
+DEVICE_PATHS = ([({"index": "ivf_blocks", "estimator": e}, c) for e in ESTIMATORS[:2] for c in (False, True)]
+                + [({"index": "torch", "estimator": e, "k": 6}, c) for e in ESTIMATORS for c in (False, True)]
+                + [({"index": "ivf_torch", "estimator": e, "k": 6, "nlist": 6}, False) for e in ESTIMATORS])
 
 
 def _qkv(device, dtype=torch.float32):
