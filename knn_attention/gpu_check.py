@@ -86,8 +86,9 @@ def _peak_mib(device) -> float | None:
 
 
 def timing_rows(ns, *, heads: int, head_dim: int, dtype, device, repeats: int, error_rows: int, seed: int,
-                deadline: float) -> list[dict]:
-    """The timed rows (module docstring); a config that fails gets a row with its message."""
+                deadline: float, on_row=None) -> list[dict]:
+    """The timed rows (module docstring); a config that fails gets a row with its message; ``on_row(rows)`` after
+    each row (the CSV is rewritten, so a run stopped from outside keeps what it measured)."""
     rows = []
     base = {"table": "timing", "input": "clustered", "dtype": str(dtype).removeprefix("torch."),
             "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"}
@@ -126,6 +127,8 @@ def timing_rows(ns, *, heads: int, head_dim: int, dtype, device, repeats: int, e
                 except Exception as err:  # noqa: BLE001 - a failed config is a row, the run goes on
                     rows.append({**row, "status": "error", "message": f"{type(err).__name__}: {err}"[:300]})
                 print(_line(rows[-1]), flush=True)
+                if on_row is not None:
+                    on_row(rows)
         del x
     return rows
 
@@ -216,7 +219,8 @@ def main(argv=None) -> list[dict]:
     repeats = args.repeats or (2 if quick else 5)
     deadline = time.perf_counter() + args.time_budget
     rows = timing_rows(ns, heads=heads, head_dim=head_dim, dtype=DTYPES[args.dtype], device=device,
-                       repeats=repeats, error_rows=args.error_rows, seed=args.seed, deadline=deadline)
+                       repeats=repeats, error_rows=args.error_rows, seed=args.seed, deadline=deadline,
+                       on_row=lambda rows: write(rows, args.out))
     write(rows, args.out)
     rows += error_rows_table(args.error_n or (256 if quick else 4096), seed=args.seed, device=device)
     write(rows, args.out)
