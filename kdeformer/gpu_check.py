@@ -19,8 +19,13 @@ tree) at each budget it declares for n (``budgets(n)``, seeded), forward only, u
   queries of the last call.
 
 A call that runs out of memory or fails gives a row with its status (``oom`` / ``error``) and message and the run
-goes on (the same method and budget are not tried at a larger n). Once ``--time-budget`` seconds are spent, the
-remaining rows are written as ``skipped``. The CSV is rewritten after every row.
+goes on (the same method and budget are not tried at a larger n); so does one that runs past ``--row-time-limit``
+(``timeout``). Once ``--time-budget`` seconds are spent (the profiles included), the remaining rows are written as
+``skipped``. The CSV is rewritten after every row.
+
+Before the cells (unless ``--no-profile``), one profiled forward call each of kdeformer (causal at 16,384 and
+131,072, non-causal at 131,072) and tree (causal at 16,384), middle budget: the operators and kernels by device
+time, with the methods' ``record_function`` stages, in ``<out>_profile.txt`` beside the CSV.
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ import torch.nn.functional as F
 from common import metrics
 from common.bench import _sync
 from common.data import InputSpec, make_input
+from common.gpu_benchmark import RowTimeout, time_limit
 from common.registry import budget_options, get_attention
 
-CELLS = ((16384, True), (131072, True), (131072, False), (262144, True))
+CELLS = ((16384, True), (131072, True), (262144, True), (131072, False))
 QUICK_CELLS = ((256, True), (512, True), (512, False))
 METHODS = ("kdeformer", "reformer", "sblocal", "uniform", "tree")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,6 +55,8 @@ FIELDS = ["n", "causal", "method", "budget", "options", "status", "message", "ti
 
 
 def _status(err: BaseException) -> str:
+    if isinstance(err, RowTimeout):
+        return "timeout"
     return "oom" if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower() else "error"
 
 
@@ -86,8 +94,8 @@ def timed(fn, device, repeats: int, deadline: float) -> tuple[object, float, int
 
 
 def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cuda", heads: int = 8, head_dim: int = 64,
-              repeats: int = 3, error_max_n: int = 16384, time_budget: float = 170.0, seed: int = 0,
-              on_row=None) -> list[dict]:
+              repeats: int = 3, error_max_n: int = 16384, time_budget: float = 170.0, row_time_limit: float = 30.0,
+              seed: int = 0, on_row=None) -> list[dict]:
     """Every row of the check (module docstring); ``on_row(rows)`` after each new row."""
     device = torch.device(device)
     stop_at = time.perf_counter() + time_budget
@@ -138,8 +146,9 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
             try:
                 base = _reset(device)
                 attn = get_attention(name, **options)
-                with torch.no_grad():
-                    out, t, reps = timed(lambda: attn(q, k, v, causal=causal), device, repeats, stop_at)
+                with torch.no_grad(), time_limit(row_time_limit):
+                    out, t, reps = timed(lambda: attn(q, k, v, causal=causal), device, repeats,
+                                         min(stop_at, time.perf_counter() + row_time_limit))
                 peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
                 inner = getattr(attn, "last_inner_products", None)
                 add({**row, "status": "ok", "time_s": t, "repeats": reps, "peak_mem_bytes": peak,
@@ -157,6 +166,31 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
         del q, k, v, x, reference
         _reset(device)
     return rows
+
+
+PROFILED = (("kdeformer", 16384, True), ("kdeformer", 131072, True), ("kdeformer", 131072, False), ("tree", 16384, True))
+
+
+def profile_table(name: str, n: int, causal: bool, *, dtype=torch.bfloat16, device="cuda", heads: int = 8,
+                  head_dim: int = 64, seed: int = 0, rows: int = 25) -> str:
+    """Where one forward call of ``name`` (middle budget) spends its time: ``torch.profiler``'s operators and
+    kernels (and the methods' ``record_function`` stages, e.g. ``kdeformer.gather``), sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(device)
+    x = make_input("clustered", n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype,
+                                             device=str(device), progress=False))
+    options = budget_options(name, n, seed)
+    attn = get_attention(name, **options[len(options) // 2])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        attn(x.q, x.k, x.v, causal=causal)  # warm-up
+        _sync(device)
+        with profile(activities=activities) as prof:
+            attn(x.q, x.k, x.v, causal=causal)
+            _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    title = f"## {name} {options[len(options) // 2]} n={n} causal={causal} {dtype} {device}"
+    return title + "\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -192,12 +226,29 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--time-budget", type=float, default=170.0, help="seconds; rows not started are skipped")
     parser.add_argument("--error-max-n", type=int, default=16384, help="the error is measured up to this n")
+    parser.add_argument("--row-time-limit", type=float, default=20.0, help="seconds per method, budget and cell")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiles (<out>_profile.txt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="n = 256 and 512 (CPU-sized)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if not args.no_profile:  # first, a few seconds: where the time goes in kdeformer's and tree's forward
+        tables = []
+        for name, n, causal in ([("kdeformer", 256, True), ("tree", 256, True)] if args.quick else PROFILED):
+            try:
+                tables.append(profile_table(name, n, causal, dtype=DTYPES[args.dtype], device=args.device,
+                                            seed=args.seed))
+            except Exception as err:  # noqa: BLE001 - a profile that fails says why and the check goes on
+                tables.append(f"## {name} n={n} causal={causal}: {_message(err)}")
+            _reset(torch.device(args.device))
+        path = args.out.with_name(args.out.stem + "_profile.txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(tables) + "\n")
+        print(f"wrote {path}")
     rows = run_check(QUICK_CELLS if args.quick else CELLS, args.methods, dtype=DTYPES[args.dtype], device=args.device,
-                     repeats=args.repeats, error_max_n=args.error_max_n, time_budget=args.time_budget,
-                     seed=args.seed, on_row=lambda rows: write_csv(rows, args.out))
+                     repeats=args.repeats, error_max_n=args.error_max_n,
+                     time_budget=args.time_budget - (time.perf_counter() - started),
+                     row_time_limit=args.row_time_limit, seed=args.seed, on_row=lambda rows: write_csv(rows, args.out))
     print(summary(rows))
     print(f"wrote {args.out}")
     return rows
