@@ -68,17 +68,22 @@ class RecallTask:
         return RecallTask(n, self.pairs, self.queries, self.n_keys, self.n_values, self.n_distractors)
 
 
-def recall_batch(task: RecallTask, batch_size: int, generator: torch.Generator,
-                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def recall_batch(task: RecallTask, batch_size: int, generator: torch.Generator, device="cpu",
+                 active_keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, targets), both (batch_size, n) int64. targets[b, t] is the answer token that must follow the
     query tokens[b, t], IGNORE_INDEX elsewhere. Drawn on the CPU from ``generator`` (a seed fixes the batch on
-    any device), then moved to ``device``."""
+    any device), then moved to ``device``. ``active_keys``: draw the keys from the first ``active_keys`` only
+    (pairs <= active_keys <= n_keys; a training curriculum), all of them by default."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"recall_batch: batch_size must be an int >= 1, got {batch_size!r}")
+    active = task.n_keys if active_keys is None else active_keys
+    if isinstance(active, bool) or not isinstance(active, int) or not task.pairs <= active <= task.n_keys:
+        raise ValueError(f"recall_batch: active_keys must be an int in [pairs={task.pairs}, n_keys={task.n_keys}], "
+                         f"got {active_keys!r}")
     b, n, p, q = batch_size, task.n, task.pairs, task.queries
     context = n - 2 * q
     tokens = task.first_distractor_token + torch.randint(task.n_distractors, (b, n), generator=generator)
-    keys = torch.rand(b, task.n_keys, generator=generator).argsort(-1)[:, :p]          # P distinct keys per row
+    keys = torch.rand(b, active, generator=generator).argsort(-1)[:, :p]               # P distinct keys per row
     values = torch.randint(task.n_values, (b, p), generator=generator)
     slots = torch.rand(b, context, generator=generator).argsort(-1)[:, :p]             # P distinct positions
     rows = torch.arange(b).unsqueeze(1)

@@ -62,3 +62,15 @@ def test_accuracy_counts_only_scored_positions():
 def test_bad_sizes_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RecallTask(**kwargs)
+
+
+def test_active_keys_draws_keys_from_the_first_ones_only():
+    task = RecallTask(n=64, pairs=4, queries=4, n_keys=32, n_values=8, n_distractors=8)
+    tokens, targets = recall_batch(task, 16, torch.Generator().manual_seed(0), active_keys=6)
+    pairs = tokens[tokens < task.first_query_token]
+    assert (pairs // task.n_values).max() < 6 and pairs.numel() == 16 * 4
+    queries = tokens[(tokens >= task.first_query_token) & (tokens < task.first_answer_token)]
+    assert (queries - task.first_query_token).max() < 6
+    for bad in (3, 33, 4.0):  # fewer than the pairs, more than the keys, not an int
+        with pytest.raises(ValueError, match="active_keys"):
+            recall_batch(task, 2, torch.Generator().manual_seed(0), active_keys=bad)

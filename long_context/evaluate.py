@@ -1,0 +1,87 @@
+"""One command: swap each attention method into the trained long-context models and report the end-to-end metric
+(recall accuracy, LM perplexity) beside the attention's time, at 3 budgets per method and several n.
+
+    python -m long_context.evaluate --quick                                   # CPU, seconds: both models, small n
+    python -m long_context.evaluate --model recall --n 1024 4096 --methods knn kdeformer --layers first:1
+    python -m long_context.evaluate --model lm --n 4096 --sweep first last --device cuda --dtype bfloat16 \\
+        --time-budget 240 --out $OUT/long_context
+
+Writes ``long_context_eval.csv`` under ``--out`` (rewritten after every row) and prints a markdown table; the
+figures are drawn from the CSV by ``python -m long_context.plot``. See :mod:`long_context.evaluation`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import common
+from common.cli import script_parser
+
+from .checkpoints import DEFAULT_CHECKPOINTS, load_model
+from .evaluation import BUDGET_LABELS, evaluate_model, markdown_table
+
+ASSETS = common.plotting.ASSETS / "long_context"
+CSV_NAME = "long_context_eval.csv"
+QUICK = {"recall": dict(ns=[128, 512], batches=1, batch_size=4), "lm": dict(ns=[256], batches=1, batch_size=2)}
+
+
+def parse_args(argv=None):
+    parser = script_parser(__doc__.splitlines()[0], quick_help="small n, one batch, both models (CPU, seconds)",
+                           out_help="folder for long_context_eval.csv")
+    parser.set_defaults(out=ASSETS)
+    parser.add_argument("--model", nargs="+", choices=("recall", "lm"), default=["recall", "lm"])
+    parser.add_argument("--recall-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["recall"])
+    parser.add_argument("--lm-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["lm"])
+    parser.add_argument("--n", type=int, nargs="+", help="sequence lengths (default: recall 1024 4096, lm 1024)")
+    parser.add_argument("--lm-n", type=int, nargs="+", help="the LM's lengths when they differ from --n")
+    parser.add_argument("--methods", nargs="+", help="causal methods (default: every one; 'exact' is always run)")
+    parser.add_argument("--budgets", nargs="+", choices=BUDGET_LABELS, default=list(BUDGET_LABELS))
+    parser.add_argument("--layers", default="all", help="layers patched: all, first:k, last:k or indices '0,2'")
+    parser.add_argument("--sweep", nargs="*", choices=("first", "last"), default=[],
+                        help="also patch the first / last k layers, k = 1 .. L-1, at --sweep-budget")
+    parser.add_argument("--sweep-budget", choices=BUDGET_LABELS, default="mid")
+    parser.add_argument("--sweep-n", type=int, help="the n of the layer sweep (default: the largest n)")
+    parser.add_argument("--batches", type=int, default=4, help="batches per row (the same for every method)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: autocast, the methods get bf16 q/k/v (for GPUs)")
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="seconds for the whole run; rows not started by then are recorded as skipped (0: none)")
+    parser.add_argument("--row-time-limit", type=float, default=0.0, help="seconds per row, else a timeout row")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    deadline = start + args.time_budget if args.time_budget > 0 else None
+    csv_path = Path(args.out) / CSV_NAME
+    rows: list[dict] = []
+    for kind in args.model:
+        path = args.recall_checkpoint if kind == "recall" else args.lm_checkpoint
+        model, info = load_model(path, kind, args.device)
+        quick = QUICK[kind] if args.quick else {}
+        ns = (args.lm_n if kind == "lm" and args.lm_n else args.n) or quick.get("ns") or \
+            ([1024, 4096] if kind == "recall" else [1024])
+        if kind == "lm":
+            ns = [min(n, model.config.block_size) for n in ns]
+            ns = sorted(set(ns), key=ns.index)
+        evaluate_model(model, kind, info["task"], ns, args.methods, budgets=args.budgets, layers=args.layers,
+                       sweep=tuple(args.sweep), sweep_n=args.sweep_n, sweep_budget=args.sweep_budget,
+                       batches=quick.get("batches", args.batches), batch_size=quick.get("batch_size", args.batch_size),
+                       seed=args.seed, dtype=args.dtype, row_time_limit=args.row_time_limit, deadline=deadline,
+                       rows=rows, csv_path=csv_path,
+                       progress=lambda r: print(f"{r['model']} n={r['n']} {r['method']} {r['budget']} {r['layers']}: "
+                                                f"{r['status']} {r.get('metric', '')}", flush=True))
+    print(markdown_table(rows))
+    print(f"wrote {csv_path} ({len(rows)} rows) in {time.perf_counter() - start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
