@@ -20,7 +20,7 @@ if [ "${TINY:-0}" = "1" ]; then
   RECALL_LIMIT=120
 else
   DEV="--device cuda --dtype bfloat16"
-  LM_ARGS="--block-size 4096 --max-iters 2500 --set batch_size=16 --set eval_interval=500"; LM_LIMIT=170
+  LM_ARGS="--block-size 4096 --max-iters 2000 --set batch_size=16 --set eval_interval=500"; LM_LIMIT=170
   RECALL_SCRATCH="--lengths 32 --batch-size 256 --curriculum-iters 150 --max-iters 2000 --time-limit 60"
   RECALL_FT="--lengths 1024 4096 16384 --batch-size 8 --max-iters 600 --learning-rate 1e-3 --warmup-iters 50 --eval-interval 200 --eval-batches 2 --time-limit 60"
   RECALL_LIMIT=150
