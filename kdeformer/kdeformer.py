@@ -36,13 +36,21 @@ Each tile attends, in one SDPA call over all tiles, to
    whose past is short), each stratum sampled at the same rate.
 
 The sums over 1-3 are disjoint and 3 is unbiased for what 1-2 leave out of the query's past, as in the non-causal
-case. Causality is exact by construction: the window is a rank range among past keys (computed from prefix counts
-of the sorted order, which future keys do not change), the strata lie before the chunk, and their probabilities use
-their own values only; changing any future key or value leaves earlier outputs bit-identical (tested). The tile
+case. Causality is exact by construction: the window is a rank range among past keys (computed from the counts of
+keys per (chunk, code): in the (code, position) order the past keys of one code are the first ones of its segment,
+so the r-th past key is found by a search over codes, and future keys change none of this), the strata lie before
+the chunk, and their probabilities use their own values only; changing any future key or value leaves earlier
+outputs bit-identical (tested). The tile
 grouping does depend on the codes of later queries of the same chunk (as the query blocks of HyperAttention's and
 KDEformer's non-causal sort do). No recursion: every part is one tile of the same call; with ``bucket_size >= Nk``
 the window covers the whole past and the call is exact causal attention. Nq < Nk (the queries are the last Nq
 positions) takes the same path; only the chunks holding queries form tiles.
+
+Memory (issue 13, n = 262,144 on one GPU): everything outside the tiles is O(Nk) per head; the tiles go through the
+fused call a block of query chunks at a time (``query_block`` rows, by default about :data:`BLOCK_BYTES` of mask,
+gathered keys and values), each block reading only the sample columns of the strata before its last chunk. The mask
+is written once in the input dtype, its width padded with -inf columns to a multiple of 16 (the width the fused
+CUDA kernels take without a padded copy).
 """
 from __future__ import annotations
 
@@ -249,7 +257,8 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             per = math.ceil(2 * sample_size / n_strata)  # a query reads sample_size of them on average
             probs = residual_probabilities(v[:, :, : n_strata * C].reshape(b, h * n_strata, C, dv), generator)
             local = torch.multinomial(probs.view(b * h * n_strata, C), per, replacement=True, generator=generator)
-            log_w = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(b, h, n_strata * per)
+            log_w = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(
+                b, h, n_strata * per)
             stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,), in increasing order
             samples = (local.view(b, h, n_strata, per) + (torch.arange(n_strata, device=dev) * C).view(-1, 1)).view(
                 b, h, n_strata * per)
@@ -293,7 +302,8 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             width = C + sum(x.shape[-1] for x in bias_tile)
             pad = -width % 16  # a mask width the fused kernels take without copying it
             if pad:
-                keys_index.append(torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=dev).expand(b, h, nc, groups, pad))
+                keys_index.append(torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=dev).expand(
+                    b, h, nc, groups, pad))
                 bias_tile.append(torch.full((1, 1, 1, 1, pad), float("-inf"), dtype=q.dtype, device=dev).expand(
                     b, h, nc, groups, pad))
             index = torch.cat(keys_index, dim=-1)  # (B, H, nc, G, L)
@@ -301,9 +311,10 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
             qpos = slot_pos[:, :, sl].view(b, h, nc, groups, Q, 1)
             own_ok = (own[sl].view(nc, 1, 1, C) <= qpos) & (own[sl].view(nc, 1, 1, C) < nk)  # (B, H, nc, G, Q, C)
-            own_bias = torch.zeros(own_ok.shape, dtype=q.dtype, device=dev).masked_fill(~own_ok, float("-inf"))
-            rest = torch.cat(bias_tile, dim=-1).unsqueeze(4).expand(b, h, nc, groups, Q, -1)
-            bias = torch.cat([own_bias, rest], dim=-1)
+            bias = torch.empty(b, h, nc, groups, Q, index.shape[-1], dtype=q.dtype, device=dev)  # written once:
+            bias[..., :C] = 0.0  # the own chunk, block-causal: 0 or -inf per (query, key) ...
+            bias[..., :C].masked_fill_(~own_ok, float("-inf"))
+            bias[..., C:] = torch.cat(bias_tile, dim=-1).unsqueeze(4)  # ... the window and samples: per tile
         with record_function("kdeformer.block_attention"):
             L = index.shape[-1]
             out[:, :, c0 * C:c1 * C] = F.scaled_dot_product_attention(
