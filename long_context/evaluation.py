@@ -18,23 +18,20 @@ CSV is rewritten after every row, so a run stopped from outside keeps what it me
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import statistics
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
-from common.gpu_benchmark import RowTimeout, time_limit
-from nanoGPT.data_loader import load_split
+from common.gpu_benchmark import _device_name, _message, _status, chosen_budgets, time_limit
+from nanoGPT.data_loader import get_batch, load_split
 from nanoGPT.model import GPT, select_layers
 
 from .recall import IGNORE_INDEX, RecallTask, recall_batch
@@ -49,18 +46,18 @@ CSV_FIELDS = ["model", "n", "dtype", "method", "budget", "options", "layers", "p
 
 
 def labelled_budgets(name: str, n: int, seed: int, labels=BUDGET_LABELS) -> list[tuple[str, dict]]:
-    """(label, options) of the budgets ``name`` declares at n: 'low' the first, 'mid' the middle, 'high' the last
-    (fewer where the method declares fewer); ``exact`` has the one label 'exact'."""
+    """(label, options) of the budgets ``name`` declares at n (``common.gpu_benchmark.chosen_budgets``: 'low' the
+    first, 'mid' the middle, 'high' the last), each option set once; ``exact`` has the one label 'exact'."""
     if name == "exact":
         return [("exact", {})]
-    options = common.budget_options(name, n, seed)
-    picks = {"low": 0, "mid": len(options) // 2, "high": len(options) - 1}
-    chosen: dict[int, str] = {}
+    chosen: list[tuple[str, dict]] = []
     for label in labels:
-        if label not in picks:
+        if label not in BUDGET_LABELS:
             raise ValueError(f"budget labels must be among {BUDGET_LABELS}, got {label!r}")
-        chosen.setdefault(picks[label], label)
-    return [(label, options[i]) for i, label in sorted(chosen.items())]
+        for picked in chosen_budgets(name, n, seed, label):
+            if all(picked[1] != options for _, options in chosen):
+                chosen.append(picked)
+    return chosen
 
 
 def make_batches(kind: str, n: int, batches: int, batch_size: int, seed: int, task: RecallTask | None = None,
@@ -72,14 +69,7 @@ def make_batches(kind: str, n: int, batches: int, batch_size: int, seed: int, ta
         return [recall_batch(task.with_length(n), batch_size, generator, device) for _ in range(batches)]
     if kind == "lm":
         data = load_split("val")
-        if len(data) < n + 1:
-            raise ValueError(f"lm: the validation text has {len(data)} characters, fewer than n + 1 = {n + 1}")
-        out = []
-        for _ in range(batches):
-            starts = torch.randint(len(data) - n, (batch_size,), generator=generator).tolist()
-            window = torch.from_numpy(np.stack([data[s:s + n + 1] for s in starts]).astype(np.int64))
-            out.append((window[:, :-1].to(device), window[:, 1:].to(device)))
-        return out
+        return [get_batch(data, batch_size, n, generator, device) for _ in range(batches)]
     raise ValueError(f"make_batches: kind must be one of {tuple(METRICS)}, got {kind!r}")
 
 
@@ -192,20 +182,6 @@ def plan_cells(methods, n: int, n_layer: int, seed: int, budgets=BUDGET_LABELS, 
     return cells
 
 
-def _status(err: BaseException) -> str:
-    if isinstance(err, RowTimeout):
-        return "timeout"
-    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
-        return "oom"
-    return "error"
-
-
-def _message(err: BaseException) -> str:
-    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
-    at = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{at}"[:300]
-
-
 def write_csv(rows: list[dict], path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,10 +274,6 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
                 progress(row)
         model.set_attention("exact")
     return rows
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def markdown_table(rows: list[dict]) -> str:
