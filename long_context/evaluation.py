@@ -264,7 +264,7 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
             except Exception as err:  # noqa: BLE001 -- a failing method is a row (its status and message), not the end of the run
                 skipped = str(err).startswith("skipped")
                 row.update(status="skipped" if skipped else _status(err),
-                           message=str(err) if skipped else _message(err))
+                           message=str(err).removeprefix("skipped: ") if skipped else _message(err))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
@@ -292,3 +292,42 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{fmt(r.get('attention_speedup'), '.2f')} | {fmt(r.get('forward_speedup'), '.2f')} | "
                      f"{r['status']}{': ' + r['message'][:60] if r.get('message') else ''} |")
     return "\n".join(lines)
+
+
+def layers_within(rows: list[dict], model: str, n: int, tolerance: float) -> dict:
+    """Per method (at the sweep's budget): the largest k such that patching the first k layers, and the largest
+    k for the last k layers, keeps ``metric_change`` within ``tolerance`` (perplexity: relative rise <= tolerance;
+    accuracy: drop <= tolerance), counting only k whose smaller patches all stay within it too."""
+    ok = [r for r in rows if r["status"] == "ok" and r["model"] == model and int(float(r["n"])) == n]
+    within = lambda r: (float(r["metric_change"]) <= tolerance if model == "lm"
+                        else float(r["metric_change"]) >= -tolerance)
+    result = {}
+    for name in sorted({r["method"] for r in ok if str(r["layers"]).startswith(("first:", "last:"))}):
+        budget = next(r["budget"] for r in ok if r["method"] == name and str(r["layers"]).startswith("first:"))
+        rows_of = [r for r in ok if r["method"] == name and r["budget"] == budget]
+        n_layer = max(int(float(r["patched_layers"])) for r in rows_of)
+        counts = {}
+        for where in ("first", "last"):
+            by_k = {int(float(r["patched_layers"])): r for r in rows_of if r["layers"].startswith(where + ":")}
+            by_k.update({n_layer: r for r in rows_of if r["layers"] == "all"})
+            k = 0
+            while k + 1 in by_k and within(by_k[k + 1]):
+                k += 1
+            counts[where] = k
+        result[name] = {"budget": budget, "n_layer": n_layer, **counts}
+    return result
+
+
+def fast_and_accurate(rows: list[dict], model: str, n: int, max_drop: float, min_speedup: float) -> list[dict]:
+    """The all-layer rows at (model, n) whose metric stays within ``max_drop`` of exact (accuracy points / 100, or
+    relative perplexity rise) while the attention is at least ``min_speedup`` times faster than exact's."""
+    out = []
+    for r in rows:
+        if r["status"] != "ok" or r["model"] != model or int(float(r["n"])) != n or r["layers"] != "all" \
+                or r["method"] == "exact":
+            continue
+        change = float(r["metric_change"])
+        if (change >= -max_drop if model == "recall" else change <= max_drop) and \
+                float(r["attention_speedup"]) >= min_speedup:
+            out.append(r)
+    return out
