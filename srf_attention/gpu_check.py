@@ -188,9 +188,10 @@ def _errors(variants, device, dtype, n, seed) -> dict:
     return out
 
 
-def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time_budget_s=150.0, seed=0
-        ) -> list[dict]:
-    """Every row of the CSV (see the module docstring)."""
+def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time_budget_s=150.0, seed=0,
+        path: Path | None = None) -> list[dict]:
+    """Every row of the CSV (see the module docstring), sorted by n; written to ``path`` (if given) after each n,
+    so that a run cut short keeps what it measured."""
     clock = Clock(time_budget_s)
     device_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     versions = _versions()
@@ -223,9 +224,12 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
                                  **_measure(_part_call(fn, ins, kind), device, repeats, clock)))
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:
-        row["versions"] = versions
-    return sorted(rows, key=lambda row: row["n"])
+        for row in rows:
+            row["versions"] = versions
+        rows.sort(key=lambda row: row["n"])
+        if path is not None:
+            write_csv(rows, path)
+    return rows
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -248,10 +252,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--time-budget", type=float, default=150.0, help="seconds; later measurements are skipped")
     args = parser.parse_args(argv)
     lengths, repeats = ([256, 512], 2) if args.quick else (args.lengths, args.repeats)
-    rows = run(lengths, device=args.device, dtype=getattr(torch, args.dtype), repeats=repeats,
-               time_budget_s=args.time_budget, seed=args.seed)
     path = args.out / "srf_gpu.csv" if args.out.suffix != ".csv" else args.out
-    write_csv(rows, path)
+    rows = run(lengths, device=args.device, dtype=getattr(torch, args.dtype), repeats=repeats,
+               time_budget_s=args.time_budget, seed=args.seed, path=path)
     print(f"{len(rows)} rows -> {path}")
     print("| n | mask | pass | method | attn_fn | features | part | ms | exact ms | exact / time | rel. err | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -59,8 +59,8 @@ def test_gpu_only_choices_refuse_on_the_cpu_naming_the_alternative_and_change_no
 
 
 def test_gpu_check_degrades_to_notes_on_the_cpu(tmp_path):
-    rows = gpu_check.run([32], device="cpu", dtype=torch.bfloat16, repeats=1, time_budget_s=60)
-    gpu_check.write_csv(rows, tmp_path / "srf_gpu.csv")
+    rows = gpu_check.run([32], device="cpu", dtype=torch.bfloat16, repeats=1, time_budget_s=60,
+                         path=tmp_path / "srf_gpu.csv")
     with open(tmp_path / "srf_gpu.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and list(table[0]) == gpu_check.COLUMNS
