@@ -7,40 +7,46 @@ keeps every shape static and spends the work in one fused attention kernel
 (``torch.nn.functional.scaled_dot_product_attention``, flash-style, accumulating in float32) over gathered blocks:
 
 1. cells (``device_index.kmeans``): ``iterations`` Lloyd steps of k-means with ``nlist`` centroids on a subsample
-   of ``points_per_centroid`` keys per centroid; every key joins its nearest centroid (L2), every query the
-   centroid of largest cosine (the probe rule of ``ivf_blas``);
-2. blocks: keys are sorted by (cell, position) and cut into key blocks of ``block`` consecutive keys (a block may
-   straddle two cells; the last is padded); queries are sorted the same way by their cell and cut into query
-   blocks of ``block`` queries, so a query block holds queries that want the same keys;
-3. routing: query block b takes the ``nprobe`` key blocks with the largest (sum of its queries) . (unit mean of
-   the block's keys); its exact set S_b is their keys (``nprobe * block`` keys). Under ``causal`` a key block
-   whose every key lies after every query of b is never chosen, and each query block also holds the keys at its
-   own queries' positions (so every query reads at least its own key, and an early query is never left with
-   nothing);
-4. tail (estimator (b), ``num_samples`` = l > 0): l key ids drawn uniformly from all Nk keys per query block
-   (with replacement), each with weight Nk / l; a draw inside S_b drops out (weight 0):
+   of ``points_per_centroid`` keys per centroid (drawn from a stream seeded by the method's ``seed``: the same
+   cells at every call); every key joins its nearest centroid (L2), every query the centroid of largest cosine
+   (the probe rule of ``ivf_blas``);
+2. blocks: keys are sorted by (cell, position), each cell padded to whole key blocks of ``block`` keys (a block
+   never mixes cells: a block that straddled two cells would be routed by a mean that fits neither); queries are
+   sorted and cut into query blocks the same way, so a query block holds queries of one cell, which want the same
+   keys. The padding is bounded statically (``device_index._group_into_chunks``: at most nlist (block - 1) slots);
+3. routing: query block b takes the ``nprobe`` key blocks B with the largest (sum of its queries) . (unit mean of
+   B's keys); its exact set S_b is their keys (up to ``nprobe * block``). Under ``causal`` a key block whose every
+   key lies after every query of b is never chosen, and S_b also holds the first ``block`` keys (a sink: the whole
+   prefix of the first queries, which a routed block rarely holds) and the keys at b's own queries' positions (so
+   every query reads at least one key);
+4. tail (estimator (b), ``num_samples`` = l > 0), by importance sampling over the key blocks outside S_b: a draw
+   picks block B with probability p_B, then one of its |B| keys uniformly, and weighs |B| / (l p_B) (the inverse
+   of its probability, times 1 / l), so that for every query i
 
-       E[ (Nk / l) sum_s [j_s not in S_b, j_s allowed for i] e^{s_i j_s} v_{j_s} ] = sum_{j in T_i} e^{s_ij} v_j,
+       E[ sum_s w_s [j_s allowed for i, j_s not in S_b] e^{s_i j_s} v_{j_s} ] = sum_{j in T_i} e^{s_ij} v_j,
 
-   T_i = P_i \\ S_b, the same unbiased tail sum as estimator (b) of ``forward_pass`` (the draws are shared by the
-   block's queries, as ``ivf_blas`` shares them by ``tail_block``). The fraction of wasted draws is |S_b| / Nk.
-5. attention: every query block attends its width W = |S_b| (+ own keys) (+ l) gathered keys in one batched
-   ``scaled_dot_product_attention`` call, the weights entering as an additive mask: 0 for S_b, log(Nk / l) for a
-   draw, -inf for a dropped draw or padding, and under ``causal`` -inf for every key after the query's position.
-   The softmax over that row is exactly N_i / D_i of estimator (b) (or (a) without draws); outputs are put back in
-   query order.
+   T_i = P_i \\ S_b: the unbiased tail sum of estimator (b) of ``forward_pass``. p_B mixes the block-level softmax
+   softmax_B(S qbar_b . kbar_B + log |B|) (where the remaining mass lies, qbar, kbar block means) with the
+   uniform |B| / sum |B| (weight ``tail_uniform`` = 1/4, which bounds every weight by 4 times the uniform one);
+   with q = 0 it is the uniform draw of estimator (b), weight |T| / l (tested). The l draws are shared by the
+   block's queries, as ``ivf_blas`` shares them by ``tail_block``; a draw of a sink or own key drops out.
+5. attention: every query block attends its W gathered keys (S_b, sink and own keys, draws, padded to a multiple
+   of 16) in one batched ``scaled_dot_product_attention`` call, the weights entering as an additive mask: 0 for
+   S_b, log w_s for a draw, -inf for a dropped draw or padding, and under ``causal`` -inf for every key after the
+   query's position. The softmax over that row is exactly N_i / D_i of estimator (b) (or (a) without draws);
+   outputs are put back in query order.
 
-With ``nprobe`` >= the number of key blocks every key is in S_b, every draw drops out, and the result is exact
-attention (tested). Cost per head: k-means O(iterations points_per_centroid nlist^2 D), assignment O((Nq + Nk)
-nlist D), routing O(Nq Nk D / block^2), attention O(Nq W D) with W = nprobe block + l (+ block), all dense and
-batched over B H and the query blocks; memory is bounded by attending the query blocks in chunks. No value is read
-back to the host: every shape follows from the input shapes and the options.
+With ``nprobe`` >= the number of key blocks every key is in S_b, no draw is made (none is outside S_b), and the
+result is exact attention (tested). Cost per head: k-means O(iterations points_per_centroid nlist^2 D),
+assignment O((Nq + Nk) nlist D), routing O(Nq Nk D / block^2), attention O(Nq W D) with W = nprobe block + l
+(+ 2 block), all dense and batched over B H and the query blocks; memory is bounded by attending the query blocks
+in chunks. No value is read back to the host: every shape follows from the input shapes and the options.
 
 Precision: scores, exponentials and sums are float32 inside the attention kernel for every input dtype; the mask is
-in the input dtype, so in bfloat16 the tail's log weight log(Nk / l) is rounded to 8 significant bits (a relative
-weight error below 2^-8 log(Nk / l), about 2.4% at Nk / l = 512, the size of bfloat16 rounding of the scores). The
-index is built in float32 (float64 for float64 inputs) from detached inputs; autograd differentiates the
-attention with the cells, routes and draws held fixed.
+in the input dtype, so in bfloat16 a draw's log weight (about log(Nk / l)) is rounded to 8 significant bits (a
+relative weight error below 2^-9 |log w|, about 1.2% at w = 512, the size of bfloat16 rounding of the scores).
+The index is built in float32 (float64 for float64 inputs) from detached inputs; autograd differentiates the
+attention with the routing (cells, blocks, draws and their weights) held fixed (tested with gradcheck).
 
 Causal: no future key or value is ever read (masked to -inf), but the cells and blocks are built from all keys, so
 which past keys a query reads depends on future keys (as with Reformer's buckets; ``ivf`` / ``ivf_torch`` refuse
@@ -74,6 +80,7 @@ class BlockOptions:
     num_samples: int
     iterations: int = 8
     points_per_centroid: int = 32
+    tail_uniform: float = 0.25
 
 
 def block_options(n_keys: int, nlist: int | None = None, nprobe: int | None = None, block: int | None = None,
@@ -108,23 +115,25 @@ class Routing:
 
 @torch.no_grad()
 def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: BlockOptions,
-          generator: torch.Generator | None) -> Routing:
-    """Steps 1-4 of the module docstring for q (B, H, Nq, D), k (B, H, Nk, D); ``generator`` (on q's device)
-    draws the k-means subsample and the tail."""
+          generator: torch.Generator | None, index_generator: torch.Generator | None = None) -> Routing:
+    """Steps 1-4 of the module docstring for q (B, H, Nq, D), k (B, H, Nk, D); ``index_generator`` (on q's
+    device) draws the k-means subsample, ``generator`` the tail (both ``generator`` when the former is None)."""
     b, h, nq, d = q.shape
     nk, g, dev = k.shape[2], b * h, q.device
     dtype = _score_dtype(q.dtype)
     keys = k.detach().reshape(g, nk, d).to(dtype)
     queries = q.detach().reshape(g, nq, d).to(dtype)
-    centroids = kmeans(keys, opts.nlist, opts.iterations, opts.points_per_centroid, generator)
+    centroids = kmeans(keys, opts.nlist, opts.iterations, opts.points_per_centroid, index_generator or generator)
     nlist = centroids.shape[1]
     # keys and queries sorted by (cell, position), each cell padded to whole blocks: a block never mixes cells
     key_slots, _, key_slot_of = _group_into_chunks(_nearest_centroid(keys, centroids), nlist, opts.block)
     query_slots, _, query_slot = _group_into_chunks(_nearest_centroid(queries, unit(centroids)), nlist, opts.block)
     key_blocks, query_ids = key_slots.view(g, -1, opts.block), query_slots.view(g, -1, opts.block)
     n_key_blocks = key_blocks.shape[1]
-    score = _rows(queries, query_ids).sum(2) @ unit(_rows(keys, key_blocks).sum(2)).transpose(1, 2)  # (G, Q, K)
-    score = score.masked_fill((key_blocks < 0).all(-1).unsqueeze(1), float("-inf"))  # unused (all-pad) blocks
+    query_sum, key_sum = _rows(queries, query_ids).sum(2), _rows(keys, key_blocks).sum(2)  # (G, Q, D), (G, K, D)
+    sizes = (key_blocks >= 0).sum(-1)  # (G, K) keys per block; 0: an unused block
+    score = query_sum @ unit(key_sum).transpose(1, 2)  # (G, Q, K)
+    score = score.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
     positions = causal_query_positions(nq, nk, dev)[query_ids.clamp_min(0)].masked_fill(query_ids < 0, nk)
     if causal:  # a key block after every query of the query block is never chosen
         first_key = torch.where(key_blocks >= 0, key_blocks, nk).amin(-1)
@@ -140,26 +149,60 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
 
     exact = key_blocks.gather(1, chosen.reshape(g, -1, 1).expand(-1, -1, opts.block)).view(g, n_query_blocks, width)
     ids, bias = [exact], [torch.zeros(exact.shape, device=dev).masked_fill(exact < 0, float("-inf"))]
-    if causal:  # the keys at the block's own positions join S_b exactly (unless already in it)
+    sink = min(opts.block, nk) if causal else 0
+    if causal:  # the first keys (the sink) and the keys at the block's own positions join S_b exactly
+        first = torch.arange(sink, device=dev).expand(g, n_query_blocks, sink)
+        first = first.masked_fill(in_selected(first), -1)
         own = torch.where(query_ids >= 0, positions, -1)
-        own_dropped = (own < 0) | in_selected(own.clamp_min(0))
-        own = own.masked_fill(own_dropped, -1)
-        ids.append(own)
-        bias.append(torch.zeros(own.shape, device=dev).masked_fill(own_dropped, float("-inf")))
+        own = own.masked_fill((own < sink) | in_selected(own.clamp_min(0)), -1)
+        ids += [first, own]
+        bias += [torch.zeros(t.shape, device=dev).masked_fill(t < 0, float("-inf")) for t in (first, own)]
     if opts.num_samples:
-        draws = torch.randint(nk, (g, n_query_blocks, opts.num_samples), generator=generator, device=dev)
-        drop = in_selected(draws)
+        draws, log_weight = _draw_tail(queries, query_ids, key_blocks, key_sum, sizes, selected, scale, opts,
+                                       generator)
+        drop = torch.isinf(log_weight) | (draws < sink)
         if causal:  # a draw of an own key is in S_b too
             own_sorted = own.sort(-1).values
             at = torch.searchsorted(own_sorted, draws).clamp_max(own_sorted.shape[-1] - 1)
             drop |= own_sorted.gather(-1, at) == draws
         ids.append(draws)
-        bias.append(torch.full(draws.shape, math.log(nk / opts.num_samples), device=dev).masked_fill(
-            drop, float("-inf")))
+        bias.append(log_weight.masked_fill(drop, float("-inf")))
     ids, bias = torch.cat(ids, -1), torch.cat(bias, -1)
     pad = -ids.shape[-1] % _ALIGN
     return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions,
                    key_ids=F.pad(ids, (0, pad), value=-1), bias=F.pad(bias, (0, pad), value=float("-inf")))
+
+
+def _draw_tail(queries, query_ids, key_blocks, key_sum, sizes, selected, scale: float, opts: BlockOptions,
+               generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4: l draws per query block from the keys outside S_b, (key ids, log weights) each (G, Q, l).
+
+    A draw picks key block B with probability p_B (0 for the blocks of S_b and unused blocks), then one of its
+    |B| keys uniformly: key j is drawn with probability p_B / |B| and weighted |B| / (l p_B), the inverse, so the
+    weighted sum is unbiased for the sum over the keys outside S_b (a -inf log weight when there is none).
+    p_B = (1 - a) softmax_B(S qbar_b . kbar_B + log |B|) + a |B| / sum |B| with a = ``tail_uniform``: the
+    block-level softmax estimates where the remaining mass lies (qbar, kbar the block means), the uniform share
+    keeps every weight below sum |B| / (a l)."""
+    g, n_query_blocks, block = query_ids.shape
+    outside = (~selected) & (sizes > 0).unsqueeze(1)  # (G, Q, K)
+    query_mean = _rows(queries, query_ids).sum(2) / (query_ids >= 0).sum(-1, keepdim=True).clamp_min(1)
+    key_mean = key_sum / sizes.clamp_min(1).unsqueeze(-1)
+    logits = (scale * query_mean @ key_mean.transpose(1, 2) + sizes.clamp_min(1).log().unsqueeze(1)).masked_fill(
+        ~outside, float("-inf"))
+    mass = torch.softmax(logits, -1).nan_to_num(0.0)  # a query block with nothing outside: all zero
+    size_share = sizes.unsqueeze(1) * outside
+    uniform = size_share / size_share.sum(-1, keepdim=True).clamp_min(1)
+    proposal = (1 - opts.tail_uniform) * mass + opts.tail_uniform * uniform
+    cdf = proposal.cumsum(-1)
+    u = torch.rand(g, n_query_blocks, opts.num_samples, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    chosen = torch.searchsorted(cdf, u * cdf[..., -1:]).clamp_max(cdf.shape[-1] - 1)
+    chosen_size = sizes.unsqueeze(1).expand_as(outside).gather(2, chosen)
+    within = (torch.rand(chosen.shape, generator=generator, device=cdf.device) * chosen_size).long()
+    slot = chosen * block + torch.minimum(within, (chosen_size - 1).clamp_min(0))
+    draws = key_blocks.reshape(g, -1).gather(1, slot.reshape(g, -1)).view_as(slot)
+    p = proposal.gather(2, chosen)
+    log_weight = (chosen_size / (opts.num_samples * p)).log()
+    return draws, log_weight.masked_fill((p <= 0) | (draws < 0), float("-inf"))
 
 
 def _flat_rows(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +250,9 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
 
 def ivf_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                         opts: BlockOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """kNN attention through routed blocks (module docstring): estimator (b), or (a) with ``num_samples=0``."""
-    return routed_attention(q, k, v, causal, scale, route(q, k, causal, scale, opts, generator))
+                         opts: BlockOptions, generator: torch.Generator | None, index_seed: int = 0) -> torch.Tensor:
+    """kNN attention through routed blocks (module docstring): estimator (b), or (a) with ``num_samples=0``. The
+    k-means subsample is drawn from a fresh stream seeded with ``index_seed`` (the same cells at every call, none on
+    the 'meta' device), the tail from ``generator``."""
+    index_generator = None if q.device.type == "meta" else torch.Generator(q.device).manual_seed(index_seed)
+    return routed_attention(q, k, v, causal, scale, route(q, k, causal, scale, opts, generator, index_generator))

@@ -47,7 +47,7 @@ import warnings
 
 import torch
 
-from common.attention import AttentionMethod, allowed_key_counts, gather_rows
+from common.attention import AttentionMethod, allowed_key_counts, gather_rows, output_and_lse
 from common.partial_sums import from_logits
 from common.registry import register
 from common.validation import check_choice, check_int
@@ -102,6 +102,7 @@ class KNNAttention(AttentionMethod):
     """
 
     randomized = True
+    supports_lse = True
 
     def __init__(self, k: int | None = None, num_samples: int | None = None, estimator: str | None = None,
                  index: str = "flat", nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
@@ -154,7 +155,7 @@ class KNNAttention(AttentionMethod):
         self._warned_clamp = False
 
     # --- the estimators on a chunk of queries ---------------------------------------------------
-    def _estimate(self, q, k, v, hits, counts, local, num, scale):
+    def _estimate(self, q, k, v, hits, counts, local, num, scale, return_lse=False):
         top = retrieved_set(q, k, hits, counts, scale, local)
         gen = self.generator(q.device)
         if self.estimator == "gumbel":
@@ -166,6 +167,8 @@ class KNNAttention(AttentionMethod):
             top = adaptive_top_set(top, hits.shape[-1], self._k_min, self.tail_ratio)
         v_top = gather_rows(v, top.indices)
         if self.estimator == "topk":
+            if return_lse:  # the normaliser over the retrieved keys (all of them under exact options)
+                return output_and_lse(from_logits(top.scores, v_top, "bhqk,bhqkv->bhqv"), q.dtype)
             return torch.einsum("bhqk,bhqkv->bhqv", torch.softmax(top.scores, -1), v_top)
         tail_idx = sample_tail_uniform(top, num, gen)
         tail_scores = torch.einsum("bhqd,bhqsd->bhqs", q, gather_rows(k, tail_idx)) * scale
@@ -173,7 +176,8 @@ class KNNAttention(AttentionMethod):
         log_w = torch.log(top.tail_size.to(q.dtype) / num).unsqueeze(-1)
         exact_part = from_logits(top.scores, v_top, "bhqk,bhqkv->bhqv")
         tail_part = from_logits(tail_scores + log_w, gather_rows(v, tail_idx), "bhqs,bhqsv->bhqv")
-        return exact_part.merge(tail_part).output()
+        sums = exact_part.merge(tail_part)
+        return output_and_lse(sums, q.dtype) if return_lse else sums.output()
 
     def _samples(self, q, k, hits, counts, local, num, scale, rows=None):
         """l samples of every query's softmax row, or one sample of each query in ``rows`` (B, H, R)."""
@@ -211,7 +215,9 @@ class KNNAttention(AttentionMethod):
                self.num_samples if self.num_samples is not None else default_budget(nk))
         opts = block_options(nk, self.index_options.nlist, self.index_options.nprobe, self.index_options.cell_size,
                              num)
-        return ivf_blocks_attention(q, k, v, causal, scale, opts, self.generator(q.device))
+        # as 'ivf_torch': k-means from its own stream seeded with `seed` (0 if None), the same cells every call
+        return ivf_blocks_attention(q, k, v, causal, scale, opts, self.generator(q.device),
+                                    0 if self.seed is None else self.seed)
 
     def attend(self, q, k, v, causal, scale):
         """float16 / bfloat16 inputs are attended in float32 (scores, exponentials, normalisers and the
@@ -224,7 +230,20 @@ class KNNAttention(AttentionMethod):
             return self._attend(q.float(), k.float(), v.float(), causal, scale).to(q.dtype)
         return self._attend(q, k, v, causal, scale)
 
-    def _attend(self, q, k, v, causal, scale):
+    def attend_lse(self, q, k, v, causal, scale):
+        """(out, log of the estimated normaliser: the retrieved keys' exact sum plus the weighted tail, unbiased;
+        (a) the retrieved keys' sum) for ``return_lse=True``; not for 'gumbel' (it samples, forming no normaliser)
+        nor for the indexes without per-query lists ('ivf_blas', 'ivf_blocks')."""
+        if self.estimator == "gumbel" or self.index in ("ivf_blas", "ivf_blocks"):
+            raise ValueError(f"knn: return_lse=True is not supported with estimator={self.estimator!r}, "
+                             f"index={self.index!r} (no normaliser is formed); use estimator 'adaptive', 'topk' or "
+                             "'topk_uniform' with index 'flat', 'torch', 'hnsw', 'ivf' or 'ivf_torch'")
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = self._attend(q.float(), k.float(), v.float(), causal, scale, return_lse=True)
+            return out.to(q.dtype), lse
+        return self._attend(q, k, v, causal, scale, return_lse=True)
+
+    def _attend(self, q, k, v, causal, scale, return_lse=False):
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
         top_k, num = self._budgets(nk)
         self._k_min = top_k
@@ -250,6 +269,9 @@ class KNNAttention(AttentionMethod):
         width = top_k + (0 if local is None else local.shape[1])
         chunk = max(1, _CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * (width + num) * d))
         sampled = self.gradient == "sampled" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if sampled and return_lse:
+            raise ValueError("knn: return_lse=True is not supported with gradient='sampled' on inputs that require "
+                             "grad (the sampled backward returns the output only)")
         outs = []
         for start in range(0, nq, chunk):
             sl = slice(start, start + chunk)
@@ -261,7 +283,9 @@ class KNNAttention(AttentionMethod):
                     scale, None if self.dv_estimator == "scatter" else self.dv_walks or num * qc.shape[2],
                     self.generator(q.device)))
             else:
-                outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale))
+                outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale, return_lse))
+        if return_lse:
+            return torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
         return torch.cat(outs, dim=2)
 
     @classmethod
