@@ -20,7 +20,7 @@ if [ "${TINY:-0}" = "1" ]; then
   LM_ARGS="--n 128 --sweep-n 128 --batches 1 --batch-size 1 --time-budget 60 --row-time-limit 20"
 else
   DEV="--device cuda --dtype bfloat16"
-  RECALL_ARGS="--n 65536 16384 4096 --sweep-n 65536 --batches 4 --batch-size 8 --time-budget 170 --row-time-limit 20"
+  RECALL_ARGS="--n 65536 16384 4096 --sweep-n 65536 --batches 4 --batch-size 8 --time-budget 180 --row-time-limit 20"
   LM_ARGS="--n 4096 1024 --sweep-n 4096 --batches 4 --batch-size 4 --time-budget 100 --row-time-limit 15"
 fi
 date -u +"%H:%M:%S start"
