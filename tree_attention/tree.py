@@ -30,7 +30,9 @@ rounds (levels), batched over the batch and the queries with tensor ops on the i
 round-trip inside it except the early exit: one boolean read per round (is any query still descending?), on by
 default on every device since issue 13: a descent ends after about T / P + a few rounds, 3-4x fewer than the bound
 (7 of 31 at T = 64, P = 16; 14 of 43 at T = 223), and each round at long n is milliseconds of device work, against
-microseconds for the read. ``early_exit=False`` runs the bound's rounds with no host read at all.
+microseconds for the read. ``early_exit=False`` runs the bound's rounds with no host read at all. Round r works on
+the first min(T + P, P (r + 1)) bud columns only (a round adds at most P buds), about half the (query, bud) pairs
+of working on all T + P columns every round.
 
 Inner products. The report keeps each bud's alignment q . sum_k: a starting bud costs one inner product, and an
 expansion costs one (the right child's; the left child's alignment is the parent's minus the right child's; an
@@ -237,7 +239,8 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
               f"starting buds: {buds[0, 0, :P][buds[0, 0, :P] >= 0].tolist()}")
     rounds = max_rounds(cap - P, L, P)
     for round_ in range(rounds + 1):
-        nodes = buds[:, :, :cap].clone()
+        width = min(cap, P * (round_ + 1))  # a round adds at most P buds: the later columns are still empty
+        nodes = buds[:, :, :width].clone()
         live = nodes >= 0
         count, start, stop = summaries.span(nodes.clamp_min(0))
         count = count * live
@@ -246,7 +249,7 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         active = (need > 0) & eligible.any(-1)
         if round_ == rounds or (early_exit and not active.any()):
             break
-        log_pm = estimator.log_mass(None if scores is None else scores[..., :cap], count, start, stop, positions,
+        log_pm = estimator.log_mass(None if scores is None else scores[..., :width], count, start, stop, positions,
                                     log_offset)
         invalid |= (eligible & active.unsqueeze(-1) & (torch.isnan(log_pm) | (log_pm == float("inf")))).any()
         positive = eligible & (log_pm > float("-inf")) & (log_pm < float("inf"))
@@ -287,7 +290,7 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
                              f"its features at these scores); use method='alignment' or rescale q and k")
     if active.any():
         raise RuntimeError(f"tree: the descent did not end within its bound of {rounds} rounds (a bug: please report)")
-    return nodes, inner_products
+    return buds[:, :, :cap], inner_products
 
 
 def _print_round(nodes, summaries, log_pm, expanded_nodes, right_children, new_buds, q):
