@@ -305,9 +305,12 @@ def test_return_lse_is_the_log_normaliser_under_exact_options(name, causal, padd
 # Methods whose normaliser estimate is unbiased, E[e^lse] = sum_j e^{s_ij}: kdeformer (exact LSH blocks plus an
 # importance-weighted residual, Zandieh et al. 2023, Sec. 3), sblocal (exact local blocks plus FAVOR+ low rank,
 # Chen et al. 2021), srf and performer (positive random features, Choromanski et al. 2021, Lemma 1; Reid et al.
-# 2023), uniform (|P_i| / l times the sum over l uniform samples). (reformer drops the keys outside a query's
-# buckets, tree summarises a bud by its mean key: both biased, checked only under exact options.)
-UNBIASED_LSE = ["kdeformer", "performer", "sblocal", "srf", "uniform"]
+# 2023), uniform (|P_i| / l times the sum over l uniform samples), knn's default 'adaptive' estimator (the
+# retrieved keys exactly plus |T_i| / l times a uniform tail sample, Haris 2024). (reformer drops the keys outside
+# a query's buckets, tree summarises a bud by its mean key: both biased, checked only under exact options.)
+# name -> options added to the smallest budget (knn: k_max = k, else the adaptive set covers the whole short causal
+# prefix and the estimate is exact).
+UNBIASED_LSE = {"kdeformer": {}, "knn": {"k_max": 2}, "performer": {}, "sblocal": {}, "srf": {}, "uniform": {}}
 
 
 @pytest.mark.slow
@@ -318,7 +321,7 @@ def test_estimated_lse_is_an_unbiased_normaliser(name, causal):
         pytest.skip(f"{name} has no causal return_lse")
     q, k, v, mask = _padded_batch(_sequences(seed=13), "left")
     q, k = q * 0.5, k * 0.5  # moderate scores: a few hundred draws pin the mean down
-    options = common.budget_options(name, N)[0]  # the smallest budget: the estimate is far from exact
+    options = dict(common.budget_options(name, N)[0], **UNBIASED_LSE[name])  # the smallest budget: far from exact
     ratios = []
     with torch.no_grad():
         for seed in range(200):  # a fresh instance per seed (srf draws its projection once per instance)
@@ -359,6 +362,17 @@ def test_return_lse_is_refused_where_the_method_forms_no_normaliser(name):
     q, k, v, _ = _padded_batch(_sequences(seed=11), "right")
     with pytest.raises(ValueError, match=rf"^{name}: return_lse=True is not supported"):
         _method(name, _options(name, "default"))(q, k, v, return_lse=True)
+
+
+@pytest.mark.parametrize("options", [{"estimator": "gumbel"}, {"index": "ivf_blas", "estimator": "topk"},
+                                     {"index": "ivf_blocks"}])
+def test_knn_without_a_normaliser_refuses_lse(options):
+    q, k, v, _ = _padded_batch(_sequences(seed=11), "right")
+    with pytest.raises(ValueError, match=r"^knn: return_lse=True is not supported with estimator="):
+        common.get_attention("knn", seed=0, **options)(q, k, v, return_lse=True)
+    q.requires_grad_()
+    with pytest.raises(ValueError, match=r"^knn: return_lse=True is not supported with gradient='sampled'"):
+        common.get_attention("knn", seed=0, gradient="sampled")(q, k, v, return_lse=True)
 
 
 def test_tree_report_combination_refuses_lse():
