@@ -158,8 +158,8 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
         ids += [first, own]
         bias += [torch.zeros(t.shape, device=dev).masked_fill(t < 0, float("-inf")) for t in (first, own)]
     if opts.num_samples:
-        draws, log_weight = _draw_tail(queries, query_ids, key_blocks, key_sum, sizes, selected, scale, opts,
-                                       generator)
+        query_mean = query_sum / (query_ids >= 0).sum(-1, keepdim=True).clamp_min(1)
+        draws, log_weight = _draw_tail(query_mean, key_blocks, key_sum, sizes, selected, scale, opts, generator)
         drop = torch.isinf(log_weight) | (draws < sink)
         if causal:  # a draw of an own key is in S_b too
             own_sorted = own.sort(-1).values
@@ -173,9 +173,11 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
                    key_ids=F.pad(ids, (0, pad), value=-1), bias=F.pad(bias, (0, pad), value=float("-inf")))
 
 
-def _draw_tail(queries, query_ids, key_blocks, key_sum, sizes, selected, scale: float, opts: BlockOptions,
+def _draw_tail(query_mean, key_blocks, key_sum, sizes, selected, scale: float, opts: BlockOptions,
                generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4: l draws per query block from the keys outside S_b, (key ids, log weights) each (G, Q, l).
+    """Step 4: l draws per query block from the keys outside S_b, (key ids, log weights) each (G, Q, l), given
+    the query blocks' mean query (G, Q, D), the key blocks (G, K, block), their key sums (G, K, D) and sizes (G, K)
+    and S_b as a mask over key blocks (G, Q, K).
 
     A draw picks key block B with probability p_B (0 for the blocks of S_b and unused blocks), then one of its
     |B| keys uniformly: key j is drawn with probability p_B / |B| and weighted |B| / (l p_B), the inverse, so the
@@ -183,9 +185,8 @@ def _draw_tail(queries, query_ids, key_blocks, key_sum, sizes, selected, scale: 
     p_B = (1 - a) softmax_B(S qbar_b . kbar_B + log |B|) + a |B| / sum |B| with a = ``tail_uniform``: the
     block-level softmax estimates where the remaining mass lies (qbar, kbar the block means), the uniform share
     keeps every weight below sum |B| / (a l)."""
-    g, n_query_blocks, block = query_ids.shape
+    g, n_query_blocks, block = selected.shape[0], selected.shape[1], key_blocks.shape[-1]
     outside = (~selected) & (sizes > 0).unsqueeze(1)  # (G, Q, K)
-    query_mean = _rows(queries, query_ids).sum(2) / (query_ids >= 0).sum(-1, keepdim=True).clamp_min(1)
     key_mean = key_sum / sizes.clamp_min(1).unsqueeze(-1)
     logits = (scale * query_mean @ key_mean.transpose(1, 2) + sizes.clamp_min(1).log().unsqueeze(1)).masked_fill(
         ~outside, float("-inf"))
