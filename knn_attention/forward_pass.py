@@ -237,7 +237,7 @@ class KNNAttention(AttentionMethod):
         if self.estimator == "gumbel" or self.index in ("ivf_blas", "ivf_blocks"):
             raise ValueError(f"knn: return_lse=True is not supported with estimator={self.estimator!r}, "
                              f"index={self.index!r} (no normaliser is formed); use estimator 'adaptive', 'topk' or "
-                             "'topk_uniform' with index 'flat', 'torch', 'hnsw', 'ivf' or 'ivf_torch'")
+                             "'topk_uniform_tail' with index 'flat', 'torch', 'hnsw', 'ivf' or 'ivf_torch'")
         if q.dtype in (torch.float16, torch.bfloat16):
             out, lse = self._attend(q.float(), k.float(), v.float(), causal, scale, return_lse=True)
             return out.to(q.dtype), lse
