@@ -140,8 +140,8 @@ def test_cuda_ivf_blocks_reading_every_block_equals_exact_with_gradients(causal,
     gpu_in = tuple(t.detach().to("cuda", dtype).requires_grad_() for t in (x.q, x.k, x.v))
     out = common.get_attention("knn", index="ivf_blocks", nprobe=10 ** 6, seed=0)(*gpu_in, causal=causal)
     out.backward(g.to("cuda", dtype))
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # relative Frobenius error: rounding of the dtype
     assert out.device.type == "cuda" and out.dtype == dtype
-    torch.testing.assert_close(out.double().cpu(), ref.detach(), **tol)
-    for got, want in zip(gpu_in, ref_in):
-        torch.testing.assert_close(got.grad.double().cpu(), want.grad, **tol)
+    for got, want in [(out, ref.detach())] + [(t.grad, r.grad) for t, r in zip(gpu_in, ref_in)]:
+        assert got.device.type == "cuda"
+        assert ((got.double().cpu() - want).norm() / want.norm()).item() < tol
