@@ -19,6 +19,8 @@ import torch
 import common
 from common.attention import attention_scores
 
+from .conftest import VARIANTS
+
 B, H, N, D = 3, 2, 12, 4
 LENGTHS = (12, 9, 5)  # real keys per batch element; the first one unpadded
 
@@ -88,6 +90,21 @@ def test_padded_batch_equals_sequences_one_by_one(name, causal, padding, budget)
         if causal:  # a causal query at a padded position reads nothing: a zero row
             padded_rows = mask[i].nonzero().squeeze(1)
             assert torch.equal(batched[i, :, padded_rows], torch.zeros_like(batched[i, :, padded_rows]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("label", list(VARIANTS))
+def test_estimator_variants_padded_batch_equals_sequences_one_by_one(label, causal):
+    name, extra = VARIANTS[label]
+    options = dict(_options(name, "default"), **extra)
+    sequences = _sequences(seed=19)
+    q, k, v, mask = _padded_batch(sequences, "left")
+    with torch.no_grad():
+        batched = _method(name, options)(q, k, v, causal=causal, key_padding_mask=mask)
+        alone_method = _method(name, options)
+        alone = [alone_method(*seq, causal=causal) for seq in sequences]
+    for i, out in enumerate(alone):
+        torch.testing.assert_close(batched[i:i + 1, :, _real_rows(mask, i)], out, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])
