@@ -18,6 +18,7 @@ import torch
 
 import common
 from common.cli import script_parser
+from nanoGPT.checkpoint import CheckpointError
 
 from .checkpoints import DEFAULT_CHECKPOINTS, load_model
 from .evaluation import BUDGET_LABELS, evaluate_model, markdown_table
@@ -31,7 +32,8 @@ def parse_args(argv=None):
     parser = script_parser(__doc__.splitlines()[0], quick_help="small n, one batch, both models (CPU, seconds)",
                            out_help="folder for long_context_eval.csv")
     parser.set_defaults(out=ASSETS)
-    parser.add_argument("--model", nargs="+", choices=("recall", "lm"), default=["recall", "lm"])
+    parser.add_argument("--model", nargs="+", choices=("recall", "lm"),
+                        help="models to evaluate (default: each whose checkpoint exists)")
     parser.add_argument("--recall-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["recall"])
     parser.add_argument("--lm-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["lm"])
     parser.add_argument("--n", type=int, nargs="+", help="sequence lengths (default: recall 1024 4096, lm 1024)")
@@ -62,9 +64,16 @@ def main(argv=None) -> list[dict]:
     deadline = start + args.time_budget if args.time_budget > 0 else None
     csv_path = Path(args.out) / CSV_NAME
     rows: list[dict] = []
-    for kind in args.model:
-        path = args.recall_checkpoint if kind == "recall" else args.lm_checkpoint
-        model, info = load_model(path, kind, args.device)
+    paths = {"recall": args.recall_checkpoint, "lm": args.lm_checkpoint}
+    kinds = args.model or [kind for kind, path in paths.items() if Path(path).is_file()]
+    for kind in set(paths) - set(kinds) if args.model is None else ():
+        print(f"no {kind} checkpoint at {paths[kind]}: not evaluated (train it: see long_context/README.md)")
+    for kind in kinds:
+        path = paths[kind]
+        try:
+            model, info = load_model(path, kind, args.device)
+        except CheckpointError as err:
+            raise SystemExit(f"long_context.evaluate: {err}") from None
         quick = QUICK[kind] if args.quick else {}
         ns = (args.lm_n if kind == "lm" and args.lm_n else args.n) or quick.get("ns") or \
             ([1024, 4096] if kind == "recall" else [1024])

@@ -141,3 +141,13 @@ def test_evaluate_quick_writes_the_csv(tmp_path, tiny_lm_path):
         assert options == {} if r["method"] == "exact" else options["seed"] == 0 and options["num_samples"] >= 1
     exact_recall = [float(r["metric"]) for r in written if r["model"] == "recall" and r["method"] == "exact"]
     assert all(m > 0.8 for m in exact_recall)  # the committed model at n = 128 and 512
+
+
+def test_evaluate_script_names_a_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no long-context checkpoint at .*absent.pth"):
+        evaluate_script.main(["--quick", "--model", "lm", "--lm-checkpoint", str(tmp_path / "absent.pth")])
+    # without --model, a missing checkpoint is said and the others are evaluated
+    rows = evaluate_script.main(["--quick", "--methods", "exact", "--lm-checkpoint", str(tmp_path / "absent.pth"),
+                                 "--out", str(tmp_path), "--threads", "1"])
+    assert {r["model"] for r in rows} == {"recall"}
+    assert "no lm checkpoint at" in capsys.readouterr().out
