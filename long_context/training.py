@@ -204,7 +204,8 @@ def export_lm(work_dir, out_path, command: str) -> GPT:
     manifest = {"command": command, "data": "tiny Shakespeare, nanoGPT/data/shakespeare_char (train split; "
                 "validation loss on the val split)", "train_config": meta["config"],
                 "final": {"iter": meta["iter_num"], "val_loss": evals[-1]["eval_val_loss"] if evals else None,
-                          "train_loss": evals[-1]["eval_train_loss"] if evals else None}, **provenance()}
+                          "train_loss": evals[-1]["eval_train_loss"] if evals else None,
+                          "losses_at_iter": evals[-1]["iter"] if evals else None}, **provenance()}
     vocab = {"vocab_size": meta["vocab_size"], "stoi": meta["stoi"], "itos": meta["itos"]}
     save_model(out_path, model, "lm", meta=vocab, manifest=manifest)
     return model
