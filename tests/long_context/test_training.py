@@ -52,3 +52,21 @@ def test_fine_tune_keeps_the_checkpoints_task_and_records_its_parent(tmp_path):
     assert info["manifest"]["fine_tuned_from"] == parent["manifest"]
     assert tuple(info["manifest"]["train_config"]["key_curriculum"]) == ()
     assert model.config.block_size == 48
+
+
+def test_train_lm_quick_writes_a_checkpoint_with_its_manifest_and_exports_a_stopped_run(tmp_path):
+    from long_context import train_lm as train_lm_script
+    out, work = tmp_path / "lm.pth", tmp_path / "work"
+    train_lm_script.main(["--quick", "--work-dir", str(work), "--out", str(out), "--threads", "1"])
+    model, info = load_model(out, "lm")
+    assert model.config.position_embedding == "learned" and model.config.block_size == 128
+    assert info["meta"]["vocab_size"] == model.config.vocab_size == 65
+    final = info["manifest"]["final"]
+    assert final["iter"] == 4 and final["losses_at_iter"] == 4 and final["val_loss"] < 4.2  # ln 65 = 4.17
+    assert info["manifest"]["train_config"]["block_size"] == 128
+    # --export-only writes the model of the work dir's nanoGPT checkpoint again, training nothing
+    out.unlink()
+    train_lm_script.main(["--quick", "--work-dir", str(work), "--out", str(out), "--export-only"])
+    again, again_info = load_model(out, "lm")
+    assert again_info["manifest"]["final"] == final
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
