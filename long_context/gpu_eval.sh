@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Evaluate every causal method, 3 budgets each, in the long-context models on one GPU in bf16 (issue 14);
-# about 5 min on an H100 (each part stops cleanly at its time budget and keeps the rows it measured).
-#   OUT=/some/dir bash long_context/gpu_eval.sh              # writes under $OUT/long_context/
+# under 3 min on an H100: each part stops cleanly at its time budget (rows not started are written as skipped)
+# and has a hard timeout above it; the CSV is rewritten after every row, so a killed part keeps its rows.
+#   OUT=/some/dir bash long_context/gpu_eval.sh              # writes ONE file: $OUT/longctx_eval.tar.gz
 #   TINY=1 OUT=/tmp/x bash long_context/gpu_eval.sh          # the same commands at tiny sizes on the CPU
 # Checkpoints: RECALL (default long_context/checkpoints/recall_long.pth, else recall_exact.pth) and LM (default
-# long_context/checkpoints/lm_exact.pth). Writes recall/long_context_eval.csv (n = 65536, 16384, 4096; layer
-# sweep at 65536), lm/long_context_eval.csv (n = 4096, 1024; layer sweep at 4096), their logs, and the figures.
+# long_context/checkpoints/lm_exact.pth). The archive holds long_context/{recall,lm}/long_context_eval.csv
+# (recall: n = 65536, 16384, 4096, layer sweep at 65536; LM: n = 4096, 1024, layer sweep at 4096), the logs and
+# the two figures.
 set -uo pipefail
 : "${OUT:?set OUT to the output folder}"
 DEST="$OUT/long_context"
@@ -16,27 +18,31 @@ RECALL="${RECALL:-long_context/checkpoints/recall_long.pth}"
 LM="${LM:-long_context/checkpoints/lm_exact.pth}"
 if [ "${TINY:-0}" = "1" ]; then
   DEV="--device cpu --dtype float32 --threads 1"
-  RECALL_ARGS="--n 256 128 --sweep-n 256 --batches 1 --batch-size 2 --time-budget 60 --row-time-limit 20"
-  LM_ARGS="--n 128 --sweep-n 128 --batches 1 --batch-size 1 --time-budget 60 --row-time-limit 20"
+  RECALL_ARGS="--n 256 128 --sweep-n 256 --batches 1 --batch-size 2 --time-budget 40 --row-time-limit 10"
+  LM_ARGS="--n 128 --sweep-n 128 --batches 1 --batch-size 1 --time-budget 30 --row-time-limit 10"
+  RECALL_KILL=90; LM_KILL=60
 else
   DEV="--device cuda --dtype bfloat16"
-  RECALL_ARGS="--n 65536 16384 4096 --sweep-n 65536 --batches 4 --batch-size 8 --time-budget 180 --row-time-limit 20"
-  LM_ARGS="--n 4096 1024 --sweep-n 4096 --batches 4 --batch-size 4 --time-budget 100 --row-time-limit 15"
+  RECALL_ARGS="--n 65536 16384 4096 --sweep-n 65536 --batches 3 --batch-size 8 --time-budget 85 --row-time-limit 10"
+  LM_ARGS="--n 4096 1024 --sweep-n 4096 --batches 3 --batch-size 4 --time-budget 50 --row-time-limit 8"
+  RECALL_KILL=110; LM_KILL=70
 fi
 date -u +"%H:%M:%S start"
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-$PY -m long_context.evaluate --model recall --recall-checkpoint "$RECALL" $DEV $RECALL_ARGS --sweep first last \
-  --out "$DEST/recall" > "$DEST/eval_recall.log" 2>&1
-echo "recall: exit $?"; tail -n 2 "$DEST/eval_recall.log"
+timeout "$RECALL_KILL" $PY -m long_context.evaluate --model recall --recall-checkpoint "$RECALL" $DEV $RECALL_ARGS \
+  --sweep first last --out "$DEST/recall" > "$DEST/eval_recall.log" 2>&1
+echo "recall: exit $?"; tail -n 1 "$DEST/eval_recall.log"
 date -u +"%H:%M:%S recall done"
 if [ -f "$LM" ]; then
-  $PY -m long_context.evaluate --model lm --lm-checkpoint "$LM" $DEV $LM_ARGS --sweep first last \
+  timeout "$LM_KILL" $PY -m long_context.evaluate --model lm --lm-checkpoint "$LM" $DEV $LM_ARGS --sweep first last \
     --out "$DEST/lm" > "$DEST/eval_lm.log" 2>&1
-  echo "lm: exit $?"; tail -n 2 "$DEST/eval_lm.log"
+  echo "lm: exit $?"; tail -n 1 "$DEST/eval_lm.log"
 else
   echo "no LM checkpoint at $LM: LM evaluation skipped"
 fi
 date -u +"%H:%M:%S lm done"
-$PY -m long_context.plot --csv "$DEST"/*/long_context_eval.csv --out "$DEST" > "$DEST/plot.log" 2>&1
-echo "plot: exit $?"
-ls -la "$DEST" "$DEST"/*/
+timeout 40 $PY -m long_context.plot --csv "$DEST"/*/long_context_eval.csv --out "$DEST" > "$DEST/plot.log" 2>&1
+echo "plot: exit $?"; cat "$DEST/plot.log"
+tar -czf "$OUT/longctx_eval.tar.gz" -C "$OUT" long_context && rm -rf "$DEST"
+ls -la "$OUT/longctx_eval.tar.gz"
+date -u +"%H:%M:%S end"

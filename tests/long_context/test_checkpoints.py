@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from long_context.checkpoints import RECALL_CHECKPOINT, load_model, save_model
+from long_context.checkpoints import CHECKPOINT_DIR, LM_CHECKPOINT, RECALL_CHECKPOINT, load_model, save_model
+from long_context.evaluation import make_batches, measure
 from long_context.training import recall_metric
 from nanoGPT.checkpoint import CheckpointError
 from nanoGPT.model import GPT, GPTConfig
@@ -28,6 +29,20 @@ def test_committed_manifest_names_command_commit_and_result():
     final = {k: v for k, v in manifest["final"].items() if k.startswith("accuracy_n")}
     assert final and min(final.values()) > ACCURACY_BAR
     assert RECALL_CHECKPOINT.stat().st_size < 5e6  # small enough to commit
+
+
+def test_committed_gpu_checkpoints_keep_their_metric():
+    """recall_long.pth (the recall model fine-tuned at n up to 16384 on the GPU) still solves the task; the LM
+    (block 4096, validation loss 1.71 nats at its last evaluation, perplexity 5.55) predicts the validation text
+    far better than the unigram statistics (perplexity ~ 25)."""
+    recall, info = load_model(CHECKPOINT_DIR / "recall_long.pth", "recall")
+    assert info["manifest"]["fine_tuned_from"]["command"].startswith("python -m long_context.train_recall")
+    assert recall_metric(recall, info["task"].with_length(512), 2, 8, seed=9)["accuracy"] > ACCURACY_BAR
+    lm, lm_info = load_model(LM_CHECKPOINT, "lm")
+    assert lm.config.block_size == 4096 and lm.config.position_embedding == "learned"
+    assert lm_info["manifest"]["final"]["val_loss"] < 1.8 and LM_CHECKPOINT.stat().st_size < 5e6
+    perplexity = measure(lm, "lm", make_batches("lm", 512, 1, 2, seed=0))["metric"]
+    assert perplexity < 7.0, perplexity
 
 
 def tiny_recall_model(**overrides):
