@@ -23,15 +23,15 @@ other pieces, where the sums themselves are of interest (the unbiasedness test).
 Causal attention (issue 13; the diagonal/off-diagonal split of HyperAttention, Han et al. 2023, Sec. 4, flattened
 into ONE fused call so that causal costs about what non-causal costs; :func:`causal_kde_output`). The positions are
 cut into diagonal chunks of ``chunk_size`` (C). The queries of a chunk are sorted by their LSH bucket and cut into
-G = 4 tiles of C / 4 (G = 2 or 1 when C is not divisible), so a tile holds queries of one chunk with similar codes.
-Each tile attends, in one SDPA call over all tiles, to
+G = 4 groups of C / 4 (G = 2 or 1 when C is not divisible), so a group holds queries of one chunk with similar
+codes. Each query attends, in one SDPA call over all chunks, to
 
 1. its own chunk's C keys, block-causal (key position <= query position): the diagonal tile, exact;
-2. an LSH window of ``bucket_size`` keys from the strictly earlier chunks: the past keys sorted by (bucket, position)
-   and the window centred on the rank of the tile's median query code among them, exact;
+2. its group's LSH window of ``bucket_size`` keys from the strictly earlier chunks: the past keys sorted by
+   (bucket, position) and the window centred on the rank of the group's median query code among them, exact;
 3. the residual of the earlier chunks by stratified samples: every full chunk c' (a stratum) draws
    ceil(2 m / strata) keys with KDEformer's p_j ∝ ||v_j|| / ||V_c'||_op + 1/C normalised inside c', weight
-   1 / (p_j m_c'); a tile of chunk c reads the samples of the strata c' < c, minus those in its LSH window. Over
+   1 / (p_j m_c'); a query of chunk c reads the samples of the strata c' < c, minus those in its group's window. Over
    the sequence a query reads about ``sample_size`` samples on average (the last ones 2 m, the first ones few,
    whose past is short), each stratum sampled at the same rate.
 
@@ -40,11 +40,17 @@ case. Causality is exact by construction: the window is a rank range among past 
 keys per (chunk, code): in the (code, position) order the past keys of one code are the first ones of its segment,
 so the r-th past key is found by a search over codes, and future keys change none of this), the strata lie before
 the chunk, and their probabilities use their own values only; changing any future key or value leaves earlier
-outputs bit-identical (tested). The tile
+outputs bit-identical (tested). The
 grouping does depend on the codes of later queries of the same chunk (as the query blocks of HyperAttention's and
 KDEformer's non-causal sort do). No recursion: every part is one tile of the same call; with ``bucket_size >= Nk``
 the window covers the whole past and the call is exact causal attention. Nq < Nk (the queries are the last Nq
 positions) takes the same path; only the chunks holding queries form tiles.
+
+Layout (issue 13, measured on an H100: the per-row gathers of keys and values dominated): one tile per chunk, its C
+queries in position order against the keys [the chunk's C keys ; the G windows (G K) ; the samples ; -inf padding];
+the mask gives each query the block-causal own part (one (C, C) pattern for every chunk), its own group's window
+and the samples outside that window. A tile of C / G queries per group (the former layout) gathered the chunk's
+keys and the samples G times; this one gathers them once and reads G K window columns per query instead of K.
 
 Memory (issue 13, n = 262,144 on one GPU): everything outside the tiles is O(Nk) per head; the tiles go through the
 fused call a block of query chunks at a time (``query_block`` rows, by default about :data:`BLOCK_BYTES` of mask,
@@ -186,7 +192,7 @@ def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_s
     return from_logits(logits, up(blocks.values), "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
-BLOCK_BYTES = 2 ** 31  # the working memory a block of the causal path aims at (its gathered rows and mask)
+BLOCK_BYTES = 2 ** 33  # the working memory a block of the causal path aims at (its gathered rows and mask)
 
 
 def rows_per_block(batch_heads: int, width: int, tile_rows: int, row_dim: int, itemsize: int) -> int:
@@ -265,16 +271,20 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             rank_s = torch.empty_like(perm_k).scatter_(-1, perm_k, torch.arange(nk, device=dev).expand(b, h, nk))
             sample_code = torch.gather(dense_k, -1, samples)  # (B, H, M)
             sample_offset = torch.gather(rank_s, -1, samples) - torch.gather(segment, -1, sample_code)
-    inverse = torch.zeros(b, h, nq + 1, dtype=torch.long, device=dev).scatter_(
-        -1, torch.where(slot_valid, slot_query, nq).view(b, h, n_qc * C),
-        torch.arange(n_qc * C, device=dev).expand(b, h, -1))[:, :, :nq]  # the sorted slot of each query
+    # the queries stay in position order, each chunk one tile; a query's group (its rank in the chunk's code order
+    # // Q) picks its window and its sample exclusions through the mask
+    group = torch.empty_like(order).scatter_(-1, order, (torch.arange(C, device=dev) // Q).expand_as(order))
+    tril = torch.arange(C, device=dev)
+    own_pattern = torch.zeros(C, C, dtype=q.dtype, device=dev).masked_fill(tril.view(1, C) > tril.view(C, 1),
+                                                                          float("-inf"))  # key slot <= query slot
+    other_group = ~torch.eye(groups, dtype=torch.bool, device=dev).view(groups, groups, 1)
     out = torch.empty(b, h, n_qc * C, dv, dtype=q.dtype, device=dev)
-    rows = query_block or rows_per_block(b * h, C + K + per * n_strata, Q, d + dv, q.element_size())
+    rows = query_block or rows_per_block(b * h, C + groups * K + per * n_strata, C, d + dv, q.element_size())
     block = max(1, rows // C)  # query chunks per block
     for c0 in range(0, n_qc, block):
         c1 = min(n_qc, c0 + block)
         nc, sl = c1 - c0, slice(c0, c1)
-        with record_function("kdeformer.lsh_sort"):  # the window: ranks lo .. lo + K - 1 among the past keys
+        with record_function("kdeformer.lsh_sort"):  # the windows: ranks lo .. lo + K - 1 among the past keys
             ranks = lo[:, :, sl].unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, nc, G, K)
             window_valid = ranks < n_past[:, :, sl].unsqueeze(-1)
             below = past_below[:, :, sl]
@@ -282,10 +292,13 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             code_of = code_of.clamp_max(n_codes - 1)
             where = torch.gather(segment, -1, code_of.view(b, h, -1)).view(b, h, nc, groups * K) + \
                 ranks.view(b, h, nc, groups * K) - torch.gather(below, -1, code_of)
-            window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups, K)
-        keys_index = [own[sl].clamp_max(nk - 1).view(nc, 1, C).expand(b, h, nc, groups, C), window]
-        bias_tile = [torch.zeros(b, h, nc, groups, K, dtype=q.dtype, device=dev).masked_fill(~window_valid,
-                                                                                             float("-inf"))]
+            window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups * K)
+            # the mask of the keys after the own chunk, per (chunk, group): its own window, not the others'
+            window_bias = torch.zeros(b, h, nc, groups, K, dtype=q.dtype, device=dev).masked_fill(
+                ~window_valid, float("-inf"))
+            rest = [window_bias.unsqueeze(3).masked_fill(other_group, float("-inf")).view(b, h, nc, groups,
+                                                                                          groups * K)]
+        keys_index = [own[sl].clamp_max(nk - 1).expand(b, h, nc, C), window]
         m_used = min(n_strata, first + c1 - 1) * per  # the strata before the block's last chunk
         if m_used > 0:
             with record_function("kdeformer.residual_sample"):
@@ -295,34 +308,31 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
                 lo_blk = lo[:, :, sl].unsqueeze(-1)
                 in_window = (past_rank.unsqueeze(3) >= lo_blk) & (past_rank.unsqueeze(3) < lo_blk + K)
                 usable = (stratum[cols] * C < chunk_start[sl].view(nc, 1)).view(1, 1, nc, 1, m_used) & ~in_window
-                keys_index.append(samples[:, :, cols].view(b, h, 1, 1, m_used).expand(b, h, nc, groups, m_used))
-                bias_tile.append(log_w[:, :, cols].to(q.dtype).view(b, h, 1, 1, m_used).masked_fill(~usable,
-                                                                                                      float("-inf")))
+                keys_index.append(samples[:, :, cols].view(b, h, 1, m_used).expand(b, h, nc, m_used))
+                rest.append(log_w[:, :, cols].to(q.dtype).view(b, h, 1, 1, m_used).masked_fill(~usable,
+                                                                                                 float("-inf")))
         with record_function("kdeformer.gather"):
-            width = C + sum(x.shape[-1] for x in bias_tile)
-            pad = -width % 16  # a mask width the fused kernels take without copying it
+            width = sum(x.shape[-1] for x in rest)
+            pad = -(C + width) % 16  # a mask width the fused kernels take without copying it
             if pad:
-                keys_index.append(torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=dev).expand(
+                keys_index.append(torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev).expand(b, h, nc, pad))
+                rest.append(torch.full((1, 1, 1, 1, pad), float("-inf"), dtype=q.dtype, device=dev).expand(
                     b, h, nc, groups, pad))
-                bias_tile.append(torch.full((1, 1, 1, 1, pad), float("-inf"), dtype=q.dtype, device=dev).expand(
-                    b, h, nc, groups, pad))
-            index = torch.cat(keys_index, dim=-1)  # (B, H, nc, G, L)
-            q_rows = slot_query[:, :, sl].clamp(0, nq - 1).view(b, h, nc, groups, Q)
+            index = torch.cat(keys_index, dim=-1)  # (B, H, nc, L): own chunk, the G windows, samples, padding
+            q_rows = (own[sl] - (nk - nq)).clamp(0, nq - 1).expand(b, h, nc, C)
             qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
-            qpos = slot_pos[:, :, sl].view(b, h, nc, groups, Q, 1)
-            own_ok = (own[sl].view(nc, 1, 1, C) <= qpos) & (own[sl].view(nc, 1, 1, C) < nk)  # (B, H, nc, G, Q, C)
-            bias = torch.empty(b, h, nc, groups, Q, index.shape[-1], dtype=q.dtype, device=dev)  # written once:
-            bias[..., :C] = 0.0  # the own chunk, block-causal: 0 or -inf per (query, key) ...
-            bias[..., :C].masked_fill_(~own_ok, float("-inf"))
-            bias[..., C:] = torch.cat(bias_tile, dim=-1).unsqueeze(4)  # ... the window and samples: per tile
-        with record_function("kdeformer.block_attention"):
+            rest = torch.cat(rest, dim=-1).reshape(b * h * nc * groups, width + pad)
+            tile_group = (torch.arange(b * h * nc, device=dev).view(b, h, nc, 1) * groups + group[:, :, sl])
             L = index.shape[-1]
+            bias = torch.empty(b, h, nc, C, L, dtype=q.dtype, device=dev)  # written once: the own chunk ...
+            bias[..., :C] = own_pattern
+            bias[..., C:] = rest.index_select(0, tile_group.view(-1)).view(b, h, nc, C, L - C)  # ... the rest by group
+        with record_function("kdeformer.block_attention"):
             out[:, :, c0 * C:c1 * C] = F.scaled_dot_product_attention(
-                qt.reshape(b * h, nc * groups, Q, d), kt.reshape(b * h, nc * groups, L, d),
-                vt.reshape(b * h, nc * groups, L, dv), attn_mask=bias.reshape(b * h, nc * groups, Q, L),
-                scale=scale).view(b, h, nc * C, dv)
+                qt.reshape(b * h, nc, C, d), kt.reshape(b * h, nc, L, d), vt.reshape(b * h, nc, L, dv),
+                attn_mask=bias.reshape(b * h, nc, C, L), scale=scale).reshape(b, h, nc * C, dv)
     with record_function("kdeformer.unsort"):
-        return gather_rows(out, inverse)
+        return out[:, :, slot_of_query]
 
 
 @register("kdeformer")
