@@ -374,11 +374,22 @@ def test_exact_lse_merges_two_halves_of_the_keys_into_full_attention(causal):
     torch.testing.assert_close(total, full_lse)
 
 
-@pytest.mark.parametrize("name", [n for n in common.methods() if not common.method_class(n).supports_lse])
-def test_return_lse_is_refused_where_the_method_forms_no_normaliser(name):
-    q, k, v, _ = _padded_batch(_sequences(seed=11), "right")
-    with pytest.raises(ValueError, match=rf"^{name}: return_lse=True is not supported"):
-        _method(name, _options(name, "default"))(q, k, v, return_lse=True)
+class _NoNormaliser(common.AttentionMethod):
+    """A method without ``supports_lse`` (every registered method has it today, with option-level refusals below)."""
+    name = "no_normaliser"
+
+    def attend(self, q, k, v, causal, scale):
+        return common.softmax_attention(q, k, v, causal, scale)
+
+
+def test_return_lse_is_refused_where_the_method_forms_no_normaliser():
+    q, k, v, mask = _padded_batch(_sequences(seed=11), "right")
+    unsupported = [n for n in common.methods() if not common.method_class(n).supports_lse]
+    for attn in [_NoNormaliser()] + [_method(n, _options(n, "default")) for n in unsupported]:
+        with pytest.raises(ValueError, match=rf"^{attn.name}: return_lse=True is not supported"):
+            attn(q, k, v, return_lse=True, key_padding_mask=mask)
+    torch.testing.assert_close(_NoNormaliser()(q, k, v, key_padding_mask=mask),  # masks need no lse
+                               common.get_attention("exact")(q, k, v, key_padding_mask=mask))
 
 
 @pytest.mark.parametrize("options", [{"estimator": "gumbel"}, {"index": "ivf_blas", "estimator": "topk"},
