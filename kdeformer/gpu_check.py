@@ -3,8 +3,9 @@
     python -m kdeformer.gpu_check --out /tmp/kde_gpu.csv                       # on a GPU (about 3 min on an H100)
     python -m kdeformer.gpu_check --quick --device cpu --out /tmp/kde_cpu.csv  # the same code at tiny n on the CPU
 
-Cells (B = 1, H = 8, D = 64, the ``clustered`` input, ``--dtype`` bfloat16 by default): causal at n = 16,384,
-131,072 and 262,144 and non-causal at 131,072 (``--quick``: causal at 256 and 512, non-causal at 512). In each cell
+Cells (B = 1, H = 8, D = 64, the ``clustered`` input, ``--dtype`` bfloat16 by default), in this order: causal at
+n = 131,072 and 262,144, non-causal at 131,072, causal at 16,384 (``--quick``: causal at 256 and 512, non-causal at
+512). In each cell
 exact attention (``torch.nn.functional.scaled_dot_product_attention`` in the same dtype: the flash kernel on a GPU)
 is timed first, then each method of ``--methods`` (by registered name; default kdeformer, reformer, sblocal, uniform,
 tree) at each budget it declares for n (``budgets(n)``, seeded), forward only, under ``torch.no_grad``:
@@ -13,7 +14,7 @@ tree) at each budget it declares for n (``budgets(n)``, seeded), forward only, u
   warm-up shows they would not fit in the time left); ``ratio`` = time / exact's time in the same cell;
 - peak memory: ``torch.cuda.max_memory_allocated`` during the method's calls, above what was allocated before
   (the inputs); empty on the CPU;
-- error (at the cell's n when n <= ``--error-max-n``, 16,384 by default): the relative Frobenius error of the whole
+- error (at the cell's n when n <= ``--error-max-n``, 131,072 by default): the relative Frobenius error of the whole
   output against exact attention in float32;
 - ``inner_products_per_query``: for a method that counts them (``last_inner_products``, tree), their mean over the
   queries of the last call.
@@ -23,8 +24,8 @@ goes on (the same method and budget are not tried at a larger n); so does one th
 (``timeout``). Once ``--time-budget`` seconds are spent (the profiles included), the remaining rows are written as
 ``skipped``. The CSV is rewritten after every row.
 
-Before the cells (unless ``--no-profile``), one profiled forward call each of kdeformer (causal at 16,384 and
-131,072, non-causal at 131,072) and tree (causal at 16,384), middle budget: the operators and kernels by device
+Before the cells (unless ``--no-profile``), one profiled forward call each of kdeformer (causal and non-causal at
+131,072) and tree (causal at 16,384), middle budget: the operators and kernels by device
 time, with the methods' ``record_function`` stages, in ``<out>_profile.txt`` beside the CSV.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from common.data import InputSpec, make_input
 from common.gpu_benchmark import RowTimeout, time_limit
 from common.registry import budget_options, get_attention
 
-CELLS = ((16384, True), (131072, True), (262144, True), (131072, False))
+CELLS = ((131072, True), (262144, True), (131072, False), (16384, True))
 QUICK_CELLS = ((256, True), (512, True), (512, False))
 METHODS = ("kdeformer", "reformer", "sblocal", "uniform", "tree")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -94,7 +95,7 @@ def timed(fn, device, repeats: int, deadline: float) -> tuple[object, float, int
 
 
 def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cuda", heads: int = 8, head_dim: int = 64,
-              repeats: int = 3, error_max_n: int = 16384, time_budget: float = 170.0, row_time_limit: float = 30.0,
+              repeats: int = 3, error_max_n: int = 131072, time_budget: float = 170.0, row_time_limit: float = 30.0,
               seed: int = 0, on_row=None) -> list[dict]:
     """Every row of the check (module docstring); ``on_row(rows)`` after each new row."""
     device = torch.device(device)
@@ -168,7 +169,7 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
     return rows
 
 
-PROFILED = (("kdeformer", 16384, True), ("kdeformer", 131072, True), ("kdeformer", 131072, False), ("tree", 16384, True))
+PROFILED = (("kdeformer", 131072, True), ("kdeformer", 131072, False), ("tree", 16384, True))
 
 
 def profile_table(name: str, n: int, causal: bool, *, dtype=torch.bfloat16, device="cuda", heads: int = 8,
@@ -225,8 +226,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--time-budget", type=float, default=170.0, help="seconds; rows not started are skipped")
-    parser.add_argument("--error-max-n", type=int, default=16384, help="the error is measured up to this n")
-    parser.add_argument("--row-time-limit", type=float, default=20.0, help="seconds per method, budget and cell")
+    parser.add_argument("--error-max-n", type=int, default=131072, help="the error is measured up to this n")
+    parser.add_argument("--row-time-limit", type=float, default=10.0, help="seconds per method, budget and cell")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiles (<out>_profile.txt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="n = 256 and 512 (CPU-sized)")
