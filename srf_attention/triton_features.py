@@ -9,13 +9,16 @@ with the offset c each query's own largest logit (``offset='row'``), the largest
 (``'global'``, for keys: a first pass writes every row's largest logit, PyTorch takes the maximum per (batch, head),
 a second pass writes the features) or a given tensor. PyTorch needs about ten passes over (N, m) float32 tensors
 for this (upcast, product, squared norms, subtraction, maximum, exponential, division, downcast); the kernel reads
-x once (twice for keys) and writes the features once, in the input dtype. All arithmetic is float32: the projection
-W stays float32 and the product W x' uses IEEE float32 dot products (no TF32), since exp turns an absolute logit
-error into a relative feature error; bfloat16 inputs give bfloat16 features, rounded once at the store.
+x once (twice for keys) and writes the features once, in the input dtype. The arithmetic is float32: logits, their
+maximum and exp, with one rounding to the input dtype at the store, since exp turns an absolute logit error into a
+relative feature error. The product x W'^T (W' = sqrt(S) W): bfloat16 inputs are exact in bfloat16, and W' is
+split into two bfloat16 halves (2^-17 relative), so two bfloat16 tensor-core products accumulated in float32 give
+it to about float32 accuracy; float32 (and float16) inputs use IEEE float32 dot products (CUDA cores, slower).
 
 Backward (c is treated as a constant, as the reference detaches it; it cancels between numerator and denominator):
 with g = dL/dphi * phi (recomputed in float32 from x and the saved per-row offset, so no feature is kept for it),
-dL/dx = sqrt(S) (g W - x' sum_f g_f), one kernel. The projection W is a buffer, never trained: no gradient for it.
+dL/dx = g W' - S x sum_f g_f, one kernel (g split into bfloat16 halves like W' for bfloat16 inputs). The
+projection W is a buffer, never trained: no gradient for it.
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ def _pow2(n: int) -> int:
 
 def fused_features_available(x: torch.Tensor, projection: torch.Tensor) -> bool:
     """Whether :func:`fused_positive_random_features` runs for these inputs: CUDA, Triton installed, float32 /
-    bfloat16 / float16, at most :data:`MAX_FEATURES` features and :data:`MAX_HEAD_DIM` dims."""
+    bfloat16 / float16 (bfloat16 on a GPU with bfloat16 tensor cores, compute capability 8 or more), at most
+    :data:`MAX_FEATURES` features and :data:`MAX_HEAD_DIM` dims."""
     return (x.is_cuda and x.dtype in DTYPES and projection.shape[0] <= MAX_FEATURES
-            and x.shape[-1] <= MAX_HEAD_DIM and importlib.util.find_spec("triton") is not None)
+            and x.shape[-1] <= MAX_HEAD_DIM and importlib.util.find_spec("triton") is not None
+            and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] >= 8))
 
 
 @functools.cache
@@ -59,48 +64,59 @@ def _tiles(m: int, d: int) -> dict:
     return dict(D=d, M=m, BD=_pow2(d), BM=bm, BT=max(16, min(64, 8192 // bm)))
 
 
+def _projection_operands(projection: torch.Tensor, scale: float, x: torch.Tensor):
+    """(W_hi, W_lo, split) for the kernels: W' = sqrt(S) W in float32, split into two bfloat16 halves for bfloat16
+    inputs (W_hi = W' rounded, W_lo = the rest rounded: W' to 2^-17 relative), else W' twice (the second unused)."""
+    w = projection.to(device=x.device, dtype=torch.float32) * math.sqrt(scale)
+    if x.dtype != torch.bfloat16:
+        w = w.contiguous()
+        return w, w, False
+    w_hi = w.to(torch.bfloat16)
+    return w_hi.contiguous(), (w - w_hi.float()).to(torch.bfloat16).contiguous(), True
+
+
 class _PositiveFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projection, scale, offset):
         *lead, n, d = x.shape
         m = projection.shape[0]
         x2 = x.reshape(-1, d).contiguous()
-        w = projection.to(device=x.device, dtype=torch.float32).contiguous()
+        w_hi, w_lo, split = _projection_operands(projection, scale, x)
         rows = x2.shape[0]
         tiles = _tiles(m, d)
         grid = (_cdiv(rows, tiles["BT"]),)
         forward, _ = _kernels()
-        sqrt_scale, log_norm = math.sqrt(scale), 0.5 * math.log(m)
+        log_norm = 0.5 * math.log(m)
+        args = dict(scale=scale, log_norm=log_norm, SPLIT=split, **tiles)
         out = torch.empty(rows, m, device=x.device, dtype=x.dtype)
         rowmax = torch.empty(rows, device=x.device, dtype=torch.float32)
         groups = max(1, math.prod(lead))
         if not isinstance(offset, torch.Tensor) and offset == "row":
-            forward[grid](x2, w, rowmax, out, rowmax, rows, max(n, 1), sqrt_scale, log_norm, MODE=0, **tiles)
+            forward[grid](x2, w_hi, w_lo, rowmax, out, rowmax, rows, max(n, 1), MODE=0, **args)
             c, c_rows = rowmax.view(*lead, n, 1), rowmax
         else:
             if isinstance(offset, torch.Tensor):
                 c = offset.to(device=x.device, dtype=torch.float32).expand(*lead, 1, 1)
             else:  # 'global': every row's largest logit first, then the largest per (batch, head)
-                forward[grid](x2, w, rowmax, out, rowmax, rows, max(n, 1), sqrt_scale, log_norm, MODE=1, **tiles)
+                forward[grid](x2, w_hi, w_lo, rowmax, out, rowmax, rows, max(n, 1), MODE=1, **args)
                 c = rowmax.view(groups, n).amax(dim=1).view(*lead, 1, 1)
             per_group = c.reshape(groups).contiguous()
-            forward[grid](x2, w, per_group, out, rowmax, rows, max(n, 1), sqrt_scale, log_norm, MODE=2, **tiles)
+            forward[grid](x2, w_hi, w_lo, per_group, out, rowmax, rows, max(n, 1), MODE=2, **args)
             c_rows = per_group.repeat_interleave(n)
-        ctx.save_for_backward(x2, w, c_rows)
-        ctx.meta = (tuple(x.shape), x.dtype, sqrt_scale, log_norm)
+        ctx.save_for_backward(x2, w_hi, w_lo, c_rows)
+        ctx.meta = (tuple(x.shape), x.dtype, args)
         ctx.mark_non_differentiable(c)
         return out.view(*lead, n, m), c
 
     @staticmethod
     def backward(ctx, dout, _dc):
-        x2, w, c_rows = ctx.saved_tensors
-        shape, dtype, sqrt_scale, log_norm = ctx.meta
+        x2, w_hi, w_lo, c_rows = ctx.saved_tensors
+        shape, dtype, args = ctx.meta
         rows, d = x2.shape
-        tiles = _tiles(w.shape[0], d)
         dx = torch.empty(rows, d, device=x2.device, dtype=dtype)
         _, backward = _kernels()
-        backward[(_cdiv(rows, tiles["BT"]),)](x2, w, c_rows, dout.reshape(rows, -1).contiguous(), dx, rows,
-                                                    sqrt_scale, log_norm, **tiles)
+        backward[(_cdiv(rows, args["BT"]),)](x2, w_hi, w_lo, c_rows, dout.reshape(rows, -1).contiguous(), dx, rows,
+                                             **args)
         return dx.view(shape), None, None, None
 
 

@@ -118,6 +118,15 @@ def test_normaliser_is_linear_attention_with_values_one(causal, nq, nk):
         torch.testing.assert_close(normaliser(q, k, causal, initial), ref, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("n,chunk_size", [(1, 4), (4, 4), (5, 4), (37, 4), (64, 8), (200, 64)])
+def test_prefix_sums_equal_cumsum(n, chunk_size):
+    x = features(2, 3, n, 5, 16)
+    torch.testing.assert_close(la.prefix_sums(x, torch.float64, chunk_size), x.cumsum(2), atol=1e-12, rtol=1e-12)
+    assert la.prefix_sums(x.bfloat16(), torch.float32, chunk_size).dtype == torch.float32
+    small = x[:1, :1, :, :2].detach().requires_grad_()
+    torch.autograd.gradcheck(lambda t: la.prefix_sums(t, torch.float64, chunk_size), (small,))
+
+
 def test_normaliser_accumulates_half_precision_in_float32():
     q, k = features(1, 1, 4096, 8, 14).bfloat16(), features(1, 1, 4096, 8, 15).bfloat16()
     z = normaliser(q, k, True)

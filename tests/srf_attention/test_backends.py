@@ -31,7 +31,8 @@ def test_auto_is_the_torch_path_on_the_cpu(name):
         outs = [common.get_attention(name, nb_features=16, seed=0, attn_fn=attn_fn, feature_kernel=kernel)(
             x.q, x.k, x.v, causal=causal) for attn_fn, kernel in (("torch", "torch"), ("auto", "auto"))]
         assert torch.equal(outs[0], outs[1])
-    assert common.get_attention(name).attn_fn == "auto"
+    default = common.get_attention(name)
+    assert default.attn_fn == default.feature_kernel == "auto"
 
 
 def test_gpu_only_choices_refuse_on_the_cpu_naming_the_alternative_and_change_nothing(monkeypatch):
@@ -116,8 +117,10 @@ def test_cuda_fla_equals_the_torch_path(name, causal):
 @pytest.mark.parametrize("shape,m", [((2, 3, 37, 16), 20), ((1, 2, 1000, 64), 64), ((1, 1, 130, 7), 130)])
 def test_cuda_triton_features_equal_the_reference(dtype, shape, m):
     """The fused feature map against ``common.random_features.positive_random_features``: features, offsets and
-    gradients, for the three offsets (row, global, a carried tensor). Both compute in float32 (IEEE dots);
-    bfloat16 features are rounded once at the store (relative 2^-9), so 2^-8 bounds bfloat16 and 1e-5 float32."""
+    gradients, for the three offsets (row, global, a carried tensor). Both compute the logits in float32 (float32
+    inputs by IEEE dots; bfloat16 inputs by bfloat16 products with the projection split in two halves, 2^-17
+    relative) and round the features once at the store (bfloat16: relative 2^-9), so 2^-8 bounds bfloat16 and
+    1e-5 float32."""
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8
     w = random_matrix("simplex", m, shape[-1], generator=torch.Generator().manual_seed(0)).cuda()
     x = (2 * torch.randn(*shape, device="cuda")).to(dtype).requires_grad_()
