@@ -184,7 +184,9 @@ def prefix_sums(x: torch.Tensor, dtype: torch.dtype, chunk_size: int = 64) -> to
     if n <= chunk_size:
         return x.cumsum(2, dtype=dtype)
     pad = (-n) % chunk_size
-    within = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, -1, chunk_size, m).cumsum(3, dtype=dtype)
+    if pad:  # zero rows after the last position change no sum before them
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    within = x.reshape(b, h, -1, chunk_size, m).cumsum(3, dtype=dtype)
     inclusive = within[:, :, :, -1].transpose(-2, -1).cumsum(-1).transpose(-2, -1)   # over chunks: (B, H, n/C, m)
     before = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
     return (within + before.unsqueeze(3)).view(b, h, -1, m)[:, :, :n]
