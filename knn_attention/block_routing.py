@@ -55,6 +55,7 @@ causal for that reason, this index accepts it and says so).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 from common.attention import causal_query_positions
 from common.validation import check_int
 
-from .device_index import _group_into_chunks, _nearest_centroid, _rows, _score_dtype, kmeans, unit
+from .device_index import _group_into_chunks, _nearest_centroid, _score_dtype, kmeans, unit
 
 # Query blocks are attended in chunks whose mask holds about this many numbers.
 _CHUNK_ELEMENTS = 2 ** 28
@@ -78,7 +79,7 @@ class BlockOptions:
     nprobe: int
     block: int
     num_samples: int
-    iterations: int = 8
+    iterations: int = 4
     points_per_centroid: int = 32
     tail_uniform: float = 0.25
 
@@ -130,7 +131,8 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     query_slots, _, query_slot = _group_into_chunks(_nearest_centroid(queries, unit(centroids)), nlist, opts.block)
     key_blocks, query_ids = key_slots.view(g, -1, opts.block), query_slots.view(g, -1, opts.block)
     n_key_blocks = key_blocks.shape[1]
-    query_sum, key_sum = _rows(queries, query_ids).sum(2), _rows(keys, key_blocks).sum(2)  # (G, Q, D), (G, K, D)
+    query_sum = _block_sums(queries, query_slot, opts.block, query_ids.shape[1])  # (G, Q, D)
+    key_sum = _block_sums(keys, key_slot_of, opts.block, n_key_blocks)  # (G, K, D)
     sizes = (key_blocks >= 0).sum(-1)  # (G, K) keys per block; 0: an unused block
     score = query_sum @ unit(key_sum).transpose(1, 2)  # (G, Q, K)
     score = score.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
@@ -171,6 +173,13 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     pad = -ids.shape[-1] % _ALIGN
     return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions,
                    key_ids=F.pad(ids, (0, pad), value=-1), bias=F.pad(bias, (0, pad), value=float("-inf")))
+
+
+def _block_sums(x: torch.Tensor, slot: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """(G, n_blocks, D) sums of the rows of x (G, n, D) by block, row i sitting at ``slot[:, i]`` (one index_add_)."""
+    g, n, d = x.shape
+    index = slot // block + (torch.arange(g, device=x.device) * n_blocks).unsqueeze(1)
+    return x.new_zeros(g * n_blocks, d).index_add_(0, index.reshape(-1), x.reshape(-1, d)).view(g, n_blocks, d)
 
 
 def _draw_tail(query_mean, key_blocks, key_sum, sizes, selected, scale: float, opts: BlockOptions,
@@ -218,34 +227,83 @@ def _flat_index(ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(ids >= 0, ids + base, g * n)
 
 
+def _augmented(x: torch.Tensor, width: int, fill: float | None = None) -> torch.Tensor:
+    """x (B, H, N, C) -> (B H N + 1, width) rows: x, then two columns ``fill`` (zeros if None), then zeros; the
+    last row (the pad target of :func:`_flat_index`) all zeros."""
+    rows = x.reshape(-1, x.shape[-1])
+    extra = rows.new_zeros(rows.shape[0], width - rows.shape[1])
+    if fill is not None:
+        extra[:, :2] = fill
+    return torch.cat([torch.cat([rows, extra], 1), rows.new_zeros(1, width)])
+
+
+# A dropped key's weight column: finite (an infinite one would make 0 * inf = nan in the kernels' backward),
+# and far below any score: exp(-1e30 + s) is exactly 0 in float32 for any |s| < 1e29.
+_DROPPED = -1e30
+
+
+def _split(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., W) float32 log weights -> (..., W, 2) in ``dtype``, hi + lo = bias to float32 precision (-inf:
+    ``_DROPPED``, 0), so a product with (c, c) adds c * bias to a score with the float32 accumulation of the
+    kernel."""
+    dropped = torch.isinf(bias)
+    hi = bias.masked_fill(dropped, _DROPPED).to(dtype)
+    lo = torch.where(dropped, 0.0, bias - hi.float()).to(dtype)
+    return torch.stack([hi, lo], -1)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """``scaled_dot_product_attention``; with a mask on CUDA the memory-efficient kernel is asked for first (the
+    fused kernel that takes an additive mask), and if it cannot run, SDPA's own choice (with a warning)."""
+    if mask is not None and q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        try:
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        except RuntimeError as err:
+            warnings.warn(f"knn: ivf_blocks could not use the memory-efficient attention kernel ({err}); "
+                          "falling back to SDPA's default choice")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                      routing: Routing) -> torch.Tensor:
-    """Step 5: each query block attends its routed keys; (B, H, Nq, Dv) in q's dtype, differentiable in q, k, v."""
+    """Step 5: each query block attends its routed keys; (B, H, Nq, Dv) in q's dtype, differentiable in q, k, v.
+
+    Non-causal, the log weights ride in two extra dimensions (q' = [q, c, c, 0..], k' = [k, hi, lo, 0..], c =
+    1 / scale, hi + lo = the log weight), so the call takes no mask and runs the flash kernel; causal (and in
+    float16), they join the position mask (an additive mask in q's dtype) and the memory-efficient kernel runs."""
     b, h, nq, d = q.shape
     nk, dv, g = k.shape[2], v.shape[-1], b * h
     n_query_blocks, block = routing.query_ids.shape[1:]
     width = routing.key_ids.shape[-1]
-    qf, kf, vf = _flat_rows(q), _flat_rows(k), _flat_rows(v)
     query_rows = _flat_index(routing.query_ids, nq).reshape(g * n_query_blocks, block)
     key_rows = _flat_index(routing.key_ids, nk).reshape(g * n_query_blocks, width)
-    key_pos = routing.key_ids.reshape(g * n_query_blocks, 1, width)
-    query_pos = routing.query_pos.reshape(g * n_query_blocks, block, 1)
     bias = routing.bias.reshape(g * n_query_blocks, 1, width)
-    chunk = max(1, _CHUNK_ELEMENTS // (width * max(block, d, dv)))
+    masked = causal or q.dtype == torch.float16  # float16 cannot hold c * _DROPPED: the mask carries the weights
+    if masked:
+        qf, kf, vf, dq, dk = _flat_rows(q), _flat_rows(k), _flat_rows(v), d, dv
+        key_pos = routing.key_ids.reshape(g * n_query_blocks, 1, width)
+        query_pos = routing.query_pos.reshape(g * n_query_blocks, block, 1)
+    else:  # head dimension padded to a multiple of 8 holding the two weight columns (and v's columns)
+        dq = dk = -(-max(d + 2, dv) // 8) * 8
+        qf, kf, vf = _augmented(q, dq, 1 / scale), _augmented(k, dq), _augmented(v, dq)
+    chunk = max(1, _CHUNK_ELEMENTS // (width * max(block, dq)))
     outs = []
     for s in range(0, g * n_query_blocks, chunk):
         c = slice(s, s + chunk)
         m = query_rows[c].shape[0]
-        row_bias = bias[c].to(q.dtype)
+        keys = kf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, dq)
         if causal:  # -inf after the query's position (pads have id -1 and bias -inf already)
-            mask = torch.where(key_pos[c] <= query_pos[c], row_bias, float("-inf"))
-        else:  # one bias row per query block, broadcast over its queries
-            mask = row_bias.expand(m, block, width)
-        outs.append(F.scaled_dot_product_attention(
-            qf.index_select(0, query_rows[c].reshape(-1)).view(m, 1, block, d),
-            kf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, d),
-            vf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, dv),
-            attn_mask=mask.unsqueeze(1), scale=scale))
+            mask = torch.where(key_pos[c] <= query_pos[c], bias[c].to(q.dtype), float("-inf")).unsqueeze(1)
+        elif masked:  # one bias row per query block, broadcast over its queries
+            mask = bias[c].to(q.dtype).expand(m, block, width).unsqueeze(1)
+        else:
+            weights = _split(bias[c].view(m, 1, width), q.dtype)
+            keys = torch.cat([keys[..., :d], weights, keys[..., d + 2:]], -1)
+            mask = None
+        outs.append(_sdpa(qf.index_select(0, query_rows[c].reshape(-1)).view(m, 1, block, dq), keys,
+                          vf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, dk), mask, scale)[..., :dv])
     out = torch.cat(outs).view(g, n_query_blocks * block, dv)
     return out.gather(1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)  # query order
 

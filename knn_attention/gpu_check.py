@@ -18,7 +18,8 @@ Then the error table (no timing) at moderate n (``--error-n``, default 4096) on 
 ``gaussian``; for each knn config and, as the reference retrieval, the exact top-k (``index='torch'``) with k =
 the routed budget.
 
-Writes ``knn_gpu.csv`` (every row), ``knn_gpu.md`` (the same as a table) and, with ``--pytest`` (default on a GPU),
+Writes ``knn_gpu.csv`` (every row), ``knn_gpu.md`` (the same as a table), ``knn_gpu_profile.txt`` (torch.profiler
+tables of one knn call at the largest n, non-causal and causal) and, with ``--pytest`` (default on a GPU),
 ``knn_gpu_pytest.txt``: the output of ``pytest tests/knn_attention -k "cuda or gpu"``.
 """
 from __future__ import annotations
@@ -189,6 +190,36 @@ def write(rows: list[dict], out: Path) -> None:
     (out / "knn_gpu.md").write_text(header + "\n".join(_line(r) for r in rows) + "\n")
 
 
+def profile_table(n: int, *, heads: int, head_dim: int, dtype, device, seed: int) -> str:
+    """torch.profiler tables (top kernels by device time) of one knn call at the ``mid`` budget, non-causal and
+    causal, after a warm-up call; an error is reported in the text instead."""
+    texts = []
+    x = make_input("clustered", n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype, device=device,
+                                               progress=False))
+    attn = get_attention("knn", **_options(configs(n)[0][1], seed))
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    for causal in (False, True):
+        try:
+            with torch.no_grad():
+                attn(x.q, x.k, x.v, causal=causal)
+                _sync(device)
+                with torch.profiler.profile(activities=activities) as prof:
+                    attn(x.q, x.k, x.v, causal=causal)
+                    _sync(device)
+            events = prof.key_averages()
+            key = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
+            try:
+                table = events.table(sort_by=key, row_limit=30)
+            except Exception:  # noqa: BLE001 - the sort key's name changed across torch versions
+                table = events.table(sort_by="self_device_time_total", row_limit=30)
+            calls = sum(e.count for e in events)
+            texts.append(f"## n = {n}, causal = {causal}, {calls} profiled events\n{table}")
+        except Exception as err:  # noqa: BLE001 - the profile is extra information, never a failure
+            texts.append(f"## n = {n}, causal = {causal}: profile failed: {type(err).__name__}: {err}")
+    return "\n\n".join(texts)
+
+
 def run_cuda_tests(out: Path) -> int:
     """``pytest tests/knn_attention -k "cuda or gpu"``; its output goes to ``knn_gpu_pytest.txt``; returns its exit
     code."""
@@ -211,6 +242,8 @@ def main(argv=None) -> list[dict]:
                         help="seconds for the timed rows (the rows not started by then are skipped)")
     parser.add_argument("--pytest", action=argparse.BooleanOptionalAction, default=None,
                         help="run pytest tests/knn_attention -k 'cuda or gpu' (default: on with a CUDA device)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="write knn_gpu_profile.txt: torch.profiler tables of one knn call at the largest n")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick
@@ -224,6 +257,9 @@ def main(argv=None) -> list[dict]:
     write(rows, args.out)
     rows += error_rows_table(args.error_n or (256 if quick else 4096), seed=args.seed, device=device)
     write(rows, args.out)
+    if args.profile:
+        (args.out / "knn_gpu_profile.txt").write_text(profile_table(
+            ns[-1], heads=heads, head_dim=head_dim, dtype=DTYPES[args.dtype], device=device, seed=args.seed))
     if args.pytest if args.pytest is not None else device.type == "cuda":
         code = run_cuda_tests(args.out)
         print(f"pytest tests/knn_attention -k 'cuda or gpu': exit code {code} "
