@@ -2,8 +2,9 @@
 
     python -m common.compare --inputs recall lm --n 1024 4096
 
-- ``recall``: the NoPE recall model (``checkpoints/recall_exact.pth``) run on one seeded recall sequence of
-  length n (any n: the model has no position table); the queries at the end must find a pair far back.
+- ``recall``: the NoPE recall model fine-tuned at n up to 16,384 (``checkpoints/recall_long.pth``) run on one
+  seeded recall sequence of length n (any n: the model has no position table); the queries at the end must find
+  a pair far back.
 - ``lm``: the character LM (``checkpoints/lm_exact.pth``, block 4096) run on the first n characters of the
   validation text (n <= its block size; a longer n is a ValueError naming the limit).
 
