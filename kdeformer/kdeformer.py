@@ -24,39 +24,49 @@ Causal attention (issue 13; the diagonal/off-diagonal split of HyperAttention, H
 into ONE fused call so that causal costs about what non-causal costs; :func:`causal_kde_output`). The positions are
 cut into diagonal chunks of ``chunk_size`` (C). The queries of a chunk are sorted by their LSH bucket and cut into
 G = 4 groups of C / 4 (G = 2 or 1 when C is not divisible), so a group holds queries of one chunk with similar
-codes. Each query attends, in one SDPA call over all chunks, to
+codes. Each query of a chunk attends, in one SDPA call over all chunks, to
 
 1. its own chunk's C keys, block-causal (key position <= query position): the diagonal tile, exact;
-2. its group's LSH window of ``bucket_size`` keys from the strictly earlier chunks: the past keys sorted by
-   (bucket, position) and the window centred on the rank of the group's median query code among them, exact;
+2. the chunk's LSH windows, one of ``bucket_size`` keys per group, from the strictly earlier chunks: the past keys
+   sorted by (bucket, position), each window centred on the rank of its group's median query code among them,
+   overlaps counted once; exact (every query reads all G windows: its own group's and the others');
 3. the residual of the earlier chunks by stratified samples: every full chunk c' (a stratum) draws
    ceil(2 m / strata) keys with KDEformer's p_j ∝ ||v_j|| / ||V_c'||_op + 1/C normalised inside c', weight
-   1 / (p_j m_c'); a query of chunk c reads the samples of the strata c' < c, minus those in its group's window. Over
-   the sequence a query reads about ``sample_size`` samples on average (the last ones 2 m, the first ones few,
+   1 / (p_j m_c'); a query of chunk c reads the samples of the strata c' < c, minus those in the chunk's windows.
+   Over the sequence a query reads about ``sample_size`` samples on average (the last ones 2 m, the first ones few,
    whose past is short), each stratum sampled at the same rate.
 
 The sums over 1-3 are disjoint and 3 is unbiased for what 1-2 leave out of the query's past, as in the non-causal
-case. Causality is exact by construction: the window is a rank range among past keys (computed from the counts of
+case. Causality is exact by construction: the windows are rank ranges among past keys (computed from the counts of
 keys per (chunk, code): in the (code, position) order the past keys of one code are the first ones of its segment,
 so the r-th past key is found by a search over codes, and future keys change none of this), the strata lie before
-the chunk, and their probabilities use their own values only; changing any future key or value leaves earlier
-outputs bit-identical (tested). The
-grouping does depend on the codes of later queries of the same chunk (as the query blocks of HyperAttention's and
-KDEformer's non-causal sort do). No recursion: every part is one tile of the same call; with ``bucket_size >= Nk``
-the window covers the whole past and the call is exact causal attention. Nq < Nk (the queries are the last Nq
-positions) takes the same path; only the chunks holding queries form tiles.
+the chunk, and their probabilities use their own values only; no key after a chunk is among its keys (inside the
+chunk the mask hides the later ones), and changing any future key or value leaves earlier outputs bit-identical
+(tested). The grouping depends on the codes of
+later queries of the same chunk (as the query blocks of HyperAttention's and KDEformer's non-causal sort do). No
+recursion: every part is one tile of the same call; with ``bucket_size >= Nk`` the window covers the whole past and
+the call is exact causal attention. Nq < Nk (the queries are the last Nq positions) takes the same path; only the
+chunks holding queries form tiles.
 
-Layout (issue 13, measured on an H100: the per-row gathers of keys and values dominated): one tile per chunk, its C
-queries in position order against the keys [the chunk's C keys ; the G windows (G K) ; the samples ; -inf padding];
-the mask gives each query the block-causal own part (one (C, C) pattern for every chunk), its own group's window
-and the samples outside that window. A tile of C / G queries per group (the former layout) gathered the chunk's
-keys and the samples G times; this one gathers them once and reads G K window columns per query instead of K.
+Layout (issue 13: on an H100 the gathers of keys and values per tile, then the per-row mask, were most of the time).
+One tile per chunk: its C queries in position order against the keys [the G windows ; the samples ; padding ; the
+chunk's own C keys]. The weights ride on the values: the value rows are [w_j v_j, w_j, 0...] (w_j = 1 for window and
+own keys, 1 / (p_j m_c') for a sample, 0 for a window slot already in an earlier window or beyond the past, for a
+sample in a window or of a stratum not before the chunk, and for padding; a weight-0 slot holds the chunk's first
+key, which every query of the chunk reads anyway, never a future key), so the SDPA output is
+[sum_j a_ij w_j v_j, sum_j a_ij w_j] / sum_j a_ij over the tile and out = its first Dv columns / column Dv; the only
+mask is the block-causal one of the own chunk, last, which is one (C, L) pattern (query slot r reads the columns up
+to L - C + r) broadcast over chunks, heads and batch. Nothing of size (queries x keys) is materialised, and a
+chunk's keys and samples are gathered once (before: per group of C / G queries, with a per-row mask).
 
 Memory (issue 13, n = 262,144 on one GPU): everything outside the tiles is O(Nk) per head; the tiles go through the
-fused call a block of query chunks at a time (``query_block`` rows, by default about :data:`BLOCK_BYTES` of mask,
-gathered keys and values), each block reading only the sample columns of the strata before its last chunk. The mask
-is written once in the input dtype, its width padded with -inf columns to a multiple of 16 (the width the fused
-CUDA kernels take without a padded copy).
+fused call a block of query chunks at a time (``query_block`` rows, by default about :data:`BLOCK_BYTES` of gathered
+keys and values), each block reading only the sample columns of the strata before its last chunk. The key count L is
+padded to a multiple of 16 (the mask width the fused CUDA kernels take without a padded copy) and the weighted values
+to a multiple of 8 columns.
+
+Precision: for bfloat16 / float16 the weights are rounded to the input dtype with the values (about 0.4% of a
+weight) and the SDPA output's two parts are divided in float32.
 """
 from __future__ import annotations
 
@@ -206,10 +216,10 @@ BLOCK_BYTES = 2 ** 33  # the working memory a block of the causal path aims at (
 
 def rows_per_block(batch_heads: int, width: int, tile_rows: int, row_dim: int, itemsize: int) -> int:
     """Query rows per block of :func:`causal_kde_output` so that the block takes about :data:`BLOCK_BYTES`: per row,
-    a mask row of ``width`` entries (plus its boolean pieces and, in the unfused CPU kernel, a score row in up to
-    float64), and a 1 / ``tile_rows`` share of its tile's ``width`` gathered keys and values (``row_dim`` = D + Dv)
-    and their long indices."""
-    per_row = batch_heads * width * ((itemsize + 1 + 8) + (row_dim * itemsize + 8) / tile_rows)
+    a score row of ``width`` entries (the unfused CPU kernel's, in up to float64), and a 1 / ``tile_rows`` share of
+    its chunk's ``width`` gathered keys, values and weighted values (``row_dim`` numbers each), their indices and
+    weights."""
+    per_row = batch_heads * width * (8 + (row_dim * itemsize + 12) / tile_rows)
     return max(1, int(BLOCK_BYTES // per_row))
 
 
@@ -272,74 +282,65 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             per = math.ceil(2 * sample_size / n_strata)  # a query reads sample_size of them on average
             probs = residual_probabilities(v[:, :, : n_strata * C].reshape(b, h * n_strata, C, dv), generator)
             local = torch.multinomial(probs.view(b * h * n_strata, C), per, replacement=True, generator=generator)
-            log_w = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(
-                b, h, n_strata * per)
+            weight = 1 / (torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(b, h, n_strata * per)
             stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,), in increasing order
             samples = (local.view(b, h, n_strata, per) + (torch.arange(n_strata, device=dev) * C).view(-1, 1)).view(
                 b, h, n_strata * per)
             rank_s = torch.empty_like(perm_k).scatter_(-1, perm_k, torch.arange(nk, device=dev).expand(b, h, nk))
             sample_code = torch.gather(dense_k, -1, samples)  # (B, H, M)
             sample_offset = torch.gather(rank_s, -1, samples) - torch.gather(segment, -1, sample_code)
-    # the queries stay in position order, each chunk one tile; a query's group (its rank in the chunk's code order
-    # // Q) picks its window and its sample exclusions through the mask
-    group = torch.empty_like(order).scatter_(-1, order, (torch.arange(C, device=dev) // Q).expand_as(order))
-    tril = torch.arange(C, device=dev)
-    own_pattern = torch.zeros(C, C, dtype=q.dtype, device=dev).masked_fill(tril.view(1, C) > tril.view(C, 1),
-                                                                          float("-inf"))  # key slot <= query slot
-    other_group = ~torch.eye(groups, dtype=torch.bool, device=dev).view(groups, groups, 1)
     out = torch.empty(b, h, n_qc * C, dv, dtype=q.dtype, device=dev)
-    rows = query_block or rows_per_block(b * h, C + groups * K + per * n_strata, C, d + dv, q.element_size())
+    dv_pad = dv + 1 + (-(dv + 1) % 8)  # the weighted values, their weights, zeros: a width the fused kernels take
+    rows = query_block or rows_per_block(b * h, groups * K + per * n_strata + C, C, d + dv + dv_pad,
+                                         q.element_size())
     block = max(1, rows // C)  # query chunks per block
     for c0 in range(0, n_qc, block):
         c1 = min(n_qc, c0 + block)
         nc, sl = c1 - c0, slice(c0, c1)
+        safe = chunk_start[sl].view(1, 1, nc, 1)  # the chunk's first key: read by all its queries, never future
         with record_function("kdeformer.lsh_sort"):  # the windows: ranks lo .. lo + K - 1 among the past keys
-            ranks = lo[:, :, sl].unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, nc, G, K)
-            window_valid = ranks < n_past[:, :, sl].unsqueeze(-1)
+            lo_blk = lo[:, :, sl]  # (B, H, nc, G), non-decreasing in the group (groups follow the code order)
+            ranks = lo_blk.unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, nc, G, K)
+            earlier_end = F.pad(lo_blk[..., :-1] + K, (1, 0))  # where the previous group's window ends
+            fresh = (ranks < n_past[:, :, sl].unsqueeze(-1)) & (ranks >= earlier_end.unsqueeze(-1))
             below = past_below[:, :, sl]
             code_of = torch.searchsorted(below[..., 1:].contiguous(), ranks.view(b, h, nc, groups * K), right=True)
             code_of = code_of.clamp_max(n_codes - 1)
             where = torch.gather(segment, -1, code_of.view(b, h, -1)).view(b, h, nc, groups * K) + \
                 ranks.view(b, h, nc, groups * K) - torch.gather(below, -1, code_of)
             window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups * K)
-            # the mask of the keys after the own chunk, per (chunk, group): its own window, not the others'
-            window_bias = torch.zeros(b, h, nc, groups, K, dtype=q.dtype, device=dev).masked_fill(
-                ~window_valid, float("-inf"))
-            rest = [window_bias.unsqueeze(3).masked_fill(other_group, float("-inf")).view(b, h, nc, groups,
-                                                                                          groups * K)]
-        keys_index = [own[sl].clamp_max(nk - 1).expand(b, h, nc, C), window]
+            fresh = fresh.view(b, h, nc, groups * K)
+        keys_index, weights = [torch.where(fresh, window, safe)], [fresh.to(acc)]
         m_used = min(n_strata, first + c1 - 1) * per  # the strata before the block's last chunk
         if m_used > 0:
             with record_function("kdeformer.residual_sample"):
                 cols = slice(0, m_used)
                 past_rank = torch.gather(below[..., :-1], -1, sample_code[:, :, cols].unsqueeze(2).expand(
                     b, h, nc, m_used)) + sample_offset[:, :, cols].unsqueeze(2)  # (B, H, nc, M): rank among past keys
-                lo_blk = lo[:, :, sl].unsqueeze(-1)
-                in_window = (past_rank.unsqueeze(3) >= lo_blk) & (past_rank.unsqueeze(3) < lo_blk + K)
-                usable = (stratum[cols] * C < chunk_start[sl].view(nc, 1)).view(1, 1, nc, 1, m_used) & ~in_window
-                keys_index.append(samples[:, :, cols].view(b, h, 1, m_used).expand(b, h, nc, m_used))
-                rest.append(log_w[:, :, cols].to(q.dtype).view(b, h, 1, 1, m_used).masked_fill(~usable,
-                                                                                                 float("-inf")))
+                in_windows = ((past_rank.unsqueeze(3) >= lo_blk.unsqueeze(-1)) &
+                              (past_rank.unsqueeze(3) < lo_blk.unsqueeze(-1) + K)).any(3)
+                usable = (stratum[cols] * C < chunk_start[sl].view(nc, 1)) & ~in_windows  # (B, H, nc, M)
+                keys_index.append(torch.where(usable, samples[:, :, cols].unsqueeze(2), safe))
+                weights.append(torch.where(usable, weight[:, :, cols].unsqueeze(2), 0.0))
         with record_function("kdeformer.gather"):
-            width = sum(x.shape[-1] for x in rest)
-            pad = -(C + width) % 16  # a mask width the fused kernels take without copying it
-            if pad:
-                keys_index.append(torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev).expand(b, h, nc, pad))
-                rest.append(torch.full((1, 1, 1, 1, pad), float("-inf"), dtype=q.dtype, device=dev).expand(
-                    b, h, nc, groups, pad))
-            index = torch.cat(keys_index, dim=-1)  # (B, H, nc, L): own chunk, the G windows, samples, padding
+            pad = -(sum(x.shape[-1] for x in weights) + C) % 16  # a mask width the fused kernels take as it is
+            keys_index += [safe.expand(b, h, nc, pad), own[sl].clamp_max(nk - 1).expand(b, h, nc, C)]
+            weights += [torch.zeros(1, 1, 1, 1, dtype=acc, device=dev).expand(b, h, nc, pad),
+                        torch.ones(1, 1, 1, 1, dtype=acc, device=dev).expand(b, h, nc, C)]
+            index, w = torch.cat(keys_index, dim=-1), torch.cat(weights, dim=-1).to(q.dtype).unsqueeze(-1)
+            L = index.shape[-1]  # the windows, the samples, padding, the own chunk: (B, H, nc, L)
+            # the own chunk last, block-causal: query slot r reads every column up to L - C + r (one (C, L) mask,
+            # the same for every chunk, head and batch element)
+            causal = torch.zeros(C, L, dtype=q.dtype, device=dev).masked_fill(
+                torch.ones(C, L, dtype=torch.bool, device=dev).triu(L - C + 1), float("-inf"))
             q_rows = (own[sl] - (nk - nq)).clamp(0, nq - 1).expand(b, h, nc, C)
             qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
-            rest = torch.cat(rest, dim=-1).reshape(b * h * nc * groups, width + pad)
-            tile_group = (torch.arange(b * h * nc, device=dev).view(b, h, nc, 1) * groups + group[:, :, sl])
-            L = index.shape[-1]
-            bias = torch.empty(b, h, nc, C, L, dtype=q.dtype, device=dev)  # written once: the own chunk ...
-            bias[..., :C] = own_pattern
-            bias[..., C:] = rest.index_select(0, tile_group.view(-1)).view(b, h, nc, C, L - C)  # ... the rest by group
+            vw = torch.cat([vt * w, w, w.new_zeros(b, h, nc, L, dv_pad - dv - 1)], dim=-1)
         with record_function("kdeformer.block_attention"):
-            out[:, :, c0 * C:c1 * C] = F.scaled_dot_product_attention(
-                qt.reshape(b * h, nc, C, d), kt.reshape(b * h, nc, L, d), vt.reshape(b * h, nc, L, dv),
-                attn_mask=bias.reshape(b * h, nc, C, L), scale=scale).reshape(b, h, nc * C, dv)
+            o = F.scaled_dot_product_attention(qt.reshape(b * h, nc, C, d), kt.reshape(b * h, nc, L, d),
+                                               vw.reshape(b * h, nc, L, dv_pad), attn_mask=causal,
+                                               scale=scale).reshape(b, h, nc * C, dv_pad)
+            out[:, :, c0 * C:c1 * C] = (o[..., :dv].to(acc) / o[..., dv:dv + 1].to(acc)).to(q.dtype)
     with record_function("kdeformer.unsort"):
         return out[:, :, slot_of_query]
 
