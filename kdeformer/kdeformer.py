@@ -291,8 +291,8 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             sample_offset = torch.gather(rank_s, -1, samples) - torch.gather(segment, -1, sample_code)
     out = torch.empty(b, h, n_qc * C, dv, dtype=q.dtype, device=dev)
     dv_pad = dv + 1 + (-(dv + 1) % 8)  # the weighted values, their weights, zeros: a width the fused kernels take
-    rows = query_block or rows_per_block(b * h, groups * K + per * n_strata + C, C, d + dv + dv_pad,
-                                         q.element_size())
+    v_one = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(b, h, nk, dv_pad - dv - 1)], dim=-1)  # [v, 1, 0]
+    rows = query_block or rows_per_block(b * h, groups * K + per * n_strata + C, C, d + 2 * dv_pad, q.element_size())
     block = max(1, rows // C)  # query chunks per block
     for c0 in range(0, n_qc, block):
         c1 = min(n_qc, c0 + block)
@@ -334,8 +334,7 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             causal = torch.zeros(C, L, dtype=q.dtype, device=dev).masked_fill(
                 torch.ones(C, L, dtype=torch.bool, device=dev).triu(L - C + 1), float("-inf"))
             q_rows = (own[sl] - (nk - nq)).clamp(0, nq - 1).expand(b, h, nc, C)
-            qt, kt, vt = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v, index)
-            vw = torch.cat([vt * w, w, w.new_zeros(b, h, nc, L, dv_pad - dv - 1)], dim=-1)
+            qt, kt, vw = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v_one, index) * w
         with record_function("kdeformer.block_attention"):
             o = F.scaled_dot_product_attention(qt.reshape(b * h, nc, C, d), kt.reshape(b * h, nc, L, d),
                                                vw.reshape(b * h, nc, L, dv_pad), attn_mask=causal,
