@@ -194,6 +194,25 @@ def profile_table(name: str, n: int, causal: bool, *, dtype=torch.bfloat16, devi
     return title + "\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def gather_table(n: int = 131072, rows: int = 3 * 131072, *, heads: int = 8, head_dim: int = 64, dtype=torch.bfloat16,
+                 device="cuda", repeats: int = 5) -> str:
+    """Median times of four ways to gather ``rows`` random rows of a (heads * n, head_dim) table (the sampling
+    methods' key and value gathers): ``index_select`` (``common.attention.gather_rows``), advanced indexing,
+    ``torch.gather`` with the index expanded over the row, and ``embedding``."""
+    device = torch.device(device)
+    table = torch.randn(heads * n, head_dim, dtype=dtype, device=device)
+    index = torch.randint(heads * n, (heads * rows,), device=device)
+    ways = {"index_select": lambda: table.index_select(0, index), "advanced indexing": lambda: table[index],
+            "gather (expanded index)": lambda: torch.gather(table, 0, index.view(-1, 1).expand(-1, head_dim)),
+            "embedding": lambda: F.embedding(index, table)}
+    lines = [f"## gathers of {heads} x {rows} rows of {head_dim} {dtype} from {heads} x {n} rows, {device}"]
+    for name, fn in ways.items():
+        _, t, _ = timed(fn, device, repeats, time.perf_counter() + 10)
+        moved = 2 * index.numel() * head_dim * table.element_size()
+        lines.append(f"{name}: {1e3 * t:.3f} ms ({moved / t / 1e9:.0f} GB/s read + written)")
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -242,6 +261,11 @@ def main(argv=None) -> list[dict]:
             except Exception as err:  # noqa: BLE001 - a profile that fails says why and the check goes on
                 tables.append(f"## {name} n={n} causal={causal}: {_message(err)}")
             _reset(torch.device(args.device))
+        try:
+            tables.append(gather_table(1024 if args.quick else 131072, 3072 if args.quick else 3 * 131072,
+                                       dtype=DTYPES[args.dtype], device=args.device))
+        except Exception as err:  # noqa: BLE001
+            tables.append(f"## gathers: {_message(err)}")
         path = args.out.with_name(args.out.stem + "_profile.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n\n".join(tables) + "\n")

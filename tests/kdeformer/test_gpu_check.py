@@ -51,3 +51,4 @@ def test_main_writes_the_csv_and_the_profiles(tmp_path):
     assert (tmp_path / "k.csv").exists()
     profiles = (tmp_path / "k_profile.txt").read_text()
     assert "## kdeformer" in profiles and "kdeformer.block_attention" in profiles and "## tree" in profiles
+    assert "## gathers" in profiles and "embedding:" in profiles
