@@ -130,22 +130,32 @@ def neighbour_overlap(approx: torch.Tensor, exact: torch.Tensor, k: int = 10) ->
     return float(shared.float().mean() / k)
 
 
+def cosine_between_sentences(embeddings: torch.Tensor) -> float:
+    """Mean cosine between the embeddings of different sentences (unit-norm rows): the scale of the cosine of an
+    approximation to its exact embedding (at this value a sentence is no closer to itself than to another)."""
+    sims = embeddings @ embeddings.T
+    return float(sims[~torch.eye(len(sims), dtype=torch.bool)].mean())
+
+
 def compare_methods(model, tokenizer, methods: list[str], lengths=(16, 32, 64), count: int = 32, seed: int = 0,
                     batch_size: int = 64, k: int = 10, text: str | Path = TEXT) -> list[dict]:
     """One row per sentence length n, method and budget: ``count`` sentences of n tokens, each method in all
-    layers at each budget it declares for n keys (``budgets(n)``), against the model's own sdpa attention."""
+    layers at each budget it declares for n keys (``budgets(n)``), against the model's own sdpa attention; each row
+    also carries the mean cosine between different sentences' exact embeddings at that length, for scale."""
     sentences = shakespeare_sentences(text)
     runs = [(n, name, level, options) for n in lengths for name in ["sdpa"] + list(methods)
             for level, options in enumerate(common.method_class(name).budgets(n) if name != "sdpa" else [{}])]
-    rows, ids, reference = [], None, None
+    rows, ids, reference, between = [], None, None, None
     for n, name, level, options in tqdm(runs, desc="MiniLM runs (length, method, budget)"):
         if name == "sdpa":                                     # each length starts with its reference
             ids = sentences_of_length(tokenizer, sentences, n, count)
             model.set_attn_implementation("sdpa")
             start = time.perf_counter()
             reference = sentence_embeddings(model, ids, batch_size)
+            seconds = time.perf_counter() - start
+            between = cosine_between_sentences(reference)
             rows.append(dict(n_tokens=n, method="sdpa", budget="reference", options="-", cosine=1.0, overlap=1.0,
-                             seconds=time.perf_counter() - start))
+                             cosine_between_sentences=between, seconds=seconds))
             continue
         n_budgets = len(common.method_class(name).budgets(n))
         register([name], options={name: options}, seed=seed)   # seeded per layer: seed + layer index
@@ -154,7 +164,8 @@ def compare_methods(model, tokenizer, methods: list[str], lengths=(16, 32, 64), 
         approx = sentence_embeddings(model, ids, batch_size)
         rows.append(dict(n_tokens=n, method=name, budget=BUDGET_LEVELS[level] if n_budgets == len(BUDGET_LEVELS)
                          else "-", options=str(options) if options else "-", cosine=mean_cosine(approx, reference),
-                         overlap=neighbour_overlap(approx, reference, k), seconds=time.perf_counter() - start))
+                         overlap=neighbour_overlap(approx, reference, k), cosine_between_sentences=between,
+                         seconds=time.perf_counter() - start))
     model.set_attn_implementation("sdpa")
     for row in rows:
         row.update(n_sentences=count, k=k)

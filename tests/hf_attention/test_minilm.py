@@ -66,6 +66,8 @@ def test_neighbour_overlap_and_cosine():
     e = torch.nn.functional.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     assert minilm.neighbour_overlap(e, e, k=5) == 1.0 and minilm.mean_cosine(e, e) == pytest.approx(1.0)
     assert minilm.mean_cosine(-e, e) == pytest.approx(-1.0)
+    pair = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    assert minilm.cosine_between_sentences(pair) == pytest.approx(0.6)
     # the same neighbourhoods under a rotation: overlap 1; a permutation of the rows breaks them
     rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))[0]
     assert minilm.neighbour_overlap(e @ rotation, e, k=5) == 1.0
@@ -97,6 +99,8 @@ def test_the_script_writes_its_table_and_figure(tmp_path):
     for r in table:
         assert -1.0 <= float(r["cosine"]) <= 1.0 + 1e-6 and 0.0 <= float(r["overlap"]) <= 1.0
         assert (r["n_tokens"], r["n_sentences"], r["k"]) == ("16", "8", "3")
+        assert r["cosine_between_sentences"] == table[0]["cosine_between_sentences"]
+    assert 0.0 < float(table[0]["cosine_between_sentences"]) < 0.9     # different sentences, not the same point
     exact = table[1]
     assert float(exact["cosine"]) == pytest.approx(1.0, abs=1e-6) and float(exact["overlap"]) == 1.0
     high = table[4]                          # one bucket of 16 = every key of a 16-token sentence: exact
