@@ -179,8 +179,7 @@ class TreeAttention(AttentionMethod):
         b = q.shape[0]
         start, stop = start.expand(b, -1, -1), stop.expand(b, -1, -1)
         summaries = PrefixSummaries(k, v, 1, positions)
-        s = Summaries(stop - start, start, stop, summaries.range_sums(start, stop, "k"),
-                      summaries.range_sums(start, stop, "v"))
+        s = Summaries(stop - start, start, stop, *summaries.key_value_sums(start, stop))
         self.last_inner_products = (s.count > 0).sum(-1)  # one q . sum_k per non-empty bud
         return combine(q, s, s.count > 0, scale, self.bud_value, return_lse)
 

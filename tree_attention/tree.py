@@ -94,7 +94,9 @@ class PrefixSummaries:
         if estimator is not None and estimator.uses_features:
             with torch.no_grad():  # the features steer the descent only
                 feats, self.feat_offset = estimator.log_scaled_features(k.detach(), "global")
-        self.cumulative = {"k": pad(k), "v": pad(v), "feat": None if feats is None else pad(feats)}
+        # keys alone (the descent's inner products) and keys with values side by side (one gather per bud in
+        # ``__call__`` instead of one for the keys and one for the values)
+        self.cumulative = {"k": pad(k), "kv": pad(torch.cat([k, v], -1)), "feat": None if feats is None else pad(feats)}
         self.L, self.positions, self.heads = L, positions, k.shape[1]
 
     def span(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,18 +113,26 @@ class PrefixSummaries:
         return view
 
     def range_sums(self, a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
-        """Sums (B, H, n, c, F) of 'k', 'v' or 'feat' over the positions [a, b) (B, n, c)."""
+        """Sums (B, H, n, c, F) of 'k', 'kv' (keys and values side by side) or 'feat' over the positions [a, b)
+        (B, n, c)."""
         ia, ib = (x.unsqueeze(1).expand(-1, self.heads, -1, -1) for x in (a, b))
         c = self.cumulative[name]
         return gather_rows(c, ib) - gather_rows(c, ia)
 
     def sums(self, nodes: torch.Tensor, name: str) -> torch.Tensor:
-        """Sums (B, H, n, c, F) over each node's visible positions of 'k', 'v' or 'feat'."""
+        """Sums (B, H, n, c, F) over each node's visible positions of 'k', 'kv' or 'feat'."""
         _, a, b = self.span(nodes)
         return self.range_sums(a, b, name)
 
+    def key_value_sums(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key sums (B, H, n, c, D) and value sums (B, H, n, c, Dv) over the positions [a, b), from one gather."""
+        kv = self.range_sums(a, b, "kv")
+        d = self.cumulative["k"].shape[-1]
+        return kv[..., :d], kv[..., d:]
+
     def __call__(self, nodes: torch.Tensor) -> Summaries:
-        return Summaries(*self.span(nodes), self.sums(nodes, "k"), self.sums(nodes, "v"))
+        count, a, b = self.span(nodes)
+        return Summaries(count, a, b, *self.key_value_sums(a, b))
 
 
 class HeapSummaries:
@@ -221,7 +231,8 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         log_offset = query_offset + summaries.feat_offset
 
     def evaluate(nodes):  # (B, H, n, c) inner products of the query with the nodes' sums (0 where no node)
-        return torch.einsum("bhnf,bhncf->bhnc", query, summaries.sums(nodes.clamp_min(0), source)) * (nodes >= 0).unsqueeze(1)
+        sums = summaries.sums(nodes.clamp_min(0), source)
+        return torch.einsum("bhnf,bhncf->bhnc", query, sums) * (nodes >= 0).unsqueeze(1)
 
     buds = torch.full((b, n, cap + 1), -1, dtype=torch.long, device=device)  # the last column: a sink for writes
     buds[:, :, :P] = starting_buds(positions, L, P)
