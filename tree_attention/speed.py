@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def measure(n: int, dtype: torch.dtype, device, method: str = "alignment", e: float = 0.5, P: int = 16,
-            query_block: int = 4096, repeats: int = 3, heads: int = 8, head_dim: int = 64, seed: int = 0) -> dict:
+            query_block: int | None = None, repeats: int = 3, heads: int = 8, head_dim: int = 64, seed: int = 0) -> dict:
     """One row: times (ms) of tree and exact, their ratio, inner products per query, error vs exact."""
     x = synthetic_qkv("clustered", 1, heads, n, n, head_dim, seed=seed, dtype=dtype, device=device)
     tree = TreeAttention(method=method, number_of_terms_exponent=e, parallelism=P, query_block=query_block,
@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--method", default="alignment", choices=[m for m in METHODS if m != "tree-less"])
     parser.add_argument("--e", type=float, default=0.5, help="number_of_terms_exponent")
     parser.add_argument("--P", type=int, default=16, help="parallelism")
-    parser.add_argument("--query_block", type=int, default=4096)
+    parser.add_argument("--query_block", type=int, default=None, help="queries per descent (default: the class's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.quick:
