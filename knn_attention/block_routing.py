@@ -105,8 +105,8 @@ class Routing:
     ``query_ids`` (G, Q, block) the block's query ids (-1 pads); ``query_slot`` (G, Nq) where each query sits in
     ``query_ids`` viewed as (G, Q block); ``query_pos`` (G, Q, block) their causal
     positions p_i (Nk for pads, which may read everything; their rows are discarded); ``key_ids`` (G, Q, W) the
-    key ids the block attends (-1 pads); ``bias`` (G, Q, W) float32 log weight of each: 0 (exact), log(Nk / l)
-    (a tail draw), -inf (a dropped draw, a duplicate own key, a pad)."""
+    key ids the block attends (-1 pads); ``bias`` (G, Q, W) float32 log weight of each: 0 (exact), log w (a tail
+    draw, step 4), -inf (a dropped draw, a sink or own key already in S_b, a pad)."""
     query_ids: torch.Tensor
     query_slot: torch.Tensor
     query_pos: torch.Tensor

@@ -33,8 +33,8 @@ the tensors' device, ``flat`` off the CPU is served by ``torch``, ``ivf`` / ``hn
 tensors; ``ivf_blas`` (``ivf_blocked.py``, non-causal, (a) and (b) only) takes S_i = the keys of the
 probed k-means cells and evaluates the estimator cell by cell with dense matmuls, the fast path on a CPU;
 ``ivf_blocks`` (``block_routing.py``, causal or not, (a) and (b) only) routes blocks of queries to blocks of
-cell-sorted keys and evaluates (b) (a shared uniform tail) in one fused attention call per chunk of query
-blocks, in the input's dtype, the fast path on a GPU.
+cell-sorted keys and evaluates (b) (an importance-sampled tail shared by a query block) in one fused attention call
+per chunk of query blocks, in the input's dtype, the fast path on a GPU.
 
 Gradients: ``gradient='autograd'`` differentiates the estimator (a), (b) or (d) through the gathered keys (indices are
 held fixed); ``gradient='sampled'`` uses the paper's sampled gradient estimators (``backward_pass.py``); the
