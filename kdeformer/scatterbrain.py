@@ -115,20 +115,31 @@ class ScatterBrainAttention(AttentionMethod):
             phi = torch.nn.functional.pad(phi, (0, 0, front, (g1 - g0) * size - front - (hi - lo)))
             return phi.view(b, h, g1 - g0, size, -1), c
 
-        # the keys' offset c_k: one maximum over all keys (``positive_random_features``' 'global'), group by group
-        offsets = [key_features(g0, g1, "global")[1] for g0, g1 in groups] if len(groups) > 1 else ["global"]
-        c_k = functools.reduce(torch.maximum, [c for c in offsets if c is not None]) if len(groups) > 1 else "global"
+        # the keys' offset c_k (``positive_random_features``' 'global': one per batch element and head). Causal (or
+        # one group): the maximum over the keys so far, raised group by group, the features and the state carried so
+        # far rescaled to it (one pass over the keys); non-causal with several groups: the maximum over all keys,
+        # from a first pass, since the states after a block come from a second pass from the back
+        one_pass = causal or len(groups) == 1
+        c_k = None if one_pass else functools.reduce(
+            torch.maximum, [c for c in (key_features(g0, g1, "global")[1] for g0, g1 in groups) if c is not None])
         after = None
         if not causal:  # the low-rank states of the blocks after each block: a pass from the last group back
             pieces, state = [], None
             for g0, g1 in reversed(groups):
-                later, state = chunk_states(key_features(g0, g1, c_k)[0], vb[:, :, g0:g1], state, reverse=True)
+                phi_k = key_features(g0, g1, "global" if c_k is None else c_k)[0]
+                later, state = chunk_states(phi_k, vb[:, :, g0:g1], state, reverse=True)
                 pieces.append(later)
             after = torch.cat(pieces[::-1], dim=2)
         outputs, state = [], None
         for g0, g1 in groups:
-            phi_k, c = key_features(g0, g1, c_k)
-            c_k = c if isinstance(c_k, str) else c_k
+            phi_k, c = key_features(g0, g1, "global" if one_pass else c_k)
+            if one_pass and c is not None:
+                if c_k is not None:  # both on the larger offset: exp(x - c) = exp(x - c') exp(c' - c)
+                    raised = torch.maximum(c_k, c)
+                    phi_k = phi_k * torch.exp(c - raised).unsqueeze(2)
+                    state = None if state is None else state * torch.exp(c_k - raised)
+                    c = raised
+                c_k = c
             before, state = chunk_states(phi_k, vb[:, :, g0:g1], state)  # low-rank part: the blocks before
             mine = slice(max(g0, off), g1)  # the key blocks of this group that hold queries
             if mine.start >= mine.stop:

@@ -94,3 +94,28 @@ def test_causal_working_memory_grows_like_n_times_d_not_like_n_times_the_budget(
     # q, k, v, the output and their float32 / blocked / sorted copies, long indices: a few (D + Dv) float32 rows
     # (before the blocks: 7-40 KB here, 9-80x this bound)
     assert per_query_and_head <= 12 * (2 * d) * 4, (name, peak)
+
+
+SAME_DRAWS = [  # the methods whose blocks leave the random draws as they are (tree's blocks draw their own:
+    # tests/tree_attention, test_query_blocks_change_only_the_random_stream)
+    ("kdeformer", "kdeformer.kdeformer", dict(bucket_size=16, sample_size=64, chunk_size=16)),
+    ("reformer", "kdeformer.reformer", dict(bucket_size=16, n_hashes=2)),
+    ("sblocal", "kdeformer.scatterbrain", dict(local_size=16, nb_features=32)),
+    ("uniform", "common.baselines", dict(num_samples=32)),
+]
+
+
+@pytest.mark.parametrize("name,module,options", SAME_DRAWS, ids=[s[0] for s in SAME_DRAWS])
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocks_change_no_output(name, module, options, causal, monkeypatch):
+    # many small blocks (64 KiB) against one block, float64; and at scores ~1e3 in float32 (sblocal's key offset is
+    # carried from block to block there) finite and equal to the one-block call
+    x = synthetic_qkv("clustered", 2, 2, 300, 300, 8, dtype=torch.float64, seed=1)
+    for scale, dtype, tol in ((1.0, torch.float64, 1e-12), (12.0, torch.float32, 1e-5)):
+        q, k, v = (t.to(dtype) for t in (x.q * scale, x.k * scale, x.v))
+        one = common.get_attention(name, seed=0, **options)(q, k, v, causal=causal)
+        monkeypatch.setattr(importlib.import_module(module), "BLOCK_BYTES", 2 ** 16)
+        blocks = common.get_attention(name, seed=0, **options)(q, k, v, causal=causal)
+        monkeypatch.undo()
+        assert torch.isfinite(blocks).all()
+        torch.testing.assert_close(blocks, one, rtol=tol, atol=tol)
