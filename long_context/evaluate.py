@@ -11,6 +11,7 @@ figures are drawn from the CSV by ``python -m long_context.plot``. See :mod:`lon
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", nargs="*", choices=("first", "last"), default=[],
                         help="also patch the first / last k layers, k = 1 .. L-1, at --sweep-budget")
     parser.add_argument("--sweep-budget", choices=BUDGET_LABELS, default="mid")
+    parser.add_argument("--extra", nargs=2, action="append", default=[], metavar=("METHOD", "JSON"),
+                        help="an option set beyond the declared budgets, e.g. --extra knn '{\"index\": \"torch\", "
+                             "\"k\": 256}' (repeatable; budget label 'extra'; seeded like the budgets)")
     parser.add_argument("--sweep-n", type=int, help="the n of the layer sweep (default: the largest n)")
     parser.add_argument("--batches", type=int, default=4, help="batches per row (the same for every method)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -60,6 +64,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        extra = tuple((name, json.loads(options)) for name, options in args.extra)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"long_context.evaluate: --extra options must be a JSON object ({err})") from None
     start = time.perf_counter()
     deadline = start + args.time_budget if args.time_budget > 0 else None
     csv_path = Path(args.out) / CSV_NAME
@@ -81,7 +89,7 @@ def main(argv=None) -> list[dict]:
             ns = [min(n, model.config.block_size) for n in ns]
             ns = sorted(set(ns), key=ns.index)
         evaluate_model(model, kind, info["task"], ns, args.methods, budgets=args.budgets, layers=args.layers,
-                       sweep=tuple(args.sweep), sweep_n=args.sweep_n, sweep_budget=args.sweep_budget,
+                       sweep=tuple(args.sweep), sweep_n=args.sweep_n, sweep_budget=args.sweep_budget, extra=extra,
                        batches=quick.get("batches", args.batches), batch_size=quick.get("batch_size", args.batch_size),
                        seed=args.seed, dtype=args.dtype, row_time_limit=args.row_time_limit, deadline=deadline,
                        rows=rows, csv_path=csv_path,

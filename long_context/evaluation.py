@@ -163,14 +163,17 @@ def layer_spec(layers: str):
 
 
 def plan_cells(methods, n: int, n_layer: int, seed: int, budgets=BUDGET_LABELS, layers: str = "all",
-               sweep: tuple = (), sweep_budget: str = "mid") -> list[Cell]:
-    """The cells at one n: every method at each budget in ``layers``, then (``sweep``: 'first' and/or 'last')
-    every method at ``sweep_budget`` in the first / last k layers for k = 1 .. n_layer - 1 (k = n_layer is the
-    all-layers row). ``exact`` is not a cell: it is every cell's reference."""
+               sweep: tuple = (), sweep_budget: str = "mid", extra: tuple = ()) -> list[Cell]:
+    """The cells at one n: every method at each budget in ``layers``; then the ``extra`` (name, options) pairs
+    (option sets beyond the declared budgets, labelled 'extra', seeded like them) in ``layers``; then
+    (``sweep``: 'first' and/or 'last') every method at ``sweep_budget`` in the first / last k layers for
+    k = 1 .. n_layer - 1 (k = n_layer is the all-layers row). ``exact`` is not a cell: it is every cell's
+    reference."""
     cells = []
     for name in methods:
         if name != "exact":
             cells += [Cell(name, label, options, layers) for label, options in labelled_budgets(name, n, seed, budgets)]
+    cells += [Cell(name, "extra", common.method_options(name, options, seed), layers) for name, options in extra]
     for where in sweep:
         if where not in ("first", "last"):
             raise ValueError(f"sweep: expected 'first' and/or 'last', got {where!r}")
@@ -210,6 +213,7 @@ def read_csv(path) -> list[dict]:
 
 def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=None, *, budgets=BUDGET_LABELS,
                    layers: str = "all", sweep: tuple = (), sweep_n: int | None = None, sweep_budget: str = "mid",
+                   extra: tuple = (),
                    batches: int = 4, batch_size: int = 8, seed: int = 0, dtype: str = "float32",
                    row_time_limit: float = 0.0, deadline: float | None = None, rows: list | None = None,
                    csv_path=None, progress=None) -> list[dict]:
@@ -233,7 +237,8 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
         if kind == "lm" and model.config.position_embedding == "learned" and n > model.config.block_size:
             raise ValueError(f"evaluate_model: n={n} exceeds the LM's block_size={model.config.block_size}")
         data = make_batches(kind, n, batches, batch_size, seed, task, device)
-        cells = plan_cells(methods, n, n_layer, seed, budgets, layers, sweep if n == sweep_n else (), sweep_budget)
+        cells = plan_cells(methods, n, n_layer, seed, budgets, layers, sweep if n == sweep_n else (), sweep_budget,
+                           extra)
         model.set_attention("exact")
         reference = None
         for cell in [Cell("exact", "exact", {}, "all")] + cells:
@@ -286,7 +291,8 @@ def markdown_table(rows: list[dict]) -> str:
         change = "" if change in (None, "") else (f"{100 * float(change):+.1f} pts" if r["model"] == "recall"
                                                   else f"{100 * float(change):+.1f}%")
         attn = r.get("attention_time_s")
-        lines.append(f"| {r['model']} | {int(float(r['n']))} | {r['method']} | {r['budget']} | {r['layers']} | "
+        budget = r["budget"] if r["budget"] != "extra" else f"extra {r['options']}"
+        lines.append(f"| {r['model']} | {int(float(r['n']))} | {r['method']} | {budget} | {r['layers']} | "
                      f"{fmt(r.get('metric'), '.4g')} | {fmt(r.get('exact_metric'), '.4g')} | {change} | "
                      f"{'' if attn in (None, '') else format(1e3 * float(attn), '.2f')} | "
                      f"{fmt(r.get('attention_speedup'), '.2f')} | {fmt(r.get('forward_speedup'), '.2f')} | "

@@ -36,7 +36,8 @@ def summary(rows: list[dict]) -> str:
     for model, n in sorted({(r["model"], int(r["n"])) for r in rows if r["status"] == "ok"}):
         if model == "recall":
             hits = fast_and_accurate(rows, "recall", n, max_drop=0.02, min_speedup=2.0)
-            named = ", ".join(f"{r['method']} {r['budget']} ({100 * r['metric_change']:+.1f} pts, "
+            named = ", ".join(f"{r['method']} {r['budget'] if r['budget'] != 'extra' else r['options']} "
+                              f"({100 * r['metric_change']:+.1f} pts, "
                               f"{r['attention_speedup']:.2f}x)" for r in hits) or "none"
             lines.append(f"recall n={n}: within 2 points of exact at >= 2x attention speed: {named}")
         swept = layers_within(rows, model, n, 0.05 if model == "lm" else 0.02)

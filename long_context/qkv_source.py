@@ -9,7 +9,11 @@
   validation text (n <= its block size; a longer n is a ValueError naming the limit).
 
 Each gives the inputs of one layer's attention method (``nanoGPT.capture_qkv``: what any method in its place
-receives), by default the last layer; the heads are the model's. Importing this module registers both sources
+receives), by default the FIRST layer (layer 0): the layer sweeps of ``long_context.evaluate`` show it is the one
+whose attention the models' quality depends on (the recall model keeps 100% with any method in its last layer and
+falls to chance with almost any method in its first; the LM's perplexity rises most from layer 0). The heads are
+the model's. The model runs on the requested device (``InputSpec.device``; loaded once per device) in float32 and
+the q/k/v are then cast to the requested dtype, so a comparison at n = 65,536 on a GPU captures there. Importing this module registers both sources
 with ``common.data.register_source`` (``common`` finds it by its file name and never imports this package); they
 are not in a comparison's default inputs (``in_default=False``), since their checkpoints may be absent in a
 fresh clone of a fork, and ``--inputs recall lm`` asks for them.
@@ -28,16 +32,16 @@ from .recall import recall_batch
 _MODELS: dict = {}
 
 
-def _model(kind: str, path=None):
-    """The long-context model of ``kind`` (loaded once per path), on the CPU in float32."""
+def _model(kind: str, path=None, device="cpu"):
+    """The long-context model of ``kind`` in float32 on ``device`` (loaded once per path and device)."""
     path = DEFAULT_CHECKPOINTS[kind] if path is None else path
-    key = (kind, str(path))
+    key = (kind, str(path), str(torch.device(device)))
     if key not in _MODELS:
-        _MODELS[key] = load_model(path, kind)
+        _MODELS[key] = load_model(path, kind, device)
     return _MODELS[key]
 
 
-def long_context_qkv(kind: str, n: int, layer: int = -1, seed: int = 0, dtype=torch.float32, device="cpu",
+def long_context_qkv(kind: str, n: int, layer: int = 0, seed: int = 0, dtype=torch.float32, device="cpu",
                      path=None) -> QKV:
     """q, k, v (1, H, n, D) of ``layer`` (negative counts from the end) of the ``kind`` model ('recall' or 'lm')
     at length n: a recall sequence drawn with ``seed``, or the first n validation characters."""
@@ -45,7 +49,7 @@ def long_context_qkv(kind: str, n: int, layer: int = -1, seed: int = 0, dtype=to
         raise ValueError(f"long_context_qkv: kind must be one of {tuple(DEFAULT_CHECKPOINTS)}, got {kind!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{kind}: n must be a positive int, got {n!r}")
-    model, info = _model(kind, path)
+    model, info = _model(kind, path, device)
     if kind == "recall":
         task = info["task"]
         if n < task.pairs + 2 * task.queries:
@@ -64,11 +68,11 @@ def long_context_qkv(kind: str, n: int, layer: int = -1, seed: int = 0, dtype=to
 
 @register_source("recall", in_default=False)
 def recall_source(n: int, spec: InputSpec) -> QKV:
-    """The comparison's ``recall`` input: the recall model's last layer on one sequence seeded by ``spec.seed``."""
+    """The comparison's ``recall`` input: the recall model's first layer on one sequence seeded by ``spec.seed``."""
     return long_context_qkv("recall", n, seed=spec.seed, dtype=spec.dtype, device=spec.device)
 
 
 @register_source("lm", in_default=False)
 def lm_source(n: int, spec: InputSpec) -> QKV:
-    """The comparison's ``lm`` input: the long-context LM's last layer on the first n validation characters."""
+    """The comparison's ``lm`` input: the long-context LM's first layer on the first n validation characters."""
     return long_context_qkv("lm", n, dtype=spec.dtype, device=spec.device)

@@ -67,6 +67,9 @@ def test_cells_and_budgets():
     assert len(cells) == 2 * 3 + 2 * 2 * 3
     assert [c.layers for c in cells if c.method == "srf" and c.layers != "all"] == \
         ["first:1", "first:2", "first:3", "last:1", "last:2", "last:3"]
+    extra = plan_cells(["exact", "knn"], 1024, 2, 7, budgets=("low",), extra=(("knn", {"index": "torch", "k": 9}),))
+    assert [(c.budget, c.options) for c in extra] == [("low", common.budget_options("knn", 1024, 7)[0]),
+                                                     ("extra", {"index": "torch", "k": 9, "seed": 7})]
     assert layer_spec("all") is None and layer_spec("first:2") == "first:2" and layer_spec("0,2") == [0, 2]
     with pytest.raises(ValueError, match="layers"):
         layer_spec("middle")
