@@ -298,18 +298,20 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
         c1 = min(n_qc, c0 + block)
         nc, sl = c1 - c0, slice(c0, c1)
         safe = chunk_start[sl].view(1, 1, nc, 1)  # the chunk's first key: read by all its queries, never future
+        # a window holds at most the past of the block's last chunk: slots beyond it would all be empty
+        width = min(K, (first + c1 - 1) * C)
         with record_function("kdeformer.lsh_sort"):  # the windows: ranks lo .. lo + K - 1 among the past keys
             lo_blk = lo[:, :, sl]  # (B, H, nc, G), non-decreasing in the group (groups follow the code order)
-            ranks = lo_blk.unsqueeze(-1) + torch.arange(K, device=dev)  # (B, H, nc, G, K)
+            ranks = lo_blk.unsqueeze(-1) + torch.arange(width, device=dev)  # (B, H, nc, G, width)
             earlier_end = F.pad(lo_blk[..., :-1] + K, (1, 0))  # where the previous group's window ends
             fresh = (ranks < n_past[:, :, sl].unsqueeze(-1)) & (ranks >= earlier_end.unsqueeze(-1))
             below = past_below[:, :, sl]
-            code_of = torch.searchsorted(below[..., 1:].contiguous(), ranks.view(b, h, nc, groups * K), right=True)
-            code_of = code_of.clamp_max(n_codes - 1)
-            where = torch.gather(segment, -1, code_of.view(b, h, -1)).view(b, h, nc, groups * K) + \
-                ranks.view(b, h, nc, groups * K) - torch.gather(below, -1, code_of)
-            window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups * K)
-            fresh = fresh.view(b, h, nc, groups * K)
+            code_of = torch.searchsorted(below[..., 1:].contiguous(), ranks.view(b, h, nc, groups * width),
+                                         right=True).clamp_max(n_codes - 1)
+            where = torch.gather(segment, -1, code_of.view(b, h, -1)).view(b, h, nc, groups * width) + \
+                ranks.view(b, h, nc, groups * width) - torch.gather(below, -1, code_of)
+            window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups * width)
+            fresh = fresh.view(b, h, nc, groups * width)
         keys_index, weights = [torch.where(fresh, window, safe)], [fresh.to(acc)]
         m_used = min(n_strata, first + c1 - 1) * per  # the strata before the block's last chunk
         if m_used > 0:
