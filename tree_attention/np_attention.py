@@ -29,7 +29,7 @@ from .mass_estimators import METHODS, MassEstimator
 from .tree import EXPANSION_RULES, HeapSummaries, PrefixSummaries, Summaries, combine, descend
 
 BUD_VALUES = ("count", "report")
-BLOCK_BYTES = 2 ** 33  # the buds' summaries of one block of queries (``TreeAttention``, option query_block)
+BLOCK_BYTES = 2 ** 34  # the buds' summaries of one block of queries (``TreeAttention``, option query_block)
 
 
 def _check_tree_options(method: str, P: int, L: int | None, e: float | None = None) -> None:
