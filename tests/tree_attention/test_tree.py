@@ -455,3 +455,15 @@ def test_speed_script_writes_time_cost_and_error(tmp_path):
         assert float(r["tree_ms"]) > 0 and float(r["exact_ms"]) > 0 and r["output_device"] == "cpu"
         assert 1 <= float(r["inner_products_mean"]) < float(r["exact_inner_products_mean"])
         assert 0 < float(r["rel_rms_error"]) < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runs_under_a_callers_bfloat16_autocast(dtype):
+    """Issue 14's evaluation ran tree inside a model under bfloat16 autocast on CUDA: the descent's inner products
+    came back in bfloat16 and a scatter into its float32 scores failed. Autocast is off inside: same output as
+    without it, in the input dtype."""
+    x = synthetic_qkv("clustered", 1, 2, 128, 128, 16, dtype=dtype)
+    plain = TreeAttention(number_of_terms_exponent=0.6, parallelism=4, seed=0)(x.q, x.k, x.v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = TreeAttention(number_of_terms_exponent=0.6, parallelism=4, seed=0)(x.q, x.k, x.v, causal=True)
+    assert under.dtype == dtype and torch.equal(under, plain)
