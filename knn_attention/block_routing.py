@@ -106,12 +106,16 @@ class Routing:
     ``query_ids`` viewed as (G, Q block); ``query_pos`` (G, Q, block) their causal
     positions p_i (Nk for pads, which may read everything; their rows are discarded); ``key_ids`` (G, Q, W) the
     key ids the block attends (-1 pads); ``bias`` (G, Q, W) float32 log weight of each: 0 (exact), log w (a tail
-    draw, step 4), -inf (a dropped draw, a sink or own key already in S_b, a pad)."""
+    draw, step 4), -inf (a dropped draw, a sink or own key already in S_b, a pad); ``key_blocks`` (G, K, block)
+    the key ids of every key block (-1 pads) and ``chosen`` (G, Q, nprobe) the key blocks of S_b: ``key_ids``
+    starts with those blocks' ids, then the rest (sink, own keys, draws) padded to whole blocks."""
     query_ids: torch.Tensor
     query_slot: torch.Tensor
     query_pos: torch.Tensor
     key_ids: torch.Tensor
     bias: torch.Tensor
+    key_blocks: torch.Tensor
+    chosen: torch.Tensor
 
 
 @torch.no_grad()
@@ -169,10 +173,23 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
             drop |= own_sorted.gather(-1, at) == draws
         ids.append(draws)
         bias.append(log_weight.masked_fill(drop, float("-inf")))
-    ids, bias = torch.cat(ids, -1), torch.cat(bias, -1)
-    pad = -ids.shape[-1] % _ALIGN
+    # the rest (sink, own keys, draws) padded to whole blocks, so that attention gathers whole blocks
+    rest_ids, rest_bias = torch.cat(ids[1:] or [exact[..., :0]], -1), torch.cat(bias[1:] or [bias[0][..., :0]], -1)
+    pad = _rest_width(rest_ids.shape[-1], width, opts.block) - rest_ids.shape[-1]
     return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions,
-                   key_ids=F.pad(ids, (0, pad), value=-1), bias=F.pad(bias, (0, pad), value=float("-inf")))
+                   key_ids=torch.cat([exact, F.pad(rest_ids, (0, pad), value=-1)], -1),
+                   bias=torch.cat([bias[0], F.pad(rest_bias, (0, pad), value=float("-inf"))], -1),
+                   key_blocks=key_blocks, chosen=chosen)
+
+
+def _rest_width(n_rest: int, exact_width: int, block: int) -> int:
+    """The smallest width >= n_rest made of whole blocks with exact_width + width a multiple of ``_ALIGN``."""
+    width = -(-n_rest // block) * block
+    for _ in range(_ALIGN):  # block (a power of two or any int) reaches the alignment within _ALIGN steps
+        if (exact_width + width) % _ALIGN == 0:
+            return width
+        width += block
+    raise ValueError(f"knn: block={block} cannot align the key list to {_ALIGN}")
 
 
 def _block_sums(x: torch.Tensor, slot: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
@@ -278,32 +295,43 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     n_query_blocks, block = routing.query_ids.shape[1:]
     width = routing.key_ids.shape[-1]
     query_rows = _flat_index(routing.query_ids, nq).reshape(g * n_query_blocks, block)
-    key_rows = _flat_index(routing.key_ids, nk).reshape(g * n_query_blocks, width)
     bias = routing.bias.reshape(g * n_query_blocks, 1, width)
+    n_key_blocks, n_chosen = routing.key_blocks.shape[1], routing.chosen.shape[-1]
+    n_rest = (width - n_chosen * block) // block  # blocks of sink / own keys / draws per query block
+    # keys are gathered in whole blocks (rows of block * D numbers) from one table: every key block, then every
+    # query block's rest; row by row only once per call
+    table_rows = torch.cat([_flat_index(routing.key_blocks, nk).reshape(-1),
+                            _flat_index(routing.key_ids[..., n_chosen * block:], nk).reshape(-1)])
+    blocks = torch.cat([routing.chosen + (torch.arange(g, device=q.device) * n_key_blocks).view(g, 1, 1),
+                        g * n_key_blocks + torch.arange(g * n_query_blocks * n_rest, device=q.device).view(
+                            g, n_query_blocks, n_rest)], -1).reshape(g * n_query_blocks, -1)
     masked = causal or q.dtype == torch.float16  # float16 cannot hold c * _DROPPED: the mask carries the weights
     if masked:
         qf, kf, vf, dq, dk = _flat_rows(q), _flat_rows(k), _flat_rows(v), d, dv
-        key_pos = routing.key_ids.reshape(g * n_query_blocks, 1, width)
-        query_pos = routing.query_pos.reshape(g * n_query_blocks, block, 1)
+        # int32 positions: the broadcast comparison that builds the mask reads half as much
+        key_pos = routing.key_ids.reshape(g * n_query_blocks, 1, width).int()
+        query_pos = routing.query_pos.reshape(g * n_query_blocks, block, 1).int()
     else:  # head dimension padded to a multiple of 8 holding the two weight columns (and v's columns)
         dq = dk = -(-max(d + 2, dv) // 8) * 8
         qf, kf, vf = _augmented(q, dq, 1 / scale), _augmented(k, dq), _augmented(v, dq)
+    key_table = kf.index_select(0, table_rows).view(-1, block * dq)
+    value_table = vf.index_select(0, table_rows).view(-1, block * dk)
     chunk = max(1, _CHUNK_ELEMENTS // (width * max(block, dq)))
     outs = []
     for s in range(0, g * n_query_blocks, chunk):
         c = slice(s, s + chunk)
         m = query_rows[c].shape[0]
-        keys = kf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, dq)
+        keys = key_table.index_select(0, blocks[c].reshape(-1)).view(m, 1, width, dq)
         if causal:  # -inf after the query's position (pads have id -1 and bias -inf already)
             mask = torch.where(key_pos[c] <= query_pos[c], bias[c].to(q.dtype), float("-inf")).unsqueeze(1)
         elif masked:  # one bias row per query block, broadcast over its queries
             mask = bias[c].to(q.dtype).expand(m, block, width).unsqueeze(1)
-        else:
-            weights = _split(bias[c].view(m, 1, width), q.dtype)
-            keys = torch.cat([keys[..., :d], weights, keys[..., d + 2:]], -1)
+        else:  # written in place into the gathered keys' two zero columns (no second copy of the keys)
+            keys[..., d:d + 2] = _split(bias[c].view(m, 1, width), q.dtype)
             mask = None
         outs.append(_sdpa(qf.index_select(0, query_rows[c].reshape(-1)).view(m, 1, block, dq), keys,
-                          vf.index_select(0, key_rows[c].reshape(-1)).view(m, 1, width, dk), mask, scale)[..., :dv])
+                          value_table.index_select(0, blocks[c].reshape(-1)).view(m, 1, width, dk), mask,
+                          scale)[..., :dv])
     out = torch.cat(outs).view(g, n_query_blocks * block, dv)
     return out.gather(1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)  # query order
 
