@@ -115,7 +115,8 @@ def exact_rows(q, k, v, rows: torch.Tensor, causal: bool) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
-def _device_name(device) -> str:
+def device_name(device) -> str:
+    """The GPU's name (``torch.cuda.get_device_name``) or "cpu": the ``device`` column of a measurement."""
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -204,7 +205,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
     if unknown:
         raise ValueError(f"gpu_benchmark: unknown method(s) {unknown}; available: {names}")
     dtype_name = str(dtype).removeprefix("torch.")
-    common_fields = {"dtype": dtype_name, "device": _device_name(device), "torch": torch.__version__}
+    common_fields = {"dtype": dtype_name, "device": device_name(device), "torch": torch.__version__}
     failed: dict[tuple[str, bool, str], str] = {}  # (method, causal, budget) -> why it stopped
     rows: list[dict] = []
 
@@ -242,7 +243,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                     ref = measure(exact, q, k, v, causal=causal, repeats=repeats, fwd_bwd=causal, rows=rows_idx,
                                   reference=reference, deadline=deadline)
             except Exception as err:  # noqa: BLE001 - the run goes on; the row says what happened
-                add({**cell, "method": "exact", "options": {}, "status": _status(err), "message": _message(err)})
+                add({**cell, "method": "exact", "options": {}, "status": failure_status(err), "message": failure_message(err)})
                 for name in others:
                     for label, options in chosen_budgets(name, n, seed, budget):
                         add({**cell, "method": name, "budget": label, "options": options, "status": "skipped",
@@ -270,8 +271,8 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                                          rows=rows_idx, reference=reference,
                                          deadline=time.perf_counter() + row_time_limit)
                 except Exception as err:  # noqa: BLE001 - OOM, an error or the time limit: a row, not an abort
-                    failed[name, causal, label] = f"{_status(err)} at n={n}"
-                    add({**row, "status": _status(err), "message": _message(err)})
+                    failed[name, causal, label] = f"{failure_status(err)} at n={n}"
+                    add({**row, "status": failure_status(err), "message": failure_message(err)})
                     continue
                 add({**row, "status": "ok", **result, "error_rows": rows_idx.numel(),
                      "fwd_ratio_to_exact": result["fwd_time_s"] / ref["fwd_time_s"],
@@ -283,7 +284,8 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
     return rows
 
 
-def _status(err: BaseException) -> str:
+def failure_status(err: BaseException) -> str:
+    """The ``status`` of a row whose measurement raised ``err``: "timeout", "oom" or "error"."""
     if isinstance(err, RowTimeout):
         return "timeout"
     if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
@@ -291,7 +293,8 @@ def _status(err: BaseException) -> str:
     return "error"
 
 
-def _message(err: BaseException) -> str:
+def failure_message(err: BaseException) -> str:
+    """One line for a failed row's ``message``: the exception's type, its first line and where it was raised."""
     where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     at = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{at}"[:300]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common.gpu_benchmark import _device_name, _message, _status, chosen_budgets, time_limit
+from common.gpu_benchmark import chosen_budgets, device_name, failure_message, failure_status, time_limit
 from nanoGPT.data_loader import get_batch, load_split
 from nanoGPT.model import GPT, select_layers
 
@@ -229,7 +229,7 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
                          f"causal methods: {common.methods(causal=True)}")
     rows = [] if rows is None else rows
     device = next(model.parameters()).device
-    base = dict(model=kind, dtype=dtype, metric_name=METRICS[kind], device=_device_name(device),
+    base = dict(model=kind, dtype=dtype, metric_name=METRICS[kind], device=device_name(device),
                 torch=torch.__version__)
     sweep_n = max(ns) if sweep_n is None else sweep_n
     n_layer = model.config.n_layer
@@ -268,8 +268,8 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
                                         else result["metric"] / reference["metric"] - 1.0)
             except Exception as err:  # noqa: BLE001 -- a failing method is a row (its status and message), not the end of the run
                 skipped = str(err).startswith("skipped")
-                row.update(status="skipped" if skipped else _status(err),
-                           message=str(err).removeprefix("skipped: ") if skipped else _message(err))
+                row.update(status="skipped" if skipped else failure_status(err),
+                           message=str(err).removeprefix("skipped: ") if skipped else failure_message(err))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
