@@ -31,6 +31,7 @@ import common
 from common.bench import time_callable
 from common.cli import script_parser
 from common.data import synthetic_qkv
+from common.gpu_benchmark import device_name, failure_message
 from common.linear_attention import (augment_values, chunk_linear_attention, fla_chunk_linear_attention, normaliser)
 
 B, H, D, M = 1, 8, 64, 64
@@ -155,13 +156,8 @@ def _measure(fn, device, repeats, clock):
     try:
         first, ms = _timed(fn, device, repeats)
     except Exception as error:  # noqa: BLE001  (a check reports every failure in its row and goes on)
-        return {"note": _failure(error)}
+        return {"note": f"unavailable: {failure_message(error)}"}
     return {"first_call_s": round(first, 3), "time_ms": round(ms, 4)}
-
-
-def _failure(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"unavailable: {type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def _errors(variants, device, dtype, n, seed) -> dict:
@@ -193,7 +189,7 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
     """Every row of the CSV (see the module docstring), sorted by n; written to ``path`` (if given) after each n,
     so that a run cut short keeps what it measured."""
     clock = Clock(time_budget_s)
-    device_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    gpu = device_name(device)
     versions = _versions()
     rows = []
     for n in lengths:
@@ -202,12 +198,12 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
         variants = VARIANTS + (SMALLEST_ONLY if n == min(lengths) else [])
         for mask, kind in PASSES:
             exact = _measure(_calls(_sdpa, q, k, v, mask, kind), device, repeats, clock)
-            rows.append(_row(n, mask, kind, "exact", "-", "-", "all", device_name, dtype,
+            rows.append(_row(n, mask, kind, "exact", "-", "-", "all", gpu, dtype,
                              exact_ms=exact.get("time_ms"), **exact))
             for variant in variants:
                 result = _measure(_calls(_method(*variant, seed), q, k, v, mask, kind), device, repeats, clock)
                 ratio = exact["time_ms"] / result["time_ms"] if "time_ms" in result and "time_ms" in exact else None
-                rows.append(_row(n, mask, kind, *variant, "all", device_name, dtype, exact_ms=exact.get("time_ms"),
+                rows.append(_row(n, mask, kind, *variant, "all", gpu, dtype, exact_ms=exact.get("time_ms"),
                                  exact_over_time=None if ratio is None else round(ratio, 3), **result))
         del q, k, v
         if n == min(lengths):  # after the first timings, so that first_call_s holds compilation and autotuning
@@ -220,7 +216,7 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
                         errors.get((row["mask"], variant), (None, None))
         for (attn_fn, feature_kernel, part), (fn, ins) in _parts(n, device, dtype, seed).items():
             for kind in ("fwd", "fwd+bwd"):
-                rows.append(_row(n, "causal", kind, "srf", attn_fn, feature_kernel, part, device_name, dtype,
+                rows.append(_row(n, "causal", kind, "srf", attn_fn, feature_kernel, part, gpu, dtype,
                                  **_measure(_part_call(fn, ins, kind), device, repeats, clock)))
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()

@@ -117,18 +117,22 @@ def test_cuda_fla_equals_the_torch_path(name, causal):
 @pytest.mark.parametrize("shape,m", [((2, 3, 37, 16), 20), ((1, 2, 1000, 64), 64), ((1, 1, 130, 7), 130)])
 def test_cuda_triton_features_equal_the_reference(dtype, shape, m):
     """The fused feature map against ``common.random_features.positive_random_features``: features, offsets and
-    gradients, for the three offsets (row, global, a carried tensor). Both compute the logits in float32 (float32
-    inputs by IEEE dots; bfloat16 inputs by bfloat16 products with the projection split in two halves, 2^-17
-    relative) and round the features once at the store (bfloat16: relative 2^-9), so 2^-8 bounds bfloat16 and
-    1e-5 float32."""
+    gradients, for the three offsets (row, global, a carried tensor). Both round the features once at the store
+    (bfloat16: relative 2^-9), so 2^-8 bounds bfloat16 and 1e-5 float32. The logits, hence the offsets c (largest
+    logits), differ by the product x W'^T (W' = sqrt(S) W): float32 inputs use IEEE dots; bfloat16 inputs multiply
+    W' split into two bfloat16 halves, which represent it to 2^-18 relative, so with float32 accumulation
+    |c - c_ref| <= 2^-16 max_i sum_d |x_id| |W'_fd|. (A relative bound of 1e-6 on c failed on the H100 for the three
+    bfloat16 cases, tracebacks not kept; Triton's interpreter on the CPU, with the GPU's rounding emulated, gives
+    relative differences of 3e-6 to 5e-6 there, absolute up to 5.6e-5 against bounds of 1.9e-4 to 8e-4.)"""
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8
     w = random_matrix("simplex", m, shape[-1], generator=torch.Generator().manual_seed(0)).cuda()
     x = (2 * torch.randn(*shape, device="cuda")).to(dtype).requires_grad_()
+    logit_bound = 2.0 ** -16 * (x.detach().float().abs() @ (w.abs() * 0.125 ** 0.5).T).max().item()
     for offset in ("row", "global", torch.full((*shape[:-2], 1, 1), 3.0, device="cuda")):
         ref, ref_c = positive_random_features(x, w, 0.125, offset)
         out, c = fused_positive_random_features(x, w, 0.125, offset)
         assert out.dtype == ref.dtype == dtype and c.shape == ref_c.shape
-        assert _relative(out, ref) < tol and _relative(c, ref_c) < 1e-6
+        assert _relative(out, ref) < tol and (c - ref_c).abs().max().item() <= logit_bound
         g = torch.rand_like(ref)
         assert _relative(torch.autograd.grad((out * g).sum(), x)[0], torch.autograd.grad((ref * g).sum(), x)[0]) < tol
 
