@@ -34,7 +34,6 @@ import argparse
 import csv
 import json
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from common import metrics
 from common.bench import _sync
 from common.data import InputSpec, make_input
-from common.gpu_benchmark import RowTimeout, time_limit
+from common.gpu_benchmark import device_name, failure_message, failure_status, time_limit
 from common.registry import budget_options, get_attention
 
 CELLS = ((131072, True), (262144, True), (131072, False), (16384, True))
@@ -53,18 +52,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 FIELDS = ["n", "causal", "method", "budget", "options", "status", "message", "time_s", "ratio_to_exact",
           "exact_time_s", "repeats", "peak_mem_bytes", "rel_fro", "inner_products_per_query", "dtype", "device",
           "torch"]
-
-
-def _status(err: BaseException) -> str:
-    if isinstance(err, RowTimeout):
-        return "timeout"
-    return "oom" if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower() else "error"
-
-
-def _message(err: BaseException) -> str:
-    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
-    at = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{at}"[:300]
 
 
 def _reset(device) -> int:
@@ -101,7 +88,7 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
     device = torch.device(device)
     stop_at = time.perf_counter() + time_budget
     fields = {"dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+              "device": device_name(device)}
     rows, failed = [], {}
 
     def add(row):
@@ -137,7 +124,8 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
             del out
         except Exception as err:  # noqa: BLE001 - a cell without its baseline still times the methods
             t_exact = None
-            add({**cell, "method": "exact", "options": {}, "status": _status(err), "message": _message(err)})
+            add({**cell, "method": "exact", "options": {}, "status": failure_status(err),
+                 "message": failure_message(err)})
         for name, label, options in plan:
             row = {**cell, "method": name, "budget": label, "options": options, "exact_time_s": t_exact}
             if (name, label) in failed or time.perf_counter() > stop_at:
@@ -159,8 +147,8 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
                      "inner_products_per_query": None if inner is None else inner.double().mean().item()})
                 del out
             except Exception as err:  # noqa: BLE001 - out of memory or an error: a row, and the run goes on
-                failed[name, label] = f"{_status(err)} at n={n}, causal={causal}"
-                add({**row, "status": _status(err), "message": _message(err)})
+                failed[name, label] = f"{failure_status(err)} at n={n}, causal={causal}"
+                add({**row, "status": failure_status(err), "message": failure_message(err)})
             finally:
                 del attn
                 _reset(device)
@@ -259,13 +247,13 @@ def main(argv=None) -> list[dict]:
                 tables.append(profile_table(name, n, causal, dtype=DTYPES[args.dtype], device=args.device,
                                             seed=args.seed))
             except Exception as err:  # noqa: BLE001 - a profile that fails says why and the check goes on
-                tables.append(f"## {name} n={n} causal={causal}: {_message(err)}")
+                tables.append(f"## {name} n={n} causal={causal}: {failure_message(err)}")
             _reset(torch.device(args.device))
         try:
             tables.append(gather_table(1024 if args.quick else 131072, 3072 if args.quick else 3 * 131072,
                                        dtype=DTYPES[args.dtype], device=args.device))
         except Exception as err:  # noqa: BLE001
-            tables.append(f"## gathers: {_message(err)}")
+            tables.append(f"## gathers: {failure_message(err)}")
         path = args.out.with_name(args.out.stem + "_profile.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n\n".join(tables) + "\n")
