@@ -258,6 +258,8 @@ class AttentionMethod(nn.Module):
         only a mask that pads keys (same allowed keys for every query and head, possibly and-ed with the causal
         mask when ``causal=True``), converted to ``key_padding_mask``, and refuses any other with a ValueError.
 
+        Under a caller's ``torch.autocast`` the method still runs in the inputs' dtype (autocast is off inside).
+
         ``return_lse=True``: returns ``(out, lse)``, lse (B, H, Nq) = log sum_j exp(S q_i.k_j + M_ij) over the
         keys query i reads (the log-normaliser; the method's estimate of it for an approximation), float32 (float64
         for float64 inputs); lse = -inf for a row that reads no key (zero output row). Two results over disjoint
@@ -291,10 +293,13 @@ class AttentionMethod(nn.Module):
         scale = resolve_scale(scale, q.shape[-1])
         if key_padding_mask is not None and not key_padding_mask.any():
             key_padding_mask = None  # nothing padded: the fast path
-        if attn_mask is None and key_padding_mask is None:
-            out, lse = self._attend_out_lse(q, k, v, causal, scale, return_lse)
-        else:
-            out, lse = self.attend_masked(q, k, v, causal, scale, attn_mask, key_padding_mask, return_lse)
+        # A caller's autocast is off inside: a method computes in its inputs' dtype (accumulating in float32 where
+        # its docstring says) and returns that dtype, whatever autocast would have made of its matmuls.
+        with torch.autocast(q.device.type, enabled=False):
+            if attn_mask is None and key_padding_mask is None:
+                out, lse = self._attend_out_lse(q, k, v, causal, scale, return_lse)
+            else:
+                out, lse = self.attend_masked(q, k, v, causal, scale, attn_mask, key_padding_mask, return_lse)
         if self.check_finite:
             check_finite_result(out, self.name)
             if return_lse:  # -inf is the lse of a row that reads no key; nan or +inf is a failure

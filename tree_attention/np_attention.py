@@ -97,7 +97,7 @@ class TreeAttention(AttentionMethod):
 
     Precision: float16 / bfloat16 inputs are computed in float32 (features, masses, sums, the softmax over buds,
     max-subtracted by ``torch.softmax``) and the output is cast back to the input dtype; float32 and float64 stay
-    as they are; a caller's autocast is turned off inside (the output keeps the input dtype). A nan or inf mass
+    as they are (a caller's autocast is off inside, as for every method: the output keeps the input dtype). A nan or inf mass
     estimate raises ``NonFiniteError`` naming the method (mass_estimators.py keeps the features' exponentials
     stabilised, so it does not arise for scores up to 1e4)."""
 
@@ -123,19 +123,16 @@ class TreeAttention(AttentionMethod):
         return {"number_of_terms_exponent": 1.0, "bud_value": "count"}
 
     def attend(self, q, k, v, causal, scale):
-        # autocast off: the descent keeps its inner products in the working dtype below and writes them back into
-        # one array (under a caller's bfloat16 autocast the products came back in bfloat16: a scatter of mixed
-        # dtypes failed, found in the long-context evaluation of issue 14)
-        with torch.autocast(q.device.type, enabled=False):
-            return self._attend_tree(q, k, v, causal, scale, False)
+        # (a caller's autocast is off here, the base class's forward: under bfloat16 autocast the descent's inner
+        # products came back in bfloat16 and a scatter of mixed dtypes failed, issue 14's evaluation)
+        return self._attend_tree(q, k, v, causal, scale, False)
 
     def attend_lse(self, q, k, v, causal, scale):
         """(out, log of the count-weighted normaliser over the buds, :func:`combine`) for ``return_lse=True``."""
         if self.bud_value != "count":
             raise ValueError(f"tree: return_lse=True needs bud_value='count' (bud_value={self.bud_value!r} weighs "
                              "the buds without their key counts: no normaliser of the keys)")
-        with torch.autocast(q.device.type, enabled=False):
-            return self._attend_tree(q, k, v, causal, scale, True)
+        return self._attend_tree(q, k, v, causal, scale, True)
 
     def _attend_tree(self, q, k, v, causal, scale, return_lse):
         work = torch.promote_types(q.dtype, torch.float32)

@@ -68,6 +68,21 @@ def test_shape_and_dtype_follow_the_inputs(name, options, dtype):
         assert torch.isfinite(out).all()
 
 
+@_methods("autocast")
+def test_a_callers_autocast_changes_nothing(name, options):
+    """Inside a model under ``torch.autocast(bfloat16)`` a method gets float32 q/k/v and must return float32, equal
+    to the call without autocast (the base class turns autocast off around ``attend``; tree's descent used to fail
+    there, issue 14)."""
+    q, k, v = random_qkv(1, 2, N, N, 8, 8, seed=4, dtype=torch.float32)
+    options = common.method_options(name, {}, seed=0)
+    for causal in (False, True):
+        with torch.no_grad():
+            plain = common.get_attention(name, **options)(q, k, v, causal=causal)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                inside = common.get_attention(name, **options)(q, k, v, causal=causal)
+        assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+
 @_budgets("seed", variants=True)
 def test_same_seed_repeats_and_other_seeds_differ(name, options):
     q, k, v = random_qkv(1, 2, N, N, 8, 8, seed=4)
