@@ -39,7 +39,7 @@ from common import get_attention, metrics
 from common.bench import _sync, time_callable
 from common.cli import script_parser
 from common.data import InputSpec, make_input, synthetic_qkv
-from common.gpu_benchmark import exact_rows, sample_rows
+from common.gpu_benchmark import device_name, exact_rows, failure_message, failure_status, sample_rows
 
 from .block_routing import block_options, route, routed_attention
 from .forward_pass import KNNAttention, ivf_blocks_budgets
@@ -92,7 +92,7 @@ def timing_rows(ns, *, heads: int, head_dim: int, dtype, device, repeats: int, e
     each row (the CSV is rewritten, so a run stopped from outside keeps what it measured)."""
     rows = []
     base = {"table": "timing", "input": "clustered", "dtype": str(dtype).removeprefix("torch."),
-            "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"}
+            "device": device_name(device)}
     for n in ns:
         x = make_input("clustered", n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype,
                                                    device=device, progress=False))
@@ -126,7 +126,7 @@ def timing_rows(ns, *, heads: int, head_dim: int, dtype, device, repeats: int, e
                                  "rel_fro": rel, "route_ms": route_ms, "attend_ms": attend_ms,
                                  "peak_mib": _peak_mib(device)})
                 except Exception as err:  # noqa: BLE001 - a failed config is a row, the run goes on
-                    rows.append({**row, "status": "error", "message": f"{type(err).__name__}: {err}"[:300]})
+                    rows.append({**row, "status": failure_status(err), "message": failure_message(err)})
                 print(_line(rows[-1]), flush=True)
                 if on_row is not None:
                     on_row(rows)
