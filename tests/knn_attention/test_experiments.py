@@ -1,8 +1,9 @@
-"""The paper's experiment scripts (issue 16) on tiny sizes: the CSV rows they write hold sane values."""
+"""The paper's experiment scripts (issue 16) and the GPU check (issue 13) on tiny sizes: the CSV rows they write
+hold sane values."""
 import csv
 import math
 
-from knn_attention import experiment_efficiency_paper, experiment_forward_error, experiment_grad_descent
+from knn_attention import experiment_efficiency_paper, experiment_forward_error, experiment_grad_descent, gpu_check
 
 
 def _rows(path):
@@ -38,3 +39,17 @@ def test_efficiency_paper_measure_rows():
         assert r["exact_s"] > 0 and r["knn_s"] > 0 and math.isfinite(r["rel_fro"])
     # lazy Gumbel: |S_i| = 16 plus about 32 samples x sqrt(n) tail candidates, far below the 32 n of dense sampling
     assert 16 <= rows[1]["evaluations_per_query"] < 32 * 256 / 4
+
+
+def test_gpu_check_runs_on_the_cpu_at_tiny_n(tmp_path):
+    """knn_attention.gpu_check (the GPU script) end to end on the CPU: every timed config and the error table give
+    a finite error and a positive time, and the CSV holds every row."""
+    rows = gpu_check.main(["--quick", "--device", "cpu", "--n", "64", "--error-n", "64", "--repeats", "1",
+                           "--no-pytest", "--no-profile", "--out", str(tmp_path)])
+    timed = [r for r in rows if r["table"] == "timing" and r["config"] != "exact"]
+    assert {r["config"] for r in timed} == {"mid", "mid-topk", "low"} and {r["causal"] for r in timed} == {False, True}
+    assert all(r["status"] == "ok" and r["fwd_ms"] > 0 and r["rel_fro"] >= 0 for r in timed)
+    errors = [r for r in rows if r["table"] == "error"]
+    assert {r["input"] for r in errors} == {"clustered", "clustered_concentrated", "gaussian"}
+    assert all(math.isfinite(r["rel_fro"]) for r in errors)
+    assert len(_rows(tmp_path / "knn_gpu.csv")) == len(rows)
