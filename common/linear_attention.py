@@ -244,11 +244,25 @@ def _check_fla(name: str, q: torch.Tensor, argument: str = "backend") -> None:
                          f"use {argument}='torch'")
 
 
+# 'auto' takes fla only up to this many features: the size its kernels were verified at on the H100 (m = 64, issue
+# 13's runs); in the 13:58 UTC run of 2026-11-25 the default budgets (m = 256 to 1,448, causal bfloat16) failed to
+# compile a Triton kernel (m = 256) or ran their first call past 15 s (m = 362, 724). 'fla' asked explicitly still
+# tries any size.
+FLA_AUTO_MAX_FEATURES = 64
+
+
+def auto_takes_fla(causal: bool, device_type: str, dtype: torch.dtype, n_features: int) -> bool:
+    """Whether ``backend='auto'`` would pick fla (if installed): causal, CUDA, bfloat16, at most
+    :data:`FLA_AUTO_MAX_FEATURES` features."""
+    return causal and device_type == "cuda" and dtype == torch.bfloat16 and n_features <= FLA_AUTO_MAX_FEATURES
+
+
 def resolve_backend(backend: str, q: torch.Tensor, causal: bool, name: str = "linear_attention",
                     argument: str = "backend") -> str:
     """'torch' or 'fla' for ``backend`` in :data:`BACKENDS` and query features ``q``.
 
-    'auto' is 'fla' for causal bfloat16 features on a CUDA device when ``fla`` is importable, else 'torch': the
+    'auto' is 'fla' for causal bfloat16 features (at most :data:`FLA_AUTO_MAX_FEATURES`) on a CUDA device when
+    ``fla`` is importable, else 'torch': the
     non-causal form is two matrix products, which PyTorch already runs at the GPU's speed; float32 features stay on
     PyTorch because fla's kernels multiply float32 in TF32 (10-bit mantissa), PyTorch's by default in full float32.
     'fla' asked for where it cannot run raises, naming 'torch'; ``name`` and ``argument`` name the caller and its
@@ -259,7 +273,7 @@ def resolve_backend(backend: str, q: torch.Tensor, causal: bool, name: str = "li
     if backend == "fla":
         _check_fla(name, q, argument)
         return "fla"
-    if backend == "auto" and causal and q.is_cuda and q.dtype == torch.bfloat16 and fla_available():
+    if backend == "auto" and auto_takes_fla(causal, q.device.type, q.dtype, q.shape[-1]) and fla_available():
         return "fla"
     return "torch"
 

@@ -47,7 +47,7 @@ from common.linear_attention import (augment_values, chunk_linear_attention, fla
 from common.random_features import FEATURE_TYPES, NORMS, positive_random_features, random_matrix
 
 from .flash_linear_attention import check_available as check_flash_available, flash_linear_attention
-from .triton_features import fused_features_available, fused_positive_random_features
+from .triton_features import AUTO_MAX_FEATURES, fused_features_available, fused_positive_random_features
 
 MODES = ("train", "prefill", "generation")
 ATTN_FNS = {"train": ("auto", "torch", "fla", "flash"), "prefill": ("parallel", "chunkwise-recurrent", "recurrent"),
@@ -71,8 +71,8 @@ class FastAttention(nn.Module):
         norm: 'chi' (unbiased) or 'fixed' row norms (``common.random_features``).
         chunk_size: C of the chunked prefix sums and of chunkwise-recurrent prefill.
         seed: seeds the generator that draws W (and every redraw), so that a run repeats exactly.
-        feature_kernel: 'auto' (the fused kernel of ``triton_features.py`` where it runs: CUDA with Triton, else
-            PyTorch), 'torch' (``common.random_features``) or 'triton' (the fused kernel, refused elsewhere).
+        feature_kernel: 'auto' (the fused kernel of ``triton_features.py`` where it runs and m <= AUTO_MAX_FEATURES,
+            the size verified on the H100: CUDA with Triton; else PyTorch), 'torch' (``common.random_features``) or 'triton' (the fused kernel, refused elsewhere).
     """
 
     def __init__(self, head_dim: int, nb_features: int | None = None, causal: bool = False,
@@ -118,6 +118,7 @@ class FastAttention(nn.Module):
             raise RuntimeError(f"FastAttention: feature_kernel='triton' is a Triton kernel for CUDA tensors of float32, "
                                f"bfloat16 or float16 (got {x.dtype} on {x.device}); use feature_kernel='torch'")
         return self.feature_kernel == "triton" or (self.feature_kernel == "auto"
+                                                   and self.projection.shape[0] <= AUTO_MAX_FEATURES
                                                    and fused_features_available(x, self.projection))
 
     def _features(self, x: torch.Tensor, scale: float, offset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,8 @@ import torch
 from common.random_features import positive_random_features
 
 MAX_FEATURES = 512    # the (rows x m) float32 logits of one program must fit in registers
+AUTO_MAX_FEATURES = 64  # feature_kernel='auto' fuses only up to here: verified on the H100 at m = 64; the 13:58 UTC
+                        # run of 2026-11-25 saw a Triton compilation error at m = 256 (this kernel or fla's)
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

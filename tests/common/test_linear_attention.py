@@ -202,3 +202,15 @@ def test_cuda_fla_autotuning_is_limited_to_the_kept_configurations():
     for kernel in kernels:
         assert len(kernel.configs) == 8  # four tilings x two pipeline depths, four warps
         assert {(c.num_warps, c.num_stages) for c in kernel.configs} == {(4, 2), (4, 3)}
+
+
+def test_auto_takes_fla_only_where_it_was_verified():
+    """'auto' picks fla only for causal bfloat16 CUDA features up to FLA_AUTO_MAX_FEATURES (the H100 run at the
+    default budgets, m >= 256, failed to compile or ran past its time limit)."""
+    from common.linear_attention import FLA_AUTO_MAX_FEATURES, auto_takes_fla
+    m = FLA_AUTO_MAX_FEATURES
+    assert auto_takes_fla(True, "cuda", torch.bfloat16, m)
+    assert not auto_takes_fla(True, "cuda", torch.bfloat16, m + 1)
+    assert not auto_takes_fla(False, "cuda", torch.bfloat16, m)
+    assert not auto_takes_fla(True, "cpu", torch.bfloat16, m)
+    assert not auto_takes_fla(True, "cuda", torch.float32, m)
