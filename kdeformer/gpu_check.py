@@ -31,8 +31,6 @@ time, with the methods' ``record_function`` stages, in ``<out>_profile.txt`` bes
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import time
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 
 from common import metrics
 from common.bench import _sync
+from common.cli import write_table
 from common.data import InputSpec, make_input
 from common.gpu_benchmark import device_name, failure_message, failure_status, time_limit
 from common.registry import budget_options, get_attention
@@ -201,15 +200,9 @@ def gather_table(n: int = 131072, rows: int = 3 * 131072, *, heads: int = 8, hea
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({**r, "options": json.dumps(r["options"])} for r in rows)
-    tmp.replace(path)
-    return path
+def write_csv(rows: list[dict], path) -> Path:
+    """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
+    return write_table(rows, path, FIELDS)
 
 
 def summary(rows: list[dict]) -> str:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from common.cli import write_table
 from common.gpu_benchmark import chosen_budgets, device_name, failure_message, failure_status, time_limit
 from nanoGPT.data_loader import get_batch, load_split
 from nanoGPT.model import GPT, select_layers
@@ -186,16 +187,8 @@ def plan_cells(methods, n: int, n_layer: int, seed: int, budgets=BUDGET_LABELS, 
 
 
 def write_csv(rows: list[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-    tmp.replace(path)
-    return path
+    """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
+    return write_table(rows, path, CSV_FIELDS)
 
 
 def read_csv(path) -> list[dict]:

@@ -20,7 +20,6 @@ A variant that cannot run here (no CUDA, fla or Triton not installed) gets a row
 """
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 import common
 from common.bench import time_callable
-from common.cli import script_parser
+from common.cli import script_parser, write_table
 from common.data import synthetic_qkv
 from common.gpu_benchmark import device_name, failure_message
 from common.linear_attention import (augment_values, chunk_linear_attention, fla_chunk_linear_attention, normaliser)
@@ -228,12 +227,9 @@ def run(lengths=LENGTHS, *, device="cuda", dtype=torch.bfloat16, repeats=5, time
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+def write_csv(rows: list[dict], path) -> Path:
+    """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
+    return write_table(rows, path, COLUMNS)
 
 
 def main(argv=None) -> list[dict]:
