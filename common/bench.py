@@ -34,6 +34,19 @@ class Timing:
 MAX_REPEATS = 1000  # the bound of ``min_time_s``'s repetitions
 
 
+def time_within(fn, *, repeats: int, deadline: float, device="cpu"):
+    """``(output of the first call, Timing of the timed calls)``: the first call is the warm-up (its output is
+    kept, e.g. to score it); then up to ``repeats`` timed calls, as many as fit before ``deadline`` (a
+    ``time.perf_counter`` value) judging by the first call's time, at least one."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    fitting = int((deadline - time.perf_counter()) / max(first, 1e-9))
+    return out, time_callable(fn, warmup=0, repeats=max(1, min(repeats, fitting)), device=device)
+
+
 def time_callable(fn, *, warmup: int = 1, repeats: int = 5, device="cpu", min_time_s: float = 0.0) -> Timing:
     """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed, and further timed calls while they add
     up to less than ``min_time_s`` seconds (at most ``MAX_REPEATS`` in all); return the median and all times."""

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from . import metrics, plotting
 from .attention import causal_query_positions
-from .bench import _sync, time_callable
+from .bench import time_callable, time_within
 from .cli import write_table
 from .data import InputSpec, input_sources, make_input
 from .registry import budget_options, get_attention, method_class, methods as registered_methods
@@ -158,23 +158,14 @@ def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: t
     ``deadline`` (a ``time.perf_counter`` value), fewer are made (at least one) and ``fwd_repeats`` says so."""
     device = q.device
     result = {}
-
-    def repeats_left(first_call_s: float) -> int:
-        return max(1, min(repeats, int((deadline - time.perf_counter()) / max(first_call_s, 1e-9)) - 1))
-
     with torch.no_grad():
-        _sync(device)
-        start = time.perf_counter()
-        out = attn(q, k, v, causal=causal)
-        _sync(device)
-        first = time.perf_counter() - start
+        out, timing = time_within(lambda: attn(q, k, v, causal=causal), repeats=repeats, deadline=deadline,
+                                  device=device)
         if reference is not None:
             approx = out[:, :, rows]
             result["rel_fro"] = metrics.relative_frobenius_error(approx, reference)
             result["rel_spec"] = metrics.relative_spectral_error(approx, reference)
         del out
-        n_timed = repeats_left(first)
-        timing = time_callable(lambda: attn(q, k, v, causal=causal), warmup=0, repeats=n_timed, device=device)
         result.update(fwd_time_s=timing.median_s, fwd_repeats=len(timing.times_s))
     if fwd_bwd:
         qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -185,11 +176,7 @@ def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: t
                 t.grad = None
             attn(qg, kg, vg, causal=causal).backward(grad)
 
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        timing = time_callable(step, warmup=0, repeats=repeats_left(time.perf_counter() - start), device=device)
+        _, timing = time_within(step, repeats=repeats, deadline=deadline, device=device)
         result["fwd_bwd_time_s"] = timing.median_s
     return result
 

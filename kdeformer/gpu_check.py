@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from common import metrics
-from common.bench import _sync
+from common.bench import _sync, time_within
 from common.cli import write_table
 from common.data import InputSpec, make_input
 from common.gpu_benchmark import device_name, failure_message, failure_status, time_limit
@@ -63,21 +63,9 @@ def _reset(device) -> int:
 
 
 def timed(fn, device, repeats: int, deadline: float) -> tuple[object, float, int]:
-    """(output of the warm-up call, median time of the timed calls, their number): up to ``repeats`` timed calls,
-    as many as fit before ``deadline`` (a ``time.perf_counter`` value) judging by the warm-up, at least one."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    first = time.perf_counter() - start
-    n = max(1, min(repeats, int((deadline - time.perf_counter()) / max(first, 1e-9))))
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return out, sorted(times)[len(times) // 2], n
+    """(output of the warm-up call, median time of the timed calls, their number): :func:`common.bench.time_within`."""
+    out, timing = time_within(fn, repeats=repeats, deadline=deadline, device=device)
+    return out, timing.median_s, len(timing.times_s)
 
 
 def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cuda", heads: int = 8, head_dim: int = 64,

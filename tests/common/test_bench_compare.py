@@ -157,3 +157,20 @@ def test_quick_run_writes_outside_the_committed_assets_by_default(tmp_path, monk
     compare.main(["--quick", "--n", "32", "--inputs", "gaussian", "--methods", "uniform", "--no-progress"])
     assert (tmp_path / compare.QUICK_OUT / "compare.csv").is_file()
     assert committed.stat().st_mtime_ns == before
+
+
+def test_time_within_keeps_the_first_output_and_fits_the_timed_calls_before_the_deadline():
+    import time
+    from common.bench import time_within
+    calls = []
+
+    def fn():
+        calls.append(None)
+        time.sleep(0.01)
+        return len(calls)
+
+    out, timing = time_within(fn, repeats=5, deadline=time.perf_counter() + 10)
+    assert out == 1 and len(timing.times_s) == 5 and len(calls) == 6 and timing.median_s >= 0.01
+    calls.clear()
+    out, timing = time_within(fn, repeats=5, deadline=time.perf_counter())  # past: still one timed call
+    assert out == 1 and len(timing.times_s) == 1 and len(calls) == 2
