@@ -5,8 +5,8 @@ manifest (command, data, git commit, machine, final metric), in one small file.
     model, info = load_model(path, kind="recall")     # info: {'kind', 'task' or 'meta', 'manifest'}
 
 A file is ``{'format': FORMAT, 'kind': 'recall' | 'lm', 'model_config', 'model', 'task' (recall: the
-RecallTask's fields) or 'meta' (lm: the character vocabulary), 'manifest'}``; the weights are stored in float16
-(``half=True``) to keep the committed files at a few MB, and come back as float32. ``*.pt`` is git-ignored in
+RecallTask's fields) or 'meta' (lm: the character vocabulary), 'manifest'}``; the parameters are stored in float16
+(``half=True``; buffers such as an SRF layer's random projection as they are) to keep the committed files at a few MB, and come back as float32. ``*.pt`` is git-ignored in
 this repository, so the committed files end in ``.pth``.
 
 Loading says clearly what is wrong: a missing file, an unreadable one, one that is not a long-context checkpoint
@@ -59,14 +59,17 @@ def provenance() -> dict:
 
 def save_model(path, model: GPT, kind: str, *, task: RecallTask | None = None, meta: dict | None = None,
                manifest: dict | None = None, half: bool = True) -> Path:
-    """Write ``model`` (exact attention recorded in its config as it runs now) to ``path`` atomically; a JSON copy
-    of the manifest goes beside it (``<path>.json``)."""
+    """Write ``model`` (its config records the attention each layer runs now: the method it was trained with, for
+    a model trained with one) to ``path`` atomically; a JSON copy of the manifest goes beside it
+    (``<path>.json``)."""
     if kind not in KINDS:
         raise ValueError(f"save_model: kind must be one of {KINDS}, got {kind!r}")
     if (kind == "recall") != (task is not None) or (kind == "lm") != (meta is not None):
         raise ValueError("save_model: a recall model needs task=, an LM needs meta= (its vocabulary)")
-    weights = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
-               for k, v in model.state_dict().items()}
+    # parameters in float16; buffers (an SRF layer's random projection, say) as they are: the model evaluates
+    # with the features it was trained with
+    weights = {k: (v.detach().half() if half and isinstance(v, torch.nn.Parameter) and v.is_floating_point()
+                   else v.detach()).cpu() for k, v in model.state_dict(keep_vars=True).items()}
     state = {"format": FORMAT, "kind": kind, "model_config": model.config.to_dict(), "model": weights,
              "task": dataclasses.asdict(task) if task is not None else None, "meta": meta,
              "manifest": dict(manifest or {})}

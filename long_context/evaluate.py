@@ -7,7 +7,8 @@
         --time-budget 240 --out $OUT/long_context
 
 Writes ``long_context_eval.csv`` under ``--out`` (rewritten after every row) and prints a markdown table; the
-figures are drawn from the CSV by ``python -m long_context.plot``. See :mod:`long_context.evaluation`.
+figures are drawn from the CSV by ``python -m long_context.plot``. A checkpoint trained with a method is also
+evaluated with that method and its training options (budget ``trained``), beside exact. See :mod:`long_context.evaluation`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from common.cli import script_parser
 from nanoGPT.checkpoint import CheckpointError
 
 from .checkpoints import DEFAULT_CHECKPOINTS, load_model
-from .evaluation import BUDGET_LABELS, evaluate_model, markdown_table
+from .evaluation import BUDGET_LABELS, evaluate_model, markdown_table, trained_attention
 
 ASSETS = common.plotting.ASSETS / "long_context"
 CSV_NAME = "long_context_eval.csv"
@@ -91,6 +92,7 @@ def main(argv=None) -> list[dict]:
         evaluate_model(model, kind, info["task"], ns, args.methods, budgets=args.budgets, layers=args.layers,
                        sweep=tuple(args.sweep), sweep_n=args.sweep_n, sweep_budget=args.sweep_budget, extra=extra,
                        batches=quick.get("batches", args.batches), batch_size=quick.get("batch_size", args.batch_size),
+                       trained=trained_attention(model), checkpoint=Path(path).name,
                        seed=args.seed, dtype=args.dtype, row_time_limit=args.row_time_limit, deadline=deadline,
                        rows=rows, csv_path=csv_path,
                        progress=lambda r: print(f"{r['model']} n={r['n']} {r['method']} {r['budget']} {r['layers']}: "

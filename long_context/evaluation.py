@@ -12,6 +12,10 @@ Every method sees the same seeded sequences (a paired comparison: the difference
 much less noisy than either). The models run under bfloat16 autocast for ``dtype='bfloat16'`` (q, k, v reach the
 method in bfloat16; exact is then SDPA's flash kernel on a GPU).
 
+A model trained with a method (``long_context.train_recall`` / ``train_lm`` ``--attention``) is also evaluated with
+the method and options it was trained with (budget label ``trained``), beside exact attention (always the first row
+at each n) and the budgets asked for.
+
 A row that fails (an error, out of memory, longer than ``row_time_limit``) is recorded with its status and
 message and the run goes on; once ``time_budget`` is spent, the rows not started are recorded as skipped. The
 CSV is rewritten after every row, so a run stopped from outside keeps what it measured.
@@ -36,11 +40,11 @@ from nanoGPT.data_loader import get_batch, load_split
 from nanoGPT.model import GPT, select_layers
 
 from .recall import IGNORE_INDEX, RecallTask, recall_batch
-from .training import autocast_context
+from .training import autocast_context, reseed_attention
 
 BUDGET_LABELS = ("low", "mid", "high")
 METRICS = {"recall": "accuracy", "lm": "perplexity"}
-CSV_FIELDS = ["model", "n", "dtype", "method", "budget", "options", "layers", "patched_layers", "status", "message",
+CSV_FIELDS = ["model", "checkpoint", "n", "dtype", "method", "budget", "options", "layers", "patched_layers", "status", "message",
               "metric_name", "metric", "exact_metric", "metric_change", "attention_time_s",
               "exact_attention_time_s", "attention_speedup", "forward_time_s", "exact_forward_time_s",
               "forward_speedup", "sequences", "scored", "device", "torch"]
@@ -72,6 +76,16 @@ def make_batches(kind: str, n: int, batches: int, batch_size: int, seed: int, ta
         data = load_split("val")
         return [get_batch(data, batch_size, n, generator, device) for _ in range(batches)]
     raise ValueError(f"make_batches: kind must be one of {tuple(METRICS)}, got {kind!r}")
+
+
+def trained_attention(model: GPT) -> tuple[str, dict] | None:
+    """(name, options) of the method a loaded model was trained with (its config records it: the same in every
+    layer), or None for an exact-trained model."""
+    if model.config.layer_attention is not None:
+        raise ValueError("trained_attention: the model's layers run different methods; a trained model runs one")
+    if model.config.attention == "exact":
+        return None
+    return model.config.attention, dict(model.config.attention_options)
 
 
 class AttentionTimer:
@@ -118,10 +132,13 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure(model: GPT, kind: str, batches: list, dtype: str = "float32") -> dict:
     """Run ``model`` over ``batches`` (one untimed warm-up forward on the first, then every batch timed):
-    {'metric', 'scored', 'forward_time_s', 'attention_time_s'} (times: medians over the batches)."""
+    {'metric', 'scored', 'forward_time_s', 'attention_time_s'} (times: medians over the batches). A randomised
+    method's streams restart from their seeds after the warm-up, so the metric is the one a freshly loaded model
+    gets (and a model trained with the method reproduces the accuracy its training recorded)."""
     device = next(model.parameters()).device
     with autocast_context(device, dtype):
         model(batches[0][0])  # warm-up: index building, kernel selection, compilation
+    reseed_attention(model)
     forward_times, attention_times = [], []
     correct = nll = 0.0
     scored = 0
@@ -164,13 +181,14 @@ def layer_spec(layers: str):
 
 
 def plan_cells(methods, n: int, n_layer: int, seed: int, budgets=BUDGET_LABELS, layers: str = "all",
-               sweep: tuple = (), sweep_budget: str = "mid", extra: tuple = ()) -> list[Cell]:
-    """The cells at one n: every method at each budget in ``layers``; then the ``extra`` (name, options) pairs
+               sweep: tuple = (), sweep_budget: str = "mid", extra: tuple = (), trained: tuple | None = None) -> list[Cell]:
+    """The cells at one n: ``trained`` (the (name, options) a model was trained with, labelled 'trained', options
+    as recorded) in ``layers``; every method at each budget in ``layers``; then the ``extra`` (name, options) pairs
     (option sets beyond the declared budgets, labelled 'extra', seeded like them) in ``layers``; then
     (``sweep``: 'first' and/or 'last') every method at ``sweep_budget`` in the first / last k layers for
     k = 1 .. n_layer - 1 (k = n_layer is the all-layers row). ``exact`` is not a cell: it is every cell's
     reference."""
-    cells = []
+    cells = [] if trained is None else [Cell(trained[0], "trained", dict(trained[1]), layers)]
     for name in methods:
         if name != "exact":
             cells += [Cell(name, label, options, layers) for label, options in labelled_budgets(name, n, seed, budgets)]
@@ -206,13 +224,16 @@ def read_csv(path) -> list[dict]:
 
 def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=None, *, budgets=BUDGET_LABELS,
                    layers: str = "all", sweep: tuple = (), sweep_n: int | None = None, sweep_budget: str = "mid",
-                   extra: tuple = (),
+                   extra: tuple = (), trained: tuple | None = None, checkpoint: str = "",
                    batches: int = 4, batch_size: int = 8, seed: int = 0, dtype: str = "float32",
                    row_time_limit: float = 0.0, deadline: float | None = None, rows: list | None = None,
                    csv_path=None, progress=None) -> list[dict]:
     """Run every cell at each n (the layer sweep at ``sweep_n``, the largest n by default) and return the rows
-    (appended to ``rows`` if given; the CSV rewritten after each when ``csv_path``). ``deadline``: a
-    ``time.perf_counter()`` value after which the cells not started are recorded as skipped."""
+    (appended to ``rows`` if given; the CSV rewritten after each when ``csv_path``); the model's layers run
+    again what they ran before when it returns. ``deadline``: a
+    ``time.perf_counter()`` value after which the cells not started are recorded as skipped. ``trained``: the
+    (name, options) the model was trained with (:func:`trained_attention`), a row at each n; ``checkpoint``: the
+    file's name, written in every row."""
     if kind not in METRICS:
         raise ValueError(f"evaluate_model: kind must be one of {tuple(METRICS)}, got {kind!r}")
     methods = list(methods or common.methods(causal=True))
@@ -222,16 +243,17 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
                          f"causal methods: {common.methods(causal=True)}")
     rows = [] if rows is None else rows
     device = next(model.parameters()).device
-    base = dict(model=kind, dtype=dtype, metric_name=METRICS[kind], device=device_name(device),
+    base = dict(model=kind, checkpoint=checkpoint, dtype=dtype, metric_name=METRICS[kind], device=device_name(device),
                 torch=torch.__version__)
     sweep_n = max(ns) if sweep_n is None else sweep_n
     n_layer = model.config.n_layer
+    before = [model.config.attention_of_layer(i) for i in range(n_layer)]
     for n in ns:
         if kind == "lm" and model.config.position_embedding == "learned" and n > model.config.block_size:
             raise ValueError(f"evaluate_model: n={n} exceeds the LM's block_size={model.config.block_size}")
         data = make_batches(kind, n, batches, batch_size, seed, task, device)
         cells = plan_cells(methods, n, n_layer, seed, budgets, layers, sweep if n == sweep_n else (), sweep_budget,
-                           extra)
+                           extra, trained)
         model.set_attention("exact")
         reference = None
         for cell in [Cell("exact", "exact", {}, "all")] + cells:
@@ -270,7 +292,8 @@ def evaluate_model(model: GPT, kind: str, task: RecallTask | None, ns, methods=N
                 write_csv(rows, csv_path)
             if progress is not None:
                 progress(row)
-        model.set_attention("exact")
+    for i, (name, options) in enumerate(before):  # each layer runs again what it ran before (fresh streams)
+        model.set_attention(name, layers=[i], **options)
     return rows
 
 

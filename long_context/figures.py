@@ -1,7 +1,8 @@
 """Figures of the long-context evaluation (issue 14), drawn from its CSV rows (:mod:`long_context.evaluation`):
 
 - :func:`plot_pareto`: the end-to-end metric against the attention's time, one curve per method through its
-  budgets (all layers patched), exact as a star, extra option sets as open squares, one panel per (model, n);
+  budgets (all layers patched), exact as a star, extra option sets as open squares, the method a model was
+  trained with (budget `trained`) as a filled diamond, one panel per (model, n);
 - :func:`plot_layers`: the metric against the number of patched layers (first k solid, last k dashed) per method
   at the sweep's budget, 0 layers being exact, one panel per (model, n) that has a sweep.
 """
@@ -35,15 +36,18 @@ def plot_pareto(rows: list[dict], path) -> Path | None:
         cell = [r for r in rows if r["model"] == model and int(r["n"]) == n]
         for name in sorted({r["method"] for r in cell}, key=lambda m: (m != "exact", m)):
             pts = sorted((r["attention_time_s"] * 1e3, r["metric"]) for r in cell
-                         if r["method"] == name and r["budget"] != "extra")
+                         if r["method"] == name and r["budget"] not in ("extra", "trained"))
             if pts:
                 xs, ys = zip(*pts)
                 style = dict(marker="*", markersize=12, linestyle="none") if name == "exact" else dict(marker="o")
                 ax.plot(xs, ys, color=plotting.method_color(name), label=name, **style)
-            for r in (r for r in cell if r["method"] == name and r["budget"] == "extra"):
+            for r in (r for r in cell if r["method"] == name and r["budget"] in ("extra", "trained")):
                 options = ", ".join(f"{k}={v}" for k, v in json.loads(r["options"]).items() if k != "seed")
-                ax.plot([r["attention_time_s"] * 1e3], [r["metric"]], marker="s", markerfacecolor="none",
-                        linestyle="none", color=plotting.method_color(name), label=f"{name} ({options})")
+                trained = r["budget"] == "trained"
+                ax.plot([r["attention_time_s"] * 1e3], [r["metric"]], marker="D" if trained else "s",
+                        markerfacecolor=None if trained else "none", linestyle="none",
+                        color=plotting.method_color(name),
+                        label=f"{name} ({'trained with it, ' if trained else ''}{options})")
         ax.set_xscale("log")
         ax.set_yscale("log" if model == "lm" else "linear")
         ax.set_xlabel("attention time per forward (ms)")

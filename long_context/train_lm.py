@@ -1,17 +1,24 @@
 """Train the long-context character LM on tiny Shakespeare (learned positions, block 4096 by default) with exact
-attention through ``nanoGPT.train`` (resumable checkpoints in ``--work-dir``), then write it as a small long-context
+attention or a trainable method through ``nanoGPT.train`` (resumable checkpoints in ``--work-dir``), then write it as a small long-context
 checkpoint (weights in float16, manifest beside it).
 
     python -m long_context.train_lm --quick                                         # CPU smoke run, seconds
     python -m long_context.train_lm --device cuda --dtype bfloat16 --out $OUT/long_context/lm_exact.pth
     python -m long_context.train_lm --block-size 8192 --max-iters 3000 ...          # any nanoGPT.train key:
     python -m long_context.train_lm --set n_layer=6 --set batch_size=4              #   --set key=value
+    python -m long_context.train_lm --attention srf --attention-budget mid ...      # trained with a method
+    python -m long_context.train_lm --attention knn --attention-options '{"index": "ivf_blocks", "nprobe": 8}'
+
+``--attention NAME`` trains with that method in every layer (from scratch, as the kNN and SRF papers trained),
+with the options of ``--attention-budget low|mid|high`` (its declared budget at the block size) updated by
+``--attention-options JSON``; the checkpoint's config and manifest (``trained_attention``) record them.
 
 Defaults (``long_context.training.LM_DEFAULTS``): 4 layers, 4 heads, 128 dims, block 4096, batch 8, 2000 steps,
 lr 2e-3 with 100 warm-up steps and cosine decay to 1e-4. See :mod:`long_context.training`.
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -23,7 +30,7 @@ from nanoGPT.configurator import load_config
 from nanoGPT.train import TrainConfig
 
 from .checkpoints import LM_CHECKPOINT
-from .training import LM_DEFAULTS, export_lm, train_lm
+from .training import LM_DEFAULTS, attention_options, export_lm, train_lm
 
 QUICK = dict(block_size=128, n_layer=2, n_head=2, n_embd=32, batch_size=2, max_iters=4, eval_interval=2,
              eval_iters=1, warmup_iters=1)
@@ -45,6 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other nanoGPT.train config key (repeatable)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--attention", default="exact", help="the method trained with (any trainable causal one)")
+    parser.add_argument("--attention-options", default="{}", metavar="JSON",
+                        help="its options, a JSON object (updates --attention-budget's)")
+    parser.add_argument("--attention-budget", choices=("low", "mid", "high"),
+                        help="start from the method's declared budget at the block size")
     return parser.parse_args(argv)
 
 
@@ -55,9 +67,17 @@ def main(argv=None):
         values["block_size"] = args.block_size
     if args.max_iters is not None:
         values["max_iters"] = args.max_iters
+    try:
+        options = json.loads(args.attention_options)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"long_context.train_lm: --attention-options must be a JSON object ({err})") from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"long_context.train_lm: --attention-options must be a JSON object, got {options!r}")
+    options = attention_options(args.attention, options, args.attention_budget, values["block_size"], args.seed)
     overrides = [f"--{k}={v!r}" for k, v in values.items()] + [f"--{kv}" for kv in args.set]
     overrides += [f"--out_dir={args.work_dir}", f"--device={args.device}", f"--dtype={args.dtype}",
-                  f"--seed={args.seed}", f"--threads={args.threads}", "--attention=exact",
+                  f"--seed={args.seed}", f"--threads={args.threads}", f"--attention={args.attention}",
+                  f"--attention_options={options!r}",
                   "--init_from=resume" if args.resume else "--overwrite=True"]
     cfg = load_config(TrainConfig, overrides)
     command = "python -m long_context.train_lm " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))

@@ -1,17 +1,25 @@
 """Train the recall model: a GPT without position embeddings (NoPE) on multi-query associative recall, with exact
-attention, written as a long-context checkpoint (weights in float16, a manifest beside it).
+attention or a trainable method, written as a long-context checkpoint (weights in float16, a manifest beside it).
 
     python -m long_context.train_recall --quick                   # CPU, seconds: a smoke run (does not learn)
     python -m long_context.train_recall                           # the committed checkpoint's run (CPU, minutes)
     python -m long_context.train_recall --device cuda --dtype bfloat16 --lengths 1024 4096 \\
         --init long_context/checkpoints/recall_exact.pth --max-iters 500 --out $OUT/long_context/recall_ft.pth
 
+    python -m long_context.train_recall --device cuda --dtype bfloat16 --lengths 1024 4096 16384 \
+        --init long_context/checkpoints/recall_exact.pth --attention knn --attention-budget mid \
+        --attention-options '{"index": "ivf_blocks"}' --out $OUT/long_context/recall_long_knn.pth
+
 ``--init`` fine-tunes a trained checkpoint (e.g. at longer n on a GPU); its task and model are kept.
-See :mod:`long_context.training`.
+``--attention NAME`` trains with that method (any trainable causal one) in every layer, with the options of
+``--attention-budget low|mid|high`` (its declared budget at the largest training length) updated by
+``--attention-options JSON``; the checkpoint's config and manifest record them. The checkpoint is written after
+every evaluation too, so a run killed from outside leaves its last one. See :mod:`long_context.training`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -21,7 +29,9 @@ import torch
 from common.cli import script_parser
 
 from .checkpoints import RECALL_CHECKPOINT, load_model
-from .training import RecallTrainConfig, save_recall, train_recall
+from .training import RecallTrainConfig, attention_options, save_recall, train_recall
+
+SCRIPT_FIELDS = ("seed", "device", "dtype", "attention", "attention_options")
 
 QUICK = dict(lengths=(32, 64), max_iters=20, eval_interval=10, eval_batches=1, batch_size=8)
 
@@ -33,8 +43,15 @@ def parse_args(argv=None):
     parser.add_argument("--init", type=Path, help="fine-tune this recall checkpoint instead of starting anew")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--attention", default="exact", help="the method trained with (any trainable causal one)")
+    parser.add_argument("--attention-options", default="{}", metavar="JSON",
+                        help="its options, a JSON object (updates --attention-budget's), e.g. '{\"k\": 32}'")
+    parser.add_argument("--attention-budget", choices=("low", "mid", "high"),
+                        help="start from the method's declared budget at the largest training length")
+    parser.add_argument("--weights", choices=("float16", "float32"), default="float16",
+                        help="the stored parameters' dtype")
     for f in dataclasses.fields(RecallTrainConfig):
-        if f.name in ("seed", "device", "dtype"):
+        if f.name in SCRIPT_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, tuple):
@@ -58,15 +75,28 @@ def main(argv=None):
                       n_embd=model.config.n_embd, key_curriculum=())  # a fine-tune runs the full task
     for f in dataclasses.fields(RecallTrainConfig):
         given = getattr(args, f.name, None)
-        if given is not None and f.name not in ("seed", "device", "dtype"):
+        if given is not None and f.name not in SCRIPT_FIELDS:
             values[f.name] = tuple(given) if isinstance(given, list) else given
-    cfg = RecallTrainConfig(**values, seed=args.seed, device=args.device, dtype=args.dtype)
-    model, history = train_recall(cfg, model)
-    if model.config.block_size != max(cfg.lengths):
-        model.config.block_size = max(cfg.lengths)  # NoPE: the length it was (last) trained at, for the record
+    try:
+        options = json.loads(args.attention_options)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"long_context.train_recall: --attention-options must be a JSON object ({err})") from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"long_context.train_recall: --attention-options must be a JSON object, got {options!r}")
+    lengths = values.get("lengths", RecallTrainConfig.lengths)
+    options = attention_options(args.attention, options, args.attention_budget, max(lengths), args.seed)
+    cfg = RecallTrainConfig(**values, attention=args.attention, attention_options=options, seed=args.seed,
+                            device=args.device, dtype=args.dtype)
     command = "python -m long_context.train_recall " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    path = save_recall(args.out, model, cfg, history, command, parent=info["manifest"] if args.init else None)
-    print(f"wrote {path}: {history[-1]}")
+    parent = info["manifest"] if args.init else None
+
+    def save(model, history):
+        if model.config.block_size != max(cfg.lengths):
+            model.config.block_size = max(cfg.lengths)  # NoPE: the length it was (last) trained at, for the record
+        return save_recall(args.out, model, cfg, history, command, parent=parent, half=args.weights == "float16")
+
+    model, history = train_recall(cfg, model, on_evaluation=save)  # the last evaluation wrote the final model
+    print(f"wrote {args.out}: {history[-1]}")
     return model, history
 
 

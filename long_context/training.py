@@ -1,4 +1,5 @@
-"""Training the long-context models with exact attention (issue 14).
+"""Training the long-context models (issue 14), with exact attention or with a trainable method itself (kNN
+attention and SRF were trained with their approximation in their papers: ``attention`` / ``attention_options``).
 
 - :func:`train_recall`: a GPT without position embeddings (NoPE) on multi-query associative recall
   (:mod:`long_context.recall`), the loss the cross-entropy at the query positions only; each step draws its
@@ -7,7 +8,8 @@
   trained by ``nanoGPT.train`` (single process or torchrun), then written as a small long-context checkpoint.
 
 Both use AdamW with linear warm-up and cosine decay (``nanoGPT.train.learning_rate``) and, on a GPU, bfloat16
-autocast.
+autocast. The method a model was trained with is recorded in its config (``attention``, ``attention_options``,
+seeded) and in its manifest (``trained_attention``); :func:`attention_options` resolves a budget label to options.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoGPT.model import GPT, GPTConfig
+import common
+from common.gpu_benchmark import chosen_budgets
+from nanoGPT.model import GPT, GPTConfig, check_attention
 from nanoGPT.train import TrainConfig, learning_rate, make_optimizer
 from nanoGPT.train import train as nanogpt_train
 from nanoGPT.checkpoint import load_model as load_nanogpt_model
@@ -39,6 +43,24 @@ def autocast_context(device: torch.device, dtype: str):
         raise ValueError(f"dtype must be one of {tuple(AMP_DTYPES)}, got {dtype!r}")
     amp = AMP_DTYPES[dtype]
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def attention_options(name: str, options: dict | None = None, budget: str | None = None, n: int | None = None,
+                      seed: int = 0) -> dict:
+    """The options a model is trained with: ``name``'s declared budget ``budget`` ('low', 'mid', 'high':
+    ``common.gpu_benchmark.chosen_budgets`` at ``n`` keys) updated by the explicit ``options``, seeded
+    (``common.method_options``). A name that cannot train a GPT (unknown, not causal, no gradient) raises a
+    ValueError naming it."""
+    check_attention(name, trainable=True)
+    resolved = {}
+    if budget is not None:
+        if name == "exact":
+            raise ValueError("attention_options: 'exact' has no budgets; give --attention-budget only with a method")
+        if n is None:
+            raise ValueError("attention_options: a budget needs n, the number of keys it is declared for")
+        (_, resolved), = chosen_budgets(name, n, seed, budget)
+    resolved.update(options or {})
+    return common.method_options(name, resolved, seed)
 
 
 def recall_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,6 +90,9 @@ class RecallTrainConfig:
     n_layer: int = 2
     n_head: int = 2
     n_embd: int = 64
+    # the attention the model trains with (a fine-tune switches its checkpoint's model to it)
+    attention: str = "exact"
+    attention_options: dict = field(default_factory=dict)
     # optimisation
     batch_size: int = 64
     max_iters: int = 800
@@ -84,14 +109,18 @@ class RecallTrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
 
+    def __post_init__(self):
+        check_attention(self.attention, trainable=True)
+        self.attention_options = common.method_options(self.attention, self.attention_options, self.seed)
+
     def task(self, n: int | None = None) -> RecallTask:
         return RecallTask(n or max(self.lengths), self.pairs, self.queries, self.n_keys, self.n_values,
                           self.n_distractors)
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(block_size=max(self.lengths), n_layer=self.n_layer, n_head=self.n_head,
-                         n_embd=self.n_embd, dropout=0.0, bias=True, attention="exact",
-                         position_embedding="none", vocab_size=self.task().vocab_size)
+                         n_embd=self.n_embd, dropout=0.0, bias=True, attention=self.attention,
+                         attention_options=dict(self.attention_options), position_embedding="none", vocab_size=self.task().vocab_size)
 
     def train_config(self) -> TrainConfig:
         """The nanoGPT training config whose optimiser and schedule this run uses."""
@@ -119,13 +148,27 @@ def recall_metric(model: GPT, task: RecallTask, batches: int, batch_size: int, s
     return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
-def train_recall(cfg: RecallTrainConfig, model: GPT | None = None, progress: bool = True) -> tuple[GPT, list[dict]]:
-    """Train (or fine-tune ``model``) on recall; returns the model in eval mode and the history (one row per
-    evaluation: iter, n, accuracy and loss at each training length, on held-out seeded batches)."""
+def reseed_attention(model: GPT) -> None:
+    """Restart every layer's random stream from its seed (a randomised method's evaluation then draws what a
+    freshly loaded checkpoint draws, so the recorded metric is reproducible)."""
+    for block in model.blocks:
+        block.attn.attention.reseed(block.attn.attention.seed)
+
+
+def train_recall(cfg: RecallTrainConfig, model: GPT | None = None, progress: bool = True,
+                 on_evaluation=None) -> tuple[GPT, list[dict]]:
+    """Train (or fine-tune ``model``, switched to ``cfg.attention``) on recall; returns the model in eval mode and
+    the history (one row per evaluation: iter, n, accuracy and loss at each training length, on held-out seeded
+    batches, with the training attention, its random streams restarted from their seeds first).
+    ``on_evaluation(model, history)`` runs after each evaluation (e.g. to write a checkpoint, so that a run killed
+    from outside leaves its last one)."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if model is None:
         model = GPT(cfg.model_config())
+    elif (model.config.attention, model.config.attention_options, model.config.layer_attention) != \
+            (cfg.attention, cfg.attention_options, None):
+        model.set_attention(cfg.attention, **cfg.attention_options)
     model = model.to(device).train()
     optimizer = make_optimizer(model, cfg.train_config(), device)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -136,10 +179,13 @@ def train_recall(cfg: RecallTrainConfig, model: GPT | None = None, progress: boo
         model.eval()
         row = {"iter": it, "seconds": round(time.perf_counter() - t0, 1)}
         for task in tasks:
+            reseed_attention(model)
             m = recall_metric(model, task, cfg.eval_batches, cfg.batch_size, seed=10_000 + cfg.seed, dtype=cfg.dtype)
             row[f"accuracy_n{task.n}"], row[f"loss_n{task.n}"] = m["accuracy"], m["loss"]
         history.append(row)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if on_evaluation is not None:
+            on_evaluation(model, history)
         model.train()
 
     train_cfg = cfg.train_config()
@@ -174,14 +220,16 @@ def train_recall(cfg: RecallTrainConfig, model: GPT | None = None, progress: boo
 
 
 def save_recall(path, model: GPT, cfg: RecallTrainConfig, history: list[dict], command: str,
-                parent: dict | None = None) -> Path:
-    """The trained recall model as a long-context checkpoint, its manifest naming the command and the result;
-    ``parent``: the manifest of the checkpoint this run fine-tuned (kept in the new one as ``fine_tuned_from``)."""
+                parent: dict | None = None, half: bool = True) -> Path:
+    """The trained recall model as a long-context checkpoint, its manifest naming the command, the attention it
+    was trained with and the result; ``parent``: the manifest of the checkpoint this run fine-tuned (kept in the
+    new one as ``fine_tuned_from``); ``half``: weights stored in float16."""
     manifest = {"command": command, "data": "recall sequences generated on the fly (long_context.recall, seeded)",
+                "trained_attention": {"name": cfg.attention, "options": dict(cfg.attention_options)},
                 "train_config": dataclasses.asdict(cfg), "final": history[-1], **provenance()}
     if parent is not None:
         manifest["fine_tuned_from"] = parent
-    return save_model(path, model, "recall", task=cfg.task(), manifest=manifest)
+    return save_model(path, model, "recall", task=cfg.task(), manifest=manifest, half=half)
 
 
 LM_DEFAULTS = dict(block_size=4096, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, batch_size=8,
@@ -202,7 +250,9 @@ def export_lm(work_dir, out_path, command: str) -> GPT:
     model, meta = load_nanogpt_model(work_dir)
     evals = [r for r in meta["history"] if "eval_val_loss" in r]
     manifest = {"command": command, "data": "tiny Shakespeare, nanoGPT/data/shakespeare_char (train split; "
-                "validation loss on the val split)", "train_config": meta["config"],
+                "validation loss on the val split)",
+                "trained_attention": {"name": model.config.attention, "options": dict(model.config.attention_options)},
+                "train_config": meta["config"],
                 "final": {"iter": meta["iter_num"], "val_loss": evals[-1]["eval_val_loss"] if evals else None,
                           "train_loss": evals[-1]["eval_train_loss"] if evals else None,
                           "losses_at_iter": evals[-1]["iter"] if evals else None}, **provenance()}

@@ -1,0 +1,118 @@
+"""Training the long-context models with a method itself (issue 14: kNN and SRF were trained with their
+approximation): the loss falls, the checkpoint's config and manifest name the method, the checkpoint evaluated with
+its method reproduces the metric its training recorded, and a name that cannot train is refused clearly."""
+import json
+
+import pytest
+import torch
+
+import common
+from long_context import evaluate as evaluate_script
+from long_context import train_lm as train_lm_script
+from long_context import train_recall as train_recall_script
+from long_context.checkpoints import load_model
+from long_context.evaluation import evaluate_model, trained_attention
+from long_context.training import RecallTrainConfig, attention_options, recall_metric, train_recall
+
+# the device indexes knn trains with on a GPU (faiss is CPU-only): a routed block index and an exact top-k
+METHODS = {"knn_ivf_blocks": ("knn", {"index": "ivf_blocks", "nprobe": 2, "num_samples": 8}),
+           "knn_torch": ("knn", {"index": "torch", "k": 8, "num_samples": 8}),
+           "srf": ("srf", {"nb_features": 32})}
+
+
+@pytest.mark.parametrize("case", list(METHODS))
+def test_a_small_recall_task_trains_with_the_method(case):
+    name, options = METHODS[case]
+    cfg = RecallTrainConfig(lengths=(24,), pairs=1, queries=1, n_keys=4, n_values=4, n_distractors=4,
+                            key_curriculum=(), batch_size=32, max_iters=30, eval_interval=15, eval_batches=2,
+                            attention=name, attention_options=options)
+    assert cfg.attention_options == {**options, "seed": 0}  # seeded: the run repeats
+    model, history = train_recall(cfg, progress=False)
+    assert model.layer_attention_names() == [name, name]
+    losses = [row["loss_n24"] for row in history]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("case", ["knn_ivf_blocks", "srf"])
+def test_fine_tune_with_a_method_records_it_and_the_checkpoint_reproduces_its_metric(tmp_path, case):
+    name, options = METHODS[case]
+    out = tmp_path / f"recall_{case}.pth"
+    train_recall_script.main(["--init", "long_context/checkpoints/recall_exact.pth", "--lengths", "48", "64",
+                              "--max-iters", "4", "--batch-size", "4", "--eval-interval", "2", "--eval-batches", "2",
+                              "--attention", name, "--attention-options", json.dumps(options),
+                              "--weights", "float32", "--threads", "1", "--out", str(out)])
+    manifest = json.loads(out.with_suffix(".pth.json").read_text())
+    assert manifest["trained_attention"] == {"name": name, "options": {**options, "seed": 0}}
+    assert manifest["model_config"]["attention"] == name
+    assert manifest["fine_tuned_from"]["command"] == load_model("long_context/checkpoints/recall_exact.pth")[1][
+        "manifest"]["command"]  # the exact-trained parent's record
+    model, info = load_model(out, "recall")
+    assert model.layer_attention_names() == [name, name]  # loads running the method it was trained with
+    assert trained_attention(model) == (name, {**options, "seed": 0})
+    final, cfg = info["manifest"]["final"], info["manifest"]["train_config"]
+    for n in (48, 64):
+        # the training's own evaluation (held-out seeded batches), on the freshly loaded checkpoint
+        again = recall_metric(model, info["task"].with_length(n), cfg["eval_batches"], cfg["batch_size"],
+                              seed=10_000 + cfg["seed"])
+        assert again["accuracy"] == final[f"accuracy_n{n}"]
+        assert again["loss"] == pytest.approx(final[f"loss_n{n}"], rel=1e-5)
+        # the evaluation command's 'trained' row draws the same batches: the same accuracy, beside exact's
+        rows = evaluate_model(model, "recall", info["task"], [n], ["exact"], trained=trained_attention(model),
+                              batches=cfg["eval_batches"], batch_size=cfg["batch_size"], seed=10_000 + cfg["seed"])
+        assert [(r["method"], r["budget"], r["status"]) for r in rows] == [("exact", "exact", "ok"),
+                                                                          (name, "trained", "ok")]
+        assert rows[1]["metric"] == final[f"accuracy_n{n}"]
+        assert rows[1]["exact_metric"] == rows[0]["metric"]
+
+
+def test_evaluate_adds_the_trained_row_and_names_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "recall_srf.pth"
+    train_recall_script.main(["--init", "long_context/checkpoints/recall_exact.pth", "--lengths", "32",
+                              "--max-iters", "1", "--batch-size", "2", "--eval-batches", "1", "--attention", "srf",
+                              "--attention-budget", "low", "--threads", "1", "--out", str(ckpt)])
+    rows = evaluate_script.main(["--model", "recall", "--recall-checkpoint", str(ckpt), "--n", "64", "--methods",
+                                 "srf", "--budgets", "mid", "--batches", "1", "--batch-size", "2", "--threads", "1",
+                                 "--out", str(tmp_path)])
+    low = common.budget_options("srf", 32, 0)[0]
+    assert [(r["method"], r["budget"], json.loads(r["options"])) for r in rows] == [
+        ("exact", "exact", {}), ("srf", "trained", low), ("srf", "mid", common.budget_options("srf", 64, 0)[1])]
+    assert {r["checkpoint"] for r in rows} == {"recall_srf.pth"} and all(r["status"] == "ok" for r in rows)
+
+
+def test_train_lm_with_a_method_records_it(tmp_path):
+    out = tmp_path / "lm_knn.pth"
+    options = METHODS["knn_ivf_blocks"][1]
+    train_lm_script.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--threads", "1",
+                          "--attention", "knn", "--attention-options", json.dumps(options)])
+    model, info = load_model(out, "lm")
+    assert model.layer_attention_names() == ["knn", "knn"]
+    assert info["manifest"]["trained_attention"] == {"name": "knn", "options": {**options, "seed": 0}}
+    assert info["manifest"]["train_config"]["attention"] == "knn"
+    final = info["manifest"]["final"]
+    assert final["iter"] == 4 and 0 < final["val_loss"] < 4.2  # ln 65 = 4.17: finite and below chance
+
+
+def test_attention_budget_resolves_to_the_declared_budget_updated_by_the_options():
+    assert attention_options("srf", None, "high", 4096, seed=3) == {**common.budget_options("srf", 4096, 3)[-1]}
+    assert attention_options("knn", {"num_samples": 7}, "low", 1024, seed=0) == {
+        **common.budget_options("knn", 1024, 0)[0], "num_samples": 7}
+    assert attention_options("exact") == {}
+    with pytest.raises(ValueError, match="'exact' has no budgets"):
+        attention_options("exact", budget="mid", n=64)
+
+
+def test_a_name_that_cannot_train_is_refused_clearly(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        RecallTrainConfig(attention="nope")
+    with pytest.raises(ValueError, match="nope"):
+        train_recall_script.main(["--attention", "nope", "--out", str(tmp_path / "x.pth")])
+    with pytest.raises(ValueError, match="nope"):
+        train_lm_script.main(["--quick", "--attention", "nope", "--work-dir", str(tmp_path / "w"),
+                              "--out", str(tmp_path / "x.pth")])
+    monkeypatch.setattr(common.method_class("uniform"), "trainable", False)
+    with pytest.raises(ValueError, match="'uniform' cannot train a GPT: it is inference-only"):
+        train_recall_script.main(["--attention", "uniform", "--out", str(tmp_path / "x.pth")])
+    with pytest.raises(ValueError, match="'uniform' cannot train a GPT"):
+        train_lm_script.main(["--quick", "--attention", "uniform", "--work-dir", str(tmp_path / "w"),
+                              "--out", str(tmp_path / "x.pth")])
+    assert not (tmp_path / "x.pth").exists()
