@@ -40,7 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--lm-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["lm"])
     parser.add_argument("--n", type=int, nargs="+", help="sequence lengths (default: recall 1024 4096, lm 1024)")
     parser.add_argument("--lm-n", type=int, nargs="+", help="the LM's lengths when they differ from --n")
-    parser.add_argument("--methods", nargs="+", help="causal methods (default: every one; 'exact' is always run)")
+    parser.add_argument("--methods", nargs="+",
+                        help="causal methods (default: every one; 'exact' is always run; --methods exact: exact "
+                             "with the --extra sets and a method-trained checkpoint's own method only)")
     parser.add_argument("--budgets", nargs="+", choices=BUDGET_LABELS, default=list(BUDGET_LABELS))
     parser.add_argument("--layers", default="all", help="layers patched: all, first:k, last:k or indices '0,2'")
     parser.add_argument("--sweep", nargs="*", choices=("first", "last"), default=[],

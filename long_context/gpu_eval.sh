@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate every causal method, 3 budgets each, in the long-context models on one GPU in bf16 (issue 14);
+# Evaluate every causal method (tree included: it raised under bf16 autocast in the run of 2026-11-25 13:2x UTC,
+# fixed since in the base class), 3 budgets each, in the long-context models on one GPU in bf16 (issue 14);
 # about 4.5 min on an H100: each part stops cleanly at its time budget (rows not started are written as skipped)
 # and has a hard timeout above it; the CSV is rewritten after every row, so a killed part keeps its rows.
 #   OUT=/some/dir bash long_context/gpu_eval.sh              # writes ONE file: $OUT/longctx_eval.tar.gz

@@ -46,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=None, help=f"default {LM_DEFAULTS['block_size']}")
     parser.add_argument("--max-iters", type=int, default=None, help=f"default {LM_DEFAULTS['max_iters']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in --work-dir")
+    parser.add_argument("--fit-time", type=float, default=0.0, metavar="SECONDS",
+                        help="lower --max-iters to the steps that fit this many seconds (timed by two short probe "
+                             "runs first), so that the learning-rate schedule ends within a time limit")
     parser.add_argument("--export-only", action="store_true",
                         help="train nothing: write the model of --work-dir's checkpoint (e.g. a run stopped by a "
                              "time limit) to --out")
@@ -81,7 +84,8 @@ def main(argv=None):
                   "--init_from=resume" if args.resume else "--overwrite=True"]
     cfg = load_config(TrainConfig, overrides)
     command = "python -m long_context.train_lm " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    model = export_lm(args.work_dir, args.out, command) if args.export_only else train_lm(cfg, args.out, command)
+    model = export_lm(args.work_dir, args.out, command) if args.export_only else \
+        train_lm(cfg, args.out, command, fit_time=0.0 if args.resume else args.fit_time)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return model
 

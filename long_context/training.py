@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,16 +238,49 @@ LM_DEFAULTS = dict(block_size=4096, n_layer=4, n_head=4, n_embd=128, dropout=0.0
                    eval_iters=10, weight_decay=0.1)
 
 
-def train_lm(train_cfg: TrainConfig, out_path, command: str) -> GPT:
+def fit_max_iters(cfg: TrainConfig, seconds: float, probe: tuple = (2, 5, 25)) -> dict:
+    """How many steps of ``cfg``'s training fit in ``seconds``: short runs of the same model, batch and attention
+    in a scratch folder (removed after), ``probe`` steps each: the first warms up (CUDA context, kernel choice),
+    the last two give the seconds per step by their difference (their evaluation, checkpoints and start-up
+    cancel; if the difference is not positive, the last run's seconds per step, an overestimate). The answer is
+    at most ``cfg.max_iters``, at least probe[-1]. Returns {'max_iters', 'seconds_per_step', 'probe_seconds'}."""
+    start = time.perf_counter()
+    scratch = Path(cfg.out_dir).with_name(Path(cfg.out_dir).name + "_probe")
+    spent = []
+    for steps in probe:
+        run = dataclasses.replace(cfg, max_iters=steps, eval_interval=steps, eval_iters=1, warmup_iters=0,
+                                  out_dir=str(scratch), init_from="scratch", overwrite=True, progress=False)
+        t0 = time.perf_counter()
+        nanogpt_train(run)
+        spent.append(time.perf_counter() - t0)
+    shutil.rmtree(scratch, ignore_errors=True)
+    per_step = (spent[-1] - spent[-2]) / (probe[-1] - probe[-2])
+    if per_step <= 0:
+        per_step = spent[-1] / probe[-1]
+    fitted = int(min(cfg.max_iters, max(probe[-1], seconds / per_step)))
+    return {"max_iters": fitted, "seconds_per_step": per_step, "probe_seconds": time.perf_counter() - start}
+
+
+def train_lm(train_cfg: TrainConfig, out_path, command: str, fit_time: float = 0.0) -> GPT:
     """Train the character-level LM with ``nanoGPT.train`` (checkpoints in ``train_cfg.out_dir``, resumable) and
-    write the trained model as a long-context checkpoint at ``out_path``; returns the model."""
+    write the trained model as a long-context checkpoint at ``out_path``; returns the model. ``fit_time`` > 0:
+    first lower ``max_iters`` to the steps that fit that many seconds (:func:`fit_max_iters`), so that the
+    learning-rate schedule runs to its end within a time limit."""
+    fitted = None
+    if fit_time > 0:
+        fitted = fit_max_iters(train_cfg, fit_time)
+        tqdm.write(f"train_lm: {fitted['seconds_per_step'] * 1e3:.1f} ms per step: max_iters "
+                   f"{train_cfg.max_iters} -> {fitted['max_iters']} to fit {fit_time:g} s")
+        train_cfg = dataclasses.replace(train_cfg, max_iters=fitted["max_iters"])
     nanogpt_train(train_cfg)
-    return export_lm(train_cfg.out_dir, out_path, command)
+    return export_lm(train_cfg.out_dir, out_path, command,
+                     extra=None if fitted is None else {"fit_time": {"seconds": fit_time, **fitted}})
 
 
-def export_lm(work_dir, out_path, command: str) -> GPT:
+def export_lm(work_dir, out_path, command: str, extra: dict | None = None) -> GPT:
     """The model of nanoGPT's checkpoint in ``work_dir`` (finished or stopped early) as a long-context checkpoint
-    at ``out_path``, its manifest naming the command, the data, the iterations run and the last losses."""
+    at ``out_path``, its manifest naming the command, the data, the iterations run and the last losses (and the
+    ``extra`` entries)."""
     model, meta = load_nanogpt_model(work_dir)
     evals = [r for r in meta["history"] if "eval_val_loss" in r]
     manifest = {"command": command, "data": "tiny Shakespeare, nanoGPT/data/shakespeare_char (train split; "
@@ -255,7 +289,7 @@ def export_lm(work_dir, out_path, command: str) -> GPT:
                 "train_config": meta["config"],
                 "final": {"iter": meta["iter_num"], "val_loss": evals[-1]["eval_val_loss"] if evals else None,
                           "train_loss": evals[-1]["eval_train_loss"] if evals else None,
-                          "losses_at_iter": evals[-1]["iter"] if evals else None}, **provenance()}
+                          "losses_at_iter": evals[-1]["iter"] if evals else None}, **(extra or {}), **provenance()}
     vocab = {"vocab_size": meta["vocab_size"], "stoi": meta["stoi"], "itos": meta["itos"]}
     save_model(out_path, model, "lm", meta=vocab, manifest=manifest)
     return model
