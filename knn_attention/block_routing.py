@@ -15,10 +15,23 @@ keeps every shape static and spends the work in one fused attention kernel
    sorted and cut into query blocks the same way, so a query block holds queries of one cell, which want the same
    keys. The padding is bounded statically (``device_index._group_into_chunks``: at most nlist (block - 1) slots);
 3. routing: query block b takes the ``nprobe`` key blocks B with the largest (sum of its queries) . (unit mean of
-   B's keys); its exact set S_b is their keys (up to ``nprobe * block``). Under ``causal`` a key block whose every
-   key lies after every query of b is never chosen, and S_b also holds the first ``block`` keys (a sink: the whole
-   prefix of the first queries, which a routed block rarely holds) and the keys at b's own queries' positions (so
-   every query reads at least one key);
+   B's keys); its exact set S_b is their keys (up to ``nprobe * block``). Causal attention has two layouts
+   (``causal_layout``):
+
+   * ``'segments'`` (the default): positions are cut into segments of L = ``causal_block`` tokens (default
+     :func:`default_segment`, about Nk / 16). Queries are blocked within their segment (ordered by coarse cell,
+     cell, position, so that a block holds similar queries), and only the keys *before* the query block's segment
+     are routed: S_b is the keys of its chosen blocks before the segment, the draws of step 4 come from the keys
+     before the segment outside S_b. The keys of the query's own segment up to its position join S_i exactly
+     (as the own block of the per-query causal indexes, ``index.causal_top_k_indices``). Every routed key is
+     visible to every query of the block, so the routed call needs no position mask, and the own segments are one
+     batched causal call over L x L tiles; the two parts are merged by their log-sum-exps
+     (:func:`local_attention`, :func:`attention_lse`). Estimator (b) with this S_i: same definition as the
+     per-query indexes' causal path (own block exact, earlier blocks retrieved, tail from the rest of the prefix).
+   * ``'mask'`` (the earlier layout, kept for comparison): query blocks as in the non-causal case; a key block
+     whose every key lies after every query of b is never chosen, S_b also holds the first ``block`` keys (a sink)
+     and the keys at b's own queries' positions, and an additive position mask removes, per query, every key after
+     it (the memory-efficient kernel runs: slower, and the mask costs as much memory traffic as the keys);
 4. tail (estimator (b), ``num_samples`` = l > 0), by importance sampling over the key blocks outside S_b: a draw
    picks block B with probability p_B, then one of its |B| keys uniformly, and weighs |B| / (l p_B) (the inverse
    of its probability, times 1 / l), so that for every query i
@@ -31,10 +44,11 @@ keeps every shape static and spends the work in one fused attention kernel
    with q = 0 it is the uniform draw of estimator (b), weight |T| / l (tested). The l draws are shared by the
    block's queries, as ``ivf_blas`` shares them by ``tail_block``; a draw of a sink or own key drops out.
 5. attention: every query block attends its W gathered keys (S_b, sink and own keys, draws, padded to a multiple
-   of 16) in one batched ``scaled_dot_product_attention`` call, the weights entering as an additive mask: 0 for
-   S_b, log w_s for a draw, -inf for a dropped draw or padding, and under ``causal`` -inf for every key after the
-   query's position. The softmax over that row is exactly N_i / D_i of estimator (b) (or (a) without draws);
-   outputs are put back in query order.
+   of 16) in one batched attention call per chunk, the weights entering as two extra head dimensions (0 for S_b,
+   log w_s for a draw, a huge negative number for a dropped draw, a key not allowed or padding), so that the
+   flash kernel runs without a mask; only the ``'mask'`` layout (and float16, non-causal) pass an additive mask.
+   The softmax over that row is exactly N_i / D_i of estimator (b) (or (a) without draws), merged with the own
+   segment's exact sums in the ``'segments'`` layout; outputs are put back in query order.
 
 With ``nprobe`` >= the number of key blocks every key is in S_b, no draw is made (none is outside S_b), and the
 result is exact attention (tested). Cost per head: k-means O(iterations points_per_centroid nlist^2 D),
@@ -48,9 +62,11 @@ relative weight error below 2^-9 |log w|, about 1.2% at w = 512, the size of bfl
 The index is built in float32 (float64 for float64 inputs) from detached inputs; autograd differentiates the
 attention with the routing (cells, blocks, draws and their weights) held fixed (tested with gradcheck).
 
-Causal: no future key or value is ever read (masked to -inf), but the cells and blocks are built from all keys, so
-which past keys a query reads depends on future keys (as with Reformer's buckets; ``ivf`` / ``ivf_torch`` refuse
-causal for that reason, this index accepts it and says so).
+Causal: no future key or value is ever read (weight exactly 0), but the cells and blocks are built from all keys,
+so which past keys a query reads depends on future keys (as with Reformer's buckets; ``ivf`` / ``ivf_torch`` refuse
+causal for that reason, this index accepts it and says so). Cost of the ``'segments'`` layout over the non-causal
+call: the own segments, Nq L / 2 exact scores per head (about 1/16 of exact causal attention at the default L), and
+the query blocks padded per segment (at most Nk / L blocks more).
 """
 from __future__ import annotations
 
@@ -61,7 +77,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.attention import causal_query_positions
+from common.attention import attention_with_lse, causal_query_positions
+from common.partial_sums import PartialSums
 from common.validation import check_int
 
 from .device_index import _group_into_chunks, _nearest_centroid, _score_dtype, kmeans, unit
@@ -70,6 +87,8 @@ from .device_index import _group_into_chunks, _nearest_centroid, _score_dtype, k
 _CHUNK_ELEMENTS = 2 ** 28
 # The width of every query block's key list is padded to a multiple of this (the alignment the fused kernels want).
 _ALIGN = 16
+# 'segments': causal without a mask (past segments routed, the own segment exact); 'mask': the position mask
+CAUSAL_LAYOUTS = ("segments", "mask")
 
 
 @dataclass(frozen=True)
@@ -79,23 +98,42 @@ class BlockOptions:
     nprobe: int
     block: int
     num_samples: int
+    segment: int = 0
     iterations: int = 4
     points_per_centroid: int = 32
     tail_uniform: float = 0.25
 
 
+def default_segment(n_keys: int, block: int) -> int:
+    """The causal segment L of the ``'segments'`` layout for Nk keys: the power of two nearest Nk / 16 (the exact
+    local part then costs about 1/16 of exact causal attention), at least 32 blocks (a segment must hold enough
+    queries of each cell to fill query blocks with one kind of query: shorter segments route worse)."""
+    return max(32 * block, 1 << max(0, round(math.log2(max(1, n_keys / 16)))))
+
+
 def block_options(n_keys: int, nlist: int | None = None, nprobe: int | None = None, block: int | None = None,
-                  num_samples: int | None = None) -> BlockOptions:
+                  num_samples: int | None = None, segment: int | None = None,
+                  causal_layout: str = "segments") -> BlockOptions:
     """Defaults for Nk keys, r = ceil(sqrt(Nk)): block = the power of two >= r / 2, clamped to [8, 128];
     nlist = ceil(r / 2) cells (about 2 r keys each); nprobe = ceil(4 r / block) key blocks (|S_b| about 4 r keys,
-    the largest of ``knn``'s declared k); num_samples = r (0: no tail, estimator (a))."""
+    the largest of ``knn``'s declared k); num_samples = r (0: no tail, estimator (a)); the causal layout
+    ``'segments'`` with segment L = ``segment`` or :func:`default_segment`, or ``'mask'`` (segment 0)."""
     root = math.ceil(math.sqrt(n_keys))
     block = (min(128, max(8, 1 << max(0, math.ceil(root / 2) - 1).bit_length())) if block is None
              else check_int(block, "cell_size", "knn", minimum=1))
     nlist = max(1, math.ceil(root / 2)) if nlist is None else check_int(nlist, "nlist", "knn", minimum=1)
     nprobe = math.ceil(4 * root / block) if nprobe is None else check_int(nprobe, "nprobe", "knn", minimum=1)
     num_samples = root if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=0)
-    return BlockOptions(nlist=nlist, nprobe=nprobe, block=block, num_samples=num_samples)
+    if causal_layout not in CAUSAL_LAYOUTS:
+        raise ValueError(f"knn: causal_layout must be one of {CAUSAL_LAYOUTS}, got {causal_layout!r}")
+    if causal_layout == "mask":
+        if segment is not None:
+            raise ValueError("knn: causal_block (the segment of index='ivf_blocks') needs causal_layout='segments'")
+        segment = 0
+    else:
+        segment = default_segment(n_keys, block) if segment is None else check_int(segment, "causal_block", "knn",
+                                                                                     minimum=1)
+    return BlockOptions(nlist=nlist, nprobe=nprobe, block=block, num_samples=num_samples, segment=segment)
 
 
 @dataclass
@@ -106,9 +144,11 @@ class Routing:
     ``query_ids`` viewed as (G, Q block); ``query_pos`` (G, Q, block) their causal
     positions p_i (Nk for pads, which may read everything; their rows are discarded); ``key_ids`` (G, Q, W) the
     key ids the block attends (-1 pads); ``bias`` (G, Q, W) float32 log weight of each: 0 (exact), log w (a tail
-    draw, step 4), -inf (a dropped draw, a sink or own key already in S_b, a pad); ``key_blocks`` (G, K, block)
-    the key ids of every key block (-1 pads) and ``chosen`` (G, Q, nprobe) the key blocks of S_b: ``key_ids``
-    starts with those blocks' ids, then the rest (sink, own keys, draws) padded to whole blocks."""
+    draw, step 4), -inf (a dropped draw, a sink or own key already in S_b, a key of the own or a later segment,
+    a pad); ``key_blocks`` (G, K, block) the key ids of every key block (-1 pads) and ``chosen`` (G, Q, nprobe)
+    the key blocks of S_b: ``key_ids`` starts with those blocks' ids, then the rest (sink, own keys, draws) padded
+    to whole blocks; ``segment`` the causal segment L of the ``'segments'`` layout (0: the mask layout or not
+    causal)."""
     query_ids: torch.Tensor
     query_slot: torch.Tensor
     query_pos: torch.Tensor
@@ -116,6 +156,17 @@ class Routing:
     bias: torch.Tensor
     key_blocks: torch.Tensor
     chosen: torch.Tensor
+    segment: int = 0
+
+
+def _segment_query_blocks(query_cell: torch.Tensor, segment_of: torch.Tensor, n_segments: int, block: int):
+    """Query blocks of the ``'segments'`` layout: queries (G, Nq) ordered by (segment, cell, position) and cut into
+    blocks that never straddle two segments (each segment padded to whole blocks; a block may hold several cells).
+    Returns (slots (G, S) query ids with -1 pads, segment of each block (G, S / block), slot of each query)."""
+    by_cell = torch.argsort(query_cell, dim=-1, stable=True)
+    slots, block_segment, dest = _group_into_chunks(segment_of.gather(1, by_cell), n_segments, block)
+    slots = torch.where(slots >= 0, by_cell.gather(1, slots.clamp_min(0)), -1)
+    return slots, block_segment, torch.empty_like(dest).scatter_(1, by_cell, dest)
 
 
 @torch.no_grad()
@@ -125,6 +176,7 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     device) draws the k-means subsample, ``generator`` the tail (both ``generator`` when the former is None)."""
     b, h, nq, d = q.shape
     nk, g, dev = k.shape[2], b * h, q.device
+    segmented = causal and opts.segment > 0
     dtype = _score_dtype(q.dtype)
     keys = k.detach().reshape(g, nk, d).to(dtype)
     queries = q.detach().reshape(g, nq, d).to(dtype)
@@ -137,7 +189,18 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     key_cell = _nearest_centroid(k.detach().reshape(g, nk, d).to(low), centroids.to(low))
     query_cell = _nearest_centroid(q.detach().reshape(g, nq, d).to(low), unit(centroids).to(low))
     key_slots, _, key_slot_of = _group_into_chunks(key_cell, nlist, opts.block)
-    query_slots, _, query_slot = _group_into_chunks(query_cell, nlist, opts.block)
+    query_positions = causal_query_positions(nq, nk, dev)
+    if segmented:  # query blocks within one segment each, ordered by cell inside it
+        n_segments = -(-nk // opts.segment)
+        # cells in the order of coarser cells (k-means of the centroids), so that a block mixing cells mixes near ones
+        n_coarse = max(1, min(nlist, opts.segment // (2 * opts.block)))
+        coarse = _nearest_centroid(centroids, kmeans(centroids, n_coarse, opts.iterations, opts.points_per_centroid,
+                                                     index_generator or generator))
+        order = coarse.gather(1, query_cell) * nlist + query_cell
+        query_slots, block_segment, query_slot = _segment_query_blocks(
+            order, (query_positions // opts.segment).expand(g, nq), n_segments, opts.block)
+    else:
+        query_slots, _, query_slot = _group_into_chunks(query_cell, nlist, opts.block)
     key_blocks, query_ids = key_slots.view(g, -1, opts.block), query_slots.view(g, -1, opts.block)
     n_key_blocks = key_blocks.shape[1]
     query_sum = _block_sums(queries, query_slot, opts.block, query_ids.shape[1])  # (G, Q, D)
@@ -145,9 +208,13 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     sizes = (key_blocks >= 0).sum(-1)  # (G, K) keys per block; 0: an unused block
     score = query_sum @ unit(key_sum).transpose(1, 2)  # (G, Q, K)
     score = score.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
-    positions = causal_query_positions(nq, nk, dev)[query_ids.clamp_min(0)].masked_fill(query_ids < 0, nk)
-    if causal:  # a key block after every query of the query block is never chosen
-        first_key = torch.where(key_blocks >= 0, key_blocks, nk).amin(-1)
+    positions = query_positions[query_ids.clamp_min(0)].masked_fill(query_ids < 0, nk)
+    first_key = torch.where(key_blocks >= 0, key_blocks, nk).amin(-1)  # (G, K): the blocks' keys sorted by position
+    if segmented:  # only keys before the query block's segment are routed: a block starting later is never chosen
+        segment_start = (block_segment * opts.segment).unsqueeze(-1)  # (G, Q, 1)
+        ineligible = first_key.unsqueeze(1) >= segment_start
+        score = score.masked_fill(ineligible, float("-inf"))
+    elif causal:  # a key block after every query of the query block is never chosen
         last_query = torch.where(query_ids >= 0, positions, -1).amax(-1)
         score = score.masked_fill(first_key.unsqueeze(1) > last_query.unsqueeze(2), float("-inf"))
     chosen = score.topk(min(opts.nprobe, n_key_blocks), dim=-1).indices  # (G, Q, nprobe)
@@ -159,9 +226,10 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
         return selected.gather(2, blocks)
 
     exact = key_blocks.gather(1, chosen.reshape(g, -1, 1).expand(-1, -1, opts.block)).view(g, n_query_blocks, width)
-    ids, bias = [exact], [torch.zeros(exact.shape, device=dev).masked_fill(exact < 0, float("-inf"))]
-    sink = min(opts.block, nk) if causal else 0
-    if causal:  # the first keys (the sink) and the keys at the block's own positions join S_b exactly
+    dropped = (exact < 0) | (exact >= segment_start) if segmented else exact < 0
+    ids, bias = [exact], [torch.zeros(exact.shape, device=dev).masked_fill(dropped, float("-inf"))]
+    sink = min(opts.block, nk) if causal and not segmented else 0
+    if sink:  # the first keys (the sink) and the keys at the block's own positions join S_b exactly
         first = torch.arange(sink, device=dev).expand(g, n_query_blocks, sink)
         first = first.masked_fill(in_selected(first), -1)
         own = torch.where(query_ids >= 0, positions, -1)
@@ -170,9 +238,12 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
         bias += [torch.zeros(t.shape, device=dev).masked_fill(t < 0, float("-inf")) for t in (first, own)]
     if opts.num_samples:
         query_mean = query_sum / (query_ids >= 0).sum(-1, keepdim=True).clamp_min(1)
-        draws, log_weight = _draw_tail(query_mean, key_blocks, key_sum, sizes, selected, scale, opts, generator)
+        draws, log_weight = _draw_tail(query_mean, key_blocks, key_sum, sizes,
+                                       selected | ineligible if segmented else selected, scale, opts, generator)
         drop = torch.isinf(log_weight) | (draws < sink)
-        if causal:  # a draw of an own key is in S_b too
+        if segmented:  # a draw in the own segment (exact) or later
+            drop |= draws >= segment_start
+        elif causal:  # a draw of an own key is in S_b too
             own_sorted = own.sort(-1).values
             at = torch.searchsorted(own_sorted, draws).clamp_max(own_sorted.shape[-1] - 1)
             drop |= own_sorted.gather(-1, at) == draws
@@ -184,7 +255,7 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     return Routing(query_ids=query_ids, query_slot=query_slot, query_pos=positions,
                    key_ids=torch.cat([exact, F.pad(rest_ids, (0, pad), value=-1)], -1),
                    bias=torch.cat([bias[0], F.pad(rest_bias, (0, pad), value=float("-inf"))], -1),
-                   key_blocks=key_blocks, chosen=chosen)
+                   key_blocks=key_blocks, chosen=chosen, segment=opts.segment if segmented else 0)
 
 
 def _rest_width(n_rest: int, exact_width: int, block: int) -> int:
@@ -288,17 +359,75 @@ def _sdpa(q, k, v, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of softmax attention over q (M, H, L, D), k (M, H, S, D), v (M, H, S, Dv), ``causal`` for L = S:
+    out in q's dtype, lse (M, H, L) float32 (float64 for float64 inputs), lse_i = log sum_j exp(scale q_i . k_j).
+
+    Without autograd, the fused kernels' own log-sum-exp: on CUDA the flash kernel
+    (``aten._scaled_dot_product_flash_attention``; half precision) or the memory-efficient one (float32, float64),
+    on the CPU ``aten._scaled_dot_product_flash_attention_for_cpu``; their lse is not differentiable, so with
+    autograd (or on another device, or if such a kernel refuses the inputs: a warning) ``common``'s tiled
+    :func:`~common.attention.attention_with_lse`, differentiable in out and lse."""
+    if not _needs_grad(q, k, v) and q.device.type in ("cuda", "cpu"):
+        width = -(-max(q.shape[-1], v.shape[-1]) // 8) * 8  # the kernels want one head size, a multiple of 8
+        qp, kp, vp = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        try:
+            if q.device.type == "cpu":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, 0.0, causal,
+                                                                                    scale=scale)
+            elif q.dtype in (torch.float16, torch.bfloat16):
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, causal, False,
+                                                                              scale=scale)[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qp, kp, vp, None, True, 0.0, causal,
+                                                                                  scale=scale)[:2]
+            return out[..., :v.shape[-1]], lse[..., :q.shape[-2]].to(_score_dtype(q.dtype))
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            warnings.warn(f"knn: ivf_blocks could not take the log-sum-exp from a fused attention kernel ({err}); "
+                          "using common.attention_with_lse (tiled, slower)")
+    return attention_with_lse(q, k, v, scale, causal)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact part of the ``'segments'`` layout: query i (position p_i) attends the keys of its own segment up to
+    itself, [L floor(p_i / L), p_i], L = ``segment``; (out (B, H, Nq, Dv), lse (B, H, Nq)). The segments holding
+    queries are cut from the keys (zero keys pad the last one, after every query) and the queries placed at their
+    positions, so that one batched causal call over square L x L tiles does it (:func:`attention_lse`)."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    first, last = (nk - nq) // segment, (nk - 1) // segment
+    n_seg, lead = last - first + 1, nk - nq - first * segment
+    total = n_seg * segment
+    def tiles(x, before, n):  # (B, H, n, C) rows at [before, before + n) of a zero (B H n_seg, 1, L, C)
+        return F.pad(x, (0, 0, before, total - before - n)).reshape(b * h * n_seg, 1, segment, x.shape[-1])
+    ks, vs = k[:, :, first * segment:], v[:, :, first * segment:]
+    out, lse = attention_lse(tiles(q, lead, nq), tiles(ks, 0, ks.shape[2]), tiles(vs, 0, vs.shape[2]), scale, True)
+    out = out.reshape(b, h, total, -1)[:, :, lead:lead + nq]
+    return out, lse.reshape(b, h, total)[:, :, lead:lead + nq]
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                      routing: Routing) -> torch.Tensor:
     """Step 5: each query block attends its routed keys; (B, H, Nq, Dv) in q's dtype, differentiable in q, k, v.
 
-    Non-causal, the log weights ride in two extra dimensions (q' = [q, c, c, 0..], k' = [k, hi, lo, 0..], c =
-    1 / scale, hi + lo = the log weight), so the call takes no mask and runs the flash kernel; causal (and in
-    float16), they join the position mask (an additive mask in q's dtype) and the memory-efficient kernel runs."""
+    The log weights ride in two extra dimensions (q' = [q, c, c, 0..], k' = [k, hi, lo, 0..], c = 1 / scale,
+    hi + lo = the log weight), so the call takes no mask and runs the flash kernel: non-causal, and causal in the
+    ``'segments'`` layout, where every routed key lies before the query block's segment and the own segment is
+    attended exactly apart (:func:`local_attention`), the two merged by their log-sum-exps (float16 inputs are
+    routed in float32 there: float16 cannot hold c * ``_DROPPED``). In the ``'mask'`` layout (and non-causal
+    float16) the weights join an additive mask in q's dtype (with the position mask under ``causal``) and the
+    memory-efficient kernel runs."""
     b, h, nq, d = q.shape
     nk, dv, g = k.shape[2], v.shape[-1], b * h
     n_query_blocks, block = routing.query_ids.shape[1:]
     width = routing.key_ids.shape[-1]
+    segmented = causal and routing.segment > 0
     query_rows = _flat_index(routing.query_ids, nq).reshape(g * n_query_blocks, block)
     bias = routing.bias.reshape(g * n_query_blocks, 1, width)
     n_key_blocks, n_chosen = routing.key_blocks.shape[1], routing.chosen.shape[-1]
@@ -310,7 +439,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     blocks = torch.cat([routing.chosen + (torch.arange(g, device=q.device) * n_key_blocks).view(g, 1, 1),
                         g * n_key_blocks + torch.arange(g * n_query_blocks * n_rest, device=q.device).view(
                             g, n_query_blocks, n_rest)], -1).reshape(g * n_query_blocks, -1)
-    masked = causal or q.dtype == torch.float16  # float16 cannot hold c * _DROPPED: the mask carries the weights
+    masked = not segmented and (causal or q.dtype == torch.float16)  # float16 cannot hold c * _DROPPED
     if masked:
         qf, kf, vf, dq, dk = _flat_rows(q), _flat_rows(k), _flat_rows(v), d, dv
         # int32 positions: the broadcast comparison that builds the mask reads half as much
@@ -318,27 +447,40 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
         query_pos = routing.query_pos.reshape(g * n_query_blocks, block, 1).int()
     else:  # head dimension padded to a multiple of 8 holding the two weight columns (and v's columns)
         dq = dk = -(-max(d + 2, dv) // 8) * 8
-        qf, kf, vf = _augmented(q, dq, 1 / scale), _augmented(k, dq), _augmented(v, dq)
+        work = (lambda t: t.float()) if q.dtype == torch.float16 else (lambda t: t)
+        qf, kf, vf = _augmented(work(q), dq, 1 / scale), _augmented(work(k), dq), _augmented(work(v), dq)
     key_table = kf.index_select(0, table_rows).view(-1, block * dq)
     value_table = vf.index_select(0, table_rows).view(-1, block * dk)
     chunk = max(1, _CHUNK_ELEMENTS // (width * max(block, dq)))
-    outs = []
+    outs, lses = [], []
     for s in range(0, g * n_query_blocks, chunk):
         c = slice(s, s + chunk)
         m = query_rows[c].shape[0]
         keys = key_table.index_select(0, blocks[c].reshape(-1)).view(m, 1, width, dq)
-        if causal:  # -inf after the query's position (pads have id -1 and bias -inf already)
+        if causal and masked:  # -inf after the query's position (pads have id -1 and bias -inf already)
             mask = torch.where(key_pos[c] <= query_pos[c], bias[c].to(q.dtype), float("-inf")).unsqueeze(1)
         elif masked:  # one bias row per query block, broadcast over its queries
             mask = bias[c].to(q.dtype).expand(m, block, width).unsqueeze(1)
         else:  # written in place into the gathered keys' two zero columns (no second copy of the keys)
-            keys[..., d:d + 2] = _split(bias[c].view(m, 1, width), q.dtype)
+            keys[..., d:d + 2] = _split(bias[c].view(m, 1, width), keys.dtype)
             mask = None
-        outs.append(_sdpa(qf.index_select(0, query_rows[c].reshape(-1)).view(m, 1, block, dq), keys,
-                          value_table.index_select(0, blocks[c].reshape(-1)).view(m, 1, width, dk), mask,
-                          scale)[..., :dv])
-    out = torch.cat(outs).view(g, n_query_blocks * block, dv)
-    return out.gather(1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)  # query order
+        queries = qf.index_select(0, query_rows[c].reshape(-1)).view(m, 1, block, dq)
+        values = value_table.index_select(0, blocks[c].reshape(-1)).view(m, 1, width, dk)
+        if segmented:
+            out, lse = attention_lse(queries, keys, values, scale)
+            outs.append(out[..., :dv])
+            lses.append(lse)
+        else:
+            outs.append(_sdpa(queries, keys, values, mask, scale)[..., :dv])
+    out = torch.cat(outs).reshape(g, n_query_blocks * block, dv)
+    out = out.gather(1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)  # query order
+    if not segmented:
+        return out
+    lse = torch.cat(lses).reshape(g, n_query_blocks * block).gather(1, routing.query_slot).view(b, h, nq)
+    local_out, local_lse = local_attention(q, k, v, routing.segment, scale)
+    ones = lse.new_ones(lse.shape)
+    merged = PartialSums(out.to(lse.dtype), ones, lse).merge(PartialSums(local_out.to(lse.dtype), ones, local_lse))
+    return merged.output().to(q.dtype)
 
 
 def ivf_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,

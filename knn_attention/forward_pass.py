@@ -53,7 +53,7 @@ from common.registry import register
 from common.validation import check_choice, check_int
 
 from .backward_pass import SampledGradientAttention
-from .block_routing import block_options, ivf_blocks_attention
+from .block_routing import CAUSAL_LAYOUTS, block_options, ivf_blocks_attention
 from .index import (EXACT_INDEX_TYPES, IndexOptions, SearchTimes, causal_local_keys, causal_top_k_indices,
                     top_k_indices)
 from .ivf_blocked import ivf_blocked_attention
@@ -110,7 +110,7 @@ class KNNAttention(AttentionMethod):
                  gradient: str | None = None, eps: float | None = None, delta: float = 0.05,
                  tail_slack: float | str | None = None, k_max: int | None = None, tail_ratio: float = 0.05,
                  dv_estimator: str = "scatter", dv_walks: int | None = None, cell_size: int | None = None,
-                 seed: int | None = None, check_finite: bool = True):
+                 causal_layout: str = "segments", seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
@@ -123,6 +123,9 @@ class KNNAttention(AttentionMethod):
             raise ValueError(f"knn: index={index!r} retrieves whole cells (|S_i| = the keys of the nprobe probed "
                              "cells, about nprobe * Nk / nlist); set nprobe and nlist instead of k")
         self.causal_block = None if causal_block is None else check_int(causal_block, "causal_block", "knn", minimum=1)
+        self.causal_layout = check_choice(causal_layout, "causal_layout", "knn", CAUSAL_LAYOUTS)
+        if causal_layout != "segments" and index != "ivf_blocks":
+            raise ValueError(f"knn: causal_layout={causal_layout!r} is an option of index='ivf_blocks' only")
         self.tail_block = check_int(tail_block, "tail_block", "knn", minimum=1)
         self.gradient = check_choice(gradient or ("sampled" if estimator == "gumbel" else "autograd"),
                                      "gradient", "knn", GRADIENTS)
@@ -214,7 +217,7 @@ class KNNAttention(AttentionMethod):
         num = (0 if self.estimator == "topk" else
                self.num_samples if self.num_samples is not None else default_budget(nk))
         opts = block_options(nk, self.index_options.nlist, self.index_options.nprobe, self.index_options.cell_size,
-                             num)
+                             num, self.causal_block, self.causal_layout)
         # as 'ivf_torch': k-means from its own stream seeded with `seed` (0 if None), the same cells every call
         return ivf_blocks_attention(q, k, v, causal, scale, opts, self.generator(q.device),
                                     0 if self.seed is None else self.seed)

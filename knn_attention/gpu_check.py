@@ -1,13 +1,14 @@
 """GPU check of knn's on-device path (issue 13): ``index='ivf_blocks'`` (``block_routing.py``) against exact SDPA in
 the same dtype, with its error beside every time, then knn's CUDA tests.
 
-    python -m knn_attention.gpu_check --device cuda --out $OUT       # H100: n = 16k, 64k, 128k, bf16, < 3 min
+    python -m knn_attention.gpu_check --device cuda --out $OUT       # H100: n = 128k, 256k, bf16, < 4 min
     python -m knn_attention.gpu_check --quick --out /tmp/knn_check   # the same code on the CPU at tiny n
 
 For each n and causal mode, on the benchmark's input (``common.gpu_benchmark``: the registered source ``clustered``,
 B = 1, H = 8, D = 64, ``--dtype`` bfloat16): exact (``common``'s ``exact``, SDPA) is timed, then knn with the
 options ``common.gpu_benchmark`` runs (the middle of ``KNNAttention.budgets(n)``, label ``mid``), the same with
-estimator (a) (``mid-topk``) and the smallest budget (``low``). Times are medians of ``--repeats`` synchronised
+estimator (a) (``mid-topk``) and the smallest budget (``low``); causal, in the default ``'segments'`` layout, and
+``mid-mask`` / ``low-mask`` in the earlier ``'mask'`` layout (the old path beside the new). Times are medians of ``--repeats`` synchronised
 calls after a warm-up; ``route_ms`` / ``attend_ms`` split one knn call into its index (k-means, sorting, routing,
 draws) and its attention kernel. ``rel_fro``: relative Frobenius error on ``--error-rows`` sampled query rows
 against exact attention in float32 (``common.gpu_benchmark.exact_rows``).
@@ -49,13 +50,18 @@ FIELDS = ["table", "n", "causal", "input", "dtype", "device", "config", "options
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def configs(n: int) -> list[tuple[str, dict]]:
+def configs(n: int, causal: bool = False) -> list[tuple[str, dict]]:
     """(label, knn options): the budget ``common.gpu_benchmark`` runs (``mid``: the middle of
     ``KNNAttention.budgets(n)``, which are :func:`ivf_blocks_budgets` from ``LONG_N`` keys on; at smaller n, as
-    with --quick, the ivf_blocks budgets all the same), the same with estimator (a), the smallest budget."""
+    with --quick, the ivf_blocks budgets all the same), the same with estimator (a), the smallest budget; causal,
+    these run the default ``'segments'`` layout, and ``mid-mask`` / ``low-mask`` the earlier ``'mask'`` layout
+    (``block_routing.py``), the old path timed beside the new."""
     budgets = ivf_blocks_budgets(n)
     mid = budgets[len(budgets) // 2]
-    return [("mid", mid), ("mid-topk", {**mid, "estimator": "topk", "num_samples": None}), ("low", budgets[0])]
+    rows = [("mid", mid), ("mid-topk", {**mid, "estimator": "topk", "num_samples": None}), ("low", budgets[0])]
+    if causal:
+        rows += [("mid-mask", {**mid, "causal_layout": "mask"}), ("low-mask", {**budgets[0], "causal_layout": "mask"})]
+    return rows
 
 
 def _options(options: dict, seed: int) -> dict:
@@ -66,7 +72,8 @@ def _split_times(attn: KNNAttention, q, k, v, causal: bool, repeats: int) -> tup
     """Median ms of the index (``route``) and of the attention (``routed_attention``) of one knn call."""
     nk, scale = k.shape[2], q.shape[-1] ** -0.5
     num = 0 if attn.estimator == "topk" else attn.num_samples or math.ceil(math.sqrt(nk))
-    opts = block_options(nk, attn.index_options.nlist, attn.index_options.nprobe, attn.index_options.cell_size, num)
+    opts = block_options(nk, attn.index_options.nlist, attn.index_options.nprobe, attn.index_options.cell_size, num,
+                         attn.causal_block, attn.causal_layout)
     gen = attn.generator(q.device)
     routing = route(q, k, causal, scale, opts, gen)
     route_t = time_callable(lambda: route(q, k, causal, scale, opts, gen), warmup=0, repeats=repeats, device=q.device)
@@ -109,7 +116,7 @@ def timing_rows(ns, *, heads: int, head_dim: int, dtype, device, repeats: int, e
                                                repeats=repeats, device=device).median_s
             rows.append({**cell, "config": "exact", "options": {}, "status": "ok", "fwd_ms": exact_ms,
                          "exact_ms": exact_ms, "speedup": 1.0, "rel_fro": 0.0})
-            for label, options in configs(n):
+            for label, options in configs(n, causal):
                 row = {**cell, "config": label, "options": options, "exact_ms": exact_ms}
                 try:
                     _peak_reset(device)
@@ -149,7 +156,7 @@ def error_rows_table(n: int, *, seed: int, device) -> list[dict]:
         for causal in (False, True):
             ref = exact_rows(x.q, x.k, x.v, torch.arange(n, device=device), causal)
             results = {}
-            for label, options in configs(n):
+            for label, options in configs(n, causal):
                 opts = block_options(n, options.get("nlist"), options.get("nprobe"), options.get("cell_size"))
                 budget = min(n, opts.nprobe * opts.block)
                 top = {"index": "torch", "k": budget, "estimator": "topk"}
@@ -231,7 +238,7 @@ def run_cuda_tests(out: Path) -> int:
 
 def main(argv=None) -> list[dict]:
     parser = script_parser(__doc__.split("\n")[0], quick_help="n = 256, 512, 2 heads of dim 16, error n = 256")
-    parser.add_argument("--n", type=int, nargs="+", default=None, help="timed lengths (default 16384 65536 131072)")
+    parser.add_argument("--n", type=int, nargs="+", default=None, help="timed lengths (default 131072 262144)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -247,7 +254,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick
-    ns = args.n or ([256, 512] if quick else [16384, 65536, 131072])
+    ns = args.n or ([256, 512] if quick else [131072, 262144])
     heads, head_dim = (2, 16) if quick else (args.heads, args.head_dim)
     repeats = args.repeats or (2 if quick else 5)
     deadline = time.perf_counter() + args.time_budget

@@ -82,7 +82,9 @@ def test_the_watch_catches_host_reads(monkeypatch):
 
 # (options, causal) of every knn path that must stay on the device
 ESTIMATORS = ("topk", "topk_uniform_tail", "adaptive")
-DEVICE_PATHS = ([({"index": "ivf_blocks", "estimator": e}, c) for e in ESTIMATORS[:2] for c in (False, True)]
+DEVICE_PATHS = ([({"index": "ivf_blocks", "estimator": e}, False) for e in ESTIMATORS[:2]]
+                + [({"index": "ivf_blocks", "estimator": e, **layout}, True) for e in ESTIMATORS[:2]
+                   for layout in ({"causal_block": 32}, {"causal_layout": "mask"})]
                 + [({"index": "torch", "estimator": e, "k": 6}, c) for e in ESTIMATORS for c in (False, True)]
                 + [({"index": "ivf_torch", "estimator": e, "k": 6, "nlist": 6}, False) for e in ESTIMATORS])
 
@@ -94,7 +96,8 @@ def _qkv(device, dtype=torch.float32):
 
 def _path_id(case):
     options, causal = case
-    return f"{options['index']}-{options['estimator']}-{'causal' if causal else 'full'}"
+    layout = "-mask" if options.get("causal_layout") == "mask" else "-segments" if "causal_block" in options else ""
+    return f"{options['index']}-{options['estimator']}-{'causal' if causal else 'full'}{layout}"
 
 
 @pytest.mark.parametrize("case", DEVICE_PATHS, ids=_path_id)
@@ -127,21 +130,47 @@ def test_cuda_device_paths_never_synchronise_nor_leave_the_device(case, dtype, m
 
 
 @needs_cuda
+@pytest.mark.parametrize("layout", [{}, {"causal_block": 64}, {"causal_layout": "mask"}],
+                         ids=["default", "segments", "mask"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_ivf_blocks_reading_every_block_equals_exact_with_gradients(causal, dtype):
+def test_cuda_ivf_blocks_reading_every_block_equals_exact_with_gradients(layout, causal, dtype):
     """With every key block read, ivf_blocks on the GPU is exact attention: output and gradients equal the CPU
-    float64 reference (to the dtype's rounding)."""
+    float64 reference (to the dtype's rounding); without autograd too (the segments layout then takes the fused
+    kernels' log-sum-exps, ``block_routing.attention_lse``)."""
     x = synthetic_qkv("clustered", 2, 2, 300, head_dim=32, seed=1, dtype=torch.float64)
     ref_in = tuple(t.clone().requires_grad_() for t in (x.q, x.k, x.v))
     ref = common.softmax_attention(*ref_in, causal=causal)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref.backward(g)
     gpu_in = tuple(t.detach().to("cuda", dtype).requires_grad_() for t in (x.q, x.k, x.v))
-    out = common.get_attention("knn", index="ivf_blocks", nprobe=10 ** 6, seed=0)(*gpu_in, causal=causal)
+    attn = common.get_attention("knn", index="ivf_blocks", nprobe=10 ** 6, seed=0, **layout)
+    with torch.no_grad():
+        fast = attn(*gpu_in, causal=causal)
+    out = attn(*gpu_in, causal=causal)
     out.backward(g.to("cuda", dtype))
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # relative Frobenius error: rounding of the dtype
-    assert out.device.type == "cuda" and out.dtype == dtype
-    for got, want in [(out, ref.detach())] + [(t.grad, r.grad) for t, r in zip(gpu_in, ref_in)]:
+    assert out.device.type == "cuda" and out.dtype == dtype and fast.dtype == dtype
+    for got, want in [(out, ref.detach()), (fast, ref.detach())] + [(t.grad, r.grad) for t, r in zip(gpu_in, ref_in)]:
         assert got.device.type == "cuda"
         assert ((got.double().cpu() - want).norm() / want.norm()).item() < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_kernel_log_sum_exp_equals_the_tiled_reference(causal, dtype):
+    """block_routing.attention_lse on CUDA (flash kernel in half precision, memory-efficient in float32) gives the
+    out and lse of common.attention_with_lse in float64, without a warning (the kernels accepted the call)."""
+    import warnings
+    from knn_attention.block_routing import attention_lse
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 1, 128, d, generator=gen, dtype=torch.float64) for d in (66, 66, 72))
+    want_out, want_lse = common.attention_with_lse(q, k, v, 0.2, causal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = attention_lse(*(t.to("cuda", dtype) for t in (q, k, v)), 0.2, causal)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert ((out.double().cpu() - want_out).norm() / want_out.norm()).item() < tol
+    assert (lse.double().cpu() - want_lse).abs().max().item() < tol * want_lse.abs().max().item()
