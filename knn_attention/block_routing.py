@@ -375,7 +375,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     :func:`~common.attention.attention_with_lse`, differentiable in out and lse."""
     if not _needs_grad(q, k, v) and q.device.type in ("cuda", "cpu"):
         width = -(-max(q.shape[-1], v.shape[-1]) // 8) * 8  # the kernels want one head size, a multiple of 8
-        qp, kp, vp = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        qp, kp, vp = (t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         try:
             if q.device.type == "cpu":
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, 0.0, causal,
