@@ -40,6 +40,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from common.attention import gather_rows
 
@@ -90,25 +91,28 @@ def reference_indexed_attention(q, k, v, key_index, log_weight=None, query_index
     b, h, t, m, length = _check(q, k, v, key_index, log_weight, query_index, diagonal)
     d, dv = q.shape[-1], v.shape[-1]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    qt = q.view(b, h, t, m, d) if query_index is None else gather_rows(q, query_index.expand(b, h, t, m))
-    kt = gather_rows(k, key_index)
     flat = lambda x: x.reshape(b * h, t, *x.shape[3:])
-    if not diagonal:
-        mask = None if log_weight is None else flat(log_weight.expand(b, h, t, length).unsqueeze(3).to(q.dtype))
-        out = F.scaled_dot_product_attention(flat(qt), flat(kt), flat(gather_rows(v, key_index)), attn_mask=mask,
-                                             scale=scale)
-        return out.view(b, h, t, m, dv)
-    acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    dv_pad = dv + 1 + (-(dv + 1) % 8)  # [w v, w, zeros]: a value width the fused kernels take without a copy
-    v_one = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(b, h, v.shape[2], dv_pad - dv - 1)], dim=-1)
-    vw = gather_rows(v_one, key_index)
-    if log_weight is not None:
-        vw = vw * log_weight.expand(b, h, t, length).to(acc).exp().to(q.dtype).unsqueeze(-1)
-    # row r reads every column up to L - M + r: one (M, L) mask for every tile, head and batch element
-    causal = torch.zeros(m, length, dtype=q.dtype, device=q.device).masked_fill(
-        torch.ones(m, length, dtype=torch.bool, device=q.device).triu(length - m + 1), float("-inf"))
-    o = F.scaled_dot_product_attention(flat(qt), flat(kt), flat(vw), attn_mask=causal, scale=scale)
-    return (o[..., :dv].to(acc) / o[..., dv:dv + 1].to(acc)).to(q.dtype).view(b, h, t, m, dv)
+    with record_function("indexed_attention.gather"):
+        qt = q.view(b, h, t, m, d) if query_index is None else gather_rows(q, query_index.expand(b, h, t, m))
+        kt = gather_rows(k, key_index)
+        if not diagonal:
+            vt = gather_rows(v, key_index)
+            mask = None if log_weight is None else flat(log_weight.expand(b, h, t, length).unsqueeze(3).to(q.dtype))
+        else:
+            acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+            dv_pad = dv + 1 + (-(dv + 1) % 8)  # [w v, w, zeros]: a value width the fused kernels take without a copy
+            v_one = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(b, h, v.shape[2], dv_pad - dv - 1)], -1)
+            vt = gather_rows(v_one, key_index)
+            if log_weight is not None:
+                vt = vt * log_weight.expand(b, h, t, length).to(acc).exp().to(q.dtype).unsqueeze(-1)
+            # row r reads every column up to L - M + r: one (M, L) mask for every tile, head and batch element
+            mask = torch.zeros(m, length, dtype=q.dtype, device=q.device).masked_fill(
+                torch.ones(m, length, dtype=torch.bool, device=q.device).triu(length - m + 1), float("-inf"))
+    with record_function("indexed_attention.sdpa"):
+        o = F.scaled_dot_product_attention(flat(qt), flat(kt), flat(vt), attn_mask=mask, scale=scale)
+        if diagonal:
+            o = (o[..., :dv].to(acc) / o[..., dv:dv + 1].to(acc)).to(q.dtype)
+    return o.view(b, h, t, m, dv)
 
 
 def triton_available() -> bool:

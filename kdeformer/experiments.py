@@ -34,8 +34,7 @@ GLOVE_METHODS = {
 }
 GLOVE_COLUMNS = ["data", "n", "batch", "method", "num_feats", "rel_spec_err", "time_s", "ratio_to_exact"]
 
-STAGES = ("kdeformer.lsh_sort", "kdeformer.residual_sample", "kdeformer.gather", "kdeformer.block_attention",
-          "kdeformer.unsort")
+STAGES = ("kdeformer.lsh_sort", "kdeformer.residual_sample", "kdeformer.block_attention", "kdeformer.unsort")
 SPEED_COLUMNS = ["data", "n", "batch", "num_bits", "causal", "dtype", "method", "bucket_size", "sample_size",
                  "time_s", "speedup", "rel_spec_err", "rel_spec_err_std"]
 

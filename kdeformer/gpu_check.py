@@ -42,13 +42,16 @@ from common.bench import _sync, time_within
 from common.cli import write_table
 from common.data import InputSpec, make_input
 from common.gpu_benchmark import device_name, failure_message, failure_status, time_limit
+from common.indexed_attention import indexed_attention
 from common.registry import budget_options, get_attention
 
 CELLS = ((131072, True), (262144, True), (131072, False), (16384, True))
 QUICK_CELLS = ((256, True), (512, True), (512, False))
 METHODS = ("kdeformer", "reformer", "sblocal", "uniform", "tree")
+KERNEL_METHODS = ("kdeformer",)  # the methods with a ``kernel`` option (common.indexed_attention)
+KERNELS = ("torch", "triton")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-FIELDS = ["n", "causal", "method", "budget", "options", "status", "message", "time_s", "ratio_to_exact",
+FIELDS = ["n", "causal", "method", "budget", "kernel", "options", "status", "message", "time_s", "ratio_to_exact",
           "exact_time_s", "repeats", "peak_mem_bytes", "rel_fro", "inner_products_per_query", "dtype", "device",
           "torch"]
 
@@ -70,8 +73,9 @@ def timed(fn, device, repeats: int, deadline: float) -> tuple[object, float, int
 
 def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cuda", heads: int = 8, head_dim: int = 64,
               repeats: int = 3, error_max_n: int = 131072, time_budget: float = 170.0, row_time_limit: float = 30.0,
-              seed: int = 0, on_row=None) -> list[dict]:
-    """Every row of the check (module docstring); ``on_row(rows)`` after each new row."""
+              seed: int = 0, kernels=KERNELS, on_row=None) -> list[dict]:
+    """Every row of the check (module docstring); the methods of :data:`KERNEL_METHODS` once per kernel of
+    ``kernels`` (same seed: the same draws), side by side; ``on_row(rows)`` after each new row."""
     device = torch.device(device)
     stop_at = time.perf_counter() + time_budget
     fields = {"dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
@@ -85,13 +89,14 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
 
     for n, causal in cells:
         cell = {"n": n, "causal": causal}
-        plan = [(name, label, options) for name in methods
-                for label, options in zip(("low", "mid", "high"), budget_options(name, n, seed))]
+        plan = [(name, label, options | ({"kernel": kernel} if kernel else {})) for name in methods
+                for label, options in zip(("low", "mid", "high"), budget_options(name, n, seed))
+                for kernel in (kernels if name in KERNEL_METHODS else [None])]
         if time.perf_counter() > stop_at:
             add({**cell, "method": "exact", "options": {}, "status": "skipped", "message": "time budget spent"})
             for name, label, options in plan:
-                add({**cell, "method": name, "budget": label, "options": options, "status": "skipped",
-                     "message": "time budget spent"})
+                add({**cell, "method": name, "budget": label, "kernel": options.get("kernel"), "options": options,
+                     "status": "skipped", "message": "time budget spent"})
             continue
         x = make_input("clustered", n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype,
                                                  device=str(device), progress=False))
@@ -114,9 +119,11 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
             add({**cell, "method": "exact", "options": {}, "status": failure_status(err),
                  "message": failure_message(err)})
         for name, label, options in plan:
-            row = {**cell, "method": name, "budget": label, "options": options, "exact_time_s": t_exact}
-            if (name, label) in failed or time.perf_counter() > stop_at:
-                add({**row, "status": "skipped", "message": failed.get((name, label), "time budget spent")})
+            row = {**cell, "method": name, "budget": label, "kernel": options.get("kernel"), "options": options,
+                   "exact_time_s": t_exact}
+            key = (name, label, options.get("kernel"))
+            if key in failed or time.perf_counter() > stop_at:
+                add({**row, "status": "skipped", "message": failed.get(key, "time budget spent")})
                 continue
             attn = None
             try:
@@ -134,7 +141,7 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
                      "inner_products_per_query": None if inner is None else inner.double().mean().item()})
                 del out
             except Exception as err:  # noqa: BLE001 - out of memory or an error: a row, and the run goes on
-                failed[name, label] = f"{failure_status(err)} at n={n}, causal={causal}"
+                failed[key] = f"{failure_status(err)} at n={n}, causal={causal}"
                 add({**row, "status": failure_status(err), "message": failure_message(err)})
             finally:
                 del attn
@@ -144,19 +151,22 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
     return rows
 
 
-PROFILED = (("kdeformer", 131072, True), ("kdeformer", 131072, False), ("tree", 16384, True))
+PROFILED = (("kdeformer", 131072, True, "triton"), ("kdeformer", 131072, False, "triton"),
+            ("kdeformer", 131072, True, "torch"), ("tree", 16384, True, None))
 
 
-def profile_table(name: str, n: int, causal: bool, *, dtype=torch.bfloat16, device="cuda", heads: int = 8,
-                  head_dim: int = 64, seed: int = 0, rows: int = 25) -> str:
-    """Where one forward call of ``name`` (middle budget) spends its time: ``torch.profiler``'s operators and
-    kernels (and the methods' ``record_function`` stages, e.g. ``kdeformer.gather``), sorted by device time."""
+def profile_table(name: str, n: int, causal: bool, kernel: str | None = None, *, dtype=torch.bfloat16, device="cuda",
+                  heads: int = 8, head_dim: int = 64, seed: int = 0, rows: int = 25) -> str:
+    """Where one forward call of ``name`` (middle budget, with ``kernel`` when given) spends its time:
+    ``torch.profiler``'s operators and kernels (and the methods' ``record_function`` stages, e.g.
+    ``kdeformer.block_attention``, and in it ``indexed_attention.gather``), sorted by device time."""
     from torch.profiler import ProfilerActivity, profile
     device = torch.device(device)
     x = make_input("clustered", n, InputSpec(heads=heads, head_dim=head_dim, seed=seed, dtype=dtype,
                                              device=str(device), progress=False))
     options = budget_options(name, n, seed)
-    attn = get_attention(name, **options[len(options) // 2])
+    options = options[len(options) // 2] | ({"kernel": kernel} if kernel else {})
+    attn = get_attention(name, **options)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad():
         attn(x.q, x.k, x.v, causal=causal)  # warm-up
@@ -165,7 +175,7 @@ def profile_table(name: str, n: int, causal: bool, *, dtype=torch.bfloat16, devi
             attn(x.q, x.k, x.v, causal=causal)
             _sync(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    title = f"## {name} {options[len(options) // 2]} n={n} causal={causal} {dtype} {device}"
+    title = f"## {name} {options} n={n} causal={causal} {dtype} {device}"
     return title + "\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
@@ -188,6 +198,35 @@ def gather_table(n: int = 131072, rows: int = 3 * 131072, *, heads: int = 8, hea
     return "\n".join(lines)
 
 
+def kernel_table(n: int = 131072, chunk: int = 256, width: int = 2304, *, heads: int = 8, head_dim: int = 64,
+                 dtype=torch.bfloat16, device="cuda", repeats: int = 5, seed: int = 0) -> str:
+    """Median times of :func:`common.indexed_attention.indexed_attention` on the shape of causal KDEformer's tiles at
+    the middle budget (n / ``chunk`` tiles of ``chunk`` query rows, ``width`` random key indices each with random
+    log-weights, the last ``chunk`` the tile's own keys, block-causal): the torch kernel (gathers + SDPA) and the
+    Triton kernel at both row blocks, with the largest difference to the torch kernel's output."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+    tiles = n // chunk
+    index = torch.randint(n, (1, heads, tiles, width), generator=g, device=device)
+    index[..., width - chunk:] = (torch.arange(tiles, device=device) * chunk).view(tiles, 1) + \
+        torch.arange(chunk, device=device)
+    log_weight = torch.rand(1, heads, tiles, width, generator=g, device=device) * 3
+    lines = [f"## indexed_attention: {tiles} tiles x {chunk} rows x {width} keys (own chunk last, block-causal), "
+             f"H = {heads}, D = {head_dim}, {dtype}, {device}"]
+    ref = None
+    for label, kernel, block_m in (("torch", "torch", 64), ("triton block_m=64", "triton", 64),
+                                   ("triton block_m=128", "triton", 128)):
+        try:
+            fn = lambda: indexed_attention(q, k, v, index, log_weight, diagonal=True, kernel=kernel, block_m=block_m)
+            out, t, _ = timed(fn, device, repeats, time.perf_counter() + 10)
+            ref = out.float() if ref is None else ref
+            lines.append(f"{label}: {1e3 * t:.3f} ms, max |out - torch| = {(out.float() - ref).abs().max().item():.3g}")
+        except Exception as err:  # noqa: BLE001 - a kernel that fails says why and the check goes on
+            lines.append(f"{label}: {failure_message(err)}")
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[dict], path) -> Path:
     """The rows as a CSV with this table's columns (:func:`common.cli.write_table`)."""
     return write_table(rows, path, FIELDS)
@@ -196,11 +235,12 @@ def write_csv(rows: list[dict], path) -> Path:
 def summary(rows: list[dict]) -> str:
     """A markdown table of the rows: time ratio to exact, peak memory, error, inner products."""
     fmt = lambda x, f: "-" if x is None else format(x, f)
-    lines = ["| n | causal | method | budget | status | time (ms) | x exact | peak (GiB) | rel. err | inner prod. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| n | causal | method | budget | kernel | status | time (ms) | x exact | peak (GiB) | rel. err | inner prod. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 30
-        lines.append(f"| {r['n']} | {r['causal']} | {r['method']} | {r.get('budget') or '-'} | {r['status']} | "
+        lines.append(f"| {r['n']} | {r['causal']} | {r['method']} | {r.get('budget') or '-'} | {r.get('kernel') or '-'} | "
+                     f"{r['status']} | "
                      f"{fmt(r['time_s'] and 1e3 * r['time_s'], '.2f')} | {fmt(r['ratio_to_exact'], '.3f')} | "
                      f"{fmt(peak, '.2f')} | {fmt(r['rel_fro'], '.3g')} | {fmt(r['inner_products_per_query'], '.0f')} |")
     return "\n".join(lines)
@@ -212,6 +252,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS),
+                        help=f"the kernels of {', '.join(KERNEL_METHODS)} to time side by side")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--time-budget", type=float, default=170.0, help="seconds; rows not started are skipped")
     parser.add_argument("--error-max-n", type=int, default=131072, help="the error is measured up to this n")
@@ -223,9 +265,10 @@ def main(argv=None) -> list[dict]:
     started = time.perf_counter()
     if not args.no_profile:  # first, a few seconds: where the time goes in kdeformer's and tree's forward
         tables = []
-        for name, n, causal in ([("kdeformer", 256, True), ("tree", 256, True)] if args.quick else PROFILED):
+        quick = [("kdeformer", 256, True, "torch"), ("kdeformer", 256, False, None), ("tree", 256, True, None)]
+        for name, n, causal, kernel in (quick if args.quick else PROFILED):
             try:
-                tables.append(profile_table(name, n, causal, dtype=DTYPES[args.dtype], device=args.device,
+                tables.append(profile_table(name, n, causal, kernel, dtype=DTYPES[args.dtype], device=args.device,
                                             seed=args.seed))
             except Exception as err:  # noqa: BLE001 - a profile that fails says why and the check goes on
                 tables.append(f"## {name} n={n} causal={causal}: {failure_message(err)}")
@@ -235,6 +278,8 @@ def main(argv=None) -> list[dict]:
                                        dtype=DTYPES[args.dtype], device=args.device))
         except Exception as err:  # noqa: BLE001
             tables.append(f"## gathers: {failure_message(err)}")
+        tables.append(kernel_table(1024, 64, 256, dtype=DTYPES[args.dtype], device=args.device) if args.quick else
+                      kernel_table(dtype=DTYPES[args.dtype], device=args.device))
         path = args.out.with_name(args.out.stem + "_profile.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n\n".join(tables) + "\n")
@@ -242,7 +287,8 @@ def main(argv=None) -> list[dict]:
     rows = run_check(QUICK_CELLS if args.quick else CELLS, args.methods, dtype=DTYPES[args.dtype], device=args.device,
                      repeats=args.repeats, error_max_n=args.error_max_n,
                      time_budget=args.time_budget - (time.perf_counter() - started),
-                     row_time_limit=args.row_time_limit, seed=args.seed, on_row=lambda rows: write_csv(rows, args.out))
+                     row_time_limit=args.row_time_limit, seed=args.seed, kernels=args.kernels,
+                     on_row=lambda rows: write_csv(rows, args.out))
     print(summary(rows))
     print(f"wrote {args.out}")
     return rows

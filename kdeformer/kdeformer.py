@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from common.attention import AttentionMethod, causal_query_positions, gather_rows, output_and_lse
+from common.indexed_attention import KERNELS, choose_kernel, indexed_attention
 from common.partial_sums import PartialSums, from_logits
 from common.registry import register
 from common.validation import check_int
@@ -123,18 +124,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class KDEBlocks:
-    """The per-block attention problems of one KDEformer call (module docstring, "Implementation").
+    """The per-block attention problems of one KDEformer call (module docstring, "Implementation"), as index lists
+    (:func:`common.indexed_attention.indexed_attention`).
 
-    queries (B, H, nb, Q, D): the LSH-sorted queries, Q = ceil(Nq / nb) rows per block (zero rows pad the last);
-    keys (B, H, nb, K, D), values (B, H, nb, K, Dv): K = bucket_size LSH keys of the block, then the m samples;
-    bias (B, H, nb, 1, K): the log-weight added to each logit (0, log 1/(p_j m), or -inf = excluded), in
-    :func:`accumulation_dtype` (the fused call rounds it to the input dtype: in bfloat16 a log-weight near
-    log(n / m) ~ 3 keeps about 1% of relative precision in its weight);
+    query_index (B, H, nb, Q): the LSH-sorted queries, Q = ceil(Nq / nb) rows per block (row 0 pads the last);
+    key_index (B, H, nb, K): K = bucket_size LSH keys of the block, then the m samples;
+    bias (B, H, nb, K): the log-weight added to each logit (0, log 1/(p_j m), or -inf = excluded), in
+    :func:`accumulation_dtype` (the torch kernel's fused call rounds it to the input dtype: in bfloat16 a log-weight
+    near log(n / m) ~ 3 keeps about 1% of relative precision in its weight; the triton kernel adds it in float32);
     inverse (B, H, Nq): the row of each original query in the flattened (nb * Q) block order.
     """
-    queries: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    query_index: torch.Tensor
+    key_index: torch.Tensor
     bias: torch.Tensor
     inverse: torch.Tensor
 
@@ -147,10 +148,11 @@ class KDEBlocks:
 
 
 def kde_blocks(q, k, v, num_bits: int, bucket_size: int, sample_size: int, generator: torch.Generator) -> KDEBlocks:
-    """Steps 1-2 of the module docstring as block attention problems (non-causal; any Nq, Nk).
+    """Steps 1-2 of the module docstring as block attention problems (non-causal; any Nq, Nk): the index lists,
+    nothing gathered.
 
-    The stages are labelled for ``torch.profiler`` (``kdeformer.lsh_sort``, ``kdeformer.residual_sample``,
-    ``kdeformer.gather``), which ``python -m kdeformer.benchmark --profile`` reports."""
+    The stages are labelled for ``torch.profiler`` (``kdeformer.lsh_sort``, ``kdeformer.residual_sample``), which
+    ``python -m kdeformer.benchmark --profile`` reports."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     device = q.device
@@ -182,23 +184,20 @@ def kde_blocks(q, k, v, num_bits: int, bucket_size: int, sample_size: int, gener
             log_weight = -torch.log(torch.gather(probs, -1, samples) * sample_size)
             key_index = torch.cat([key_index, samples.unsqueeze(2).expand(b, h, n_blocks, sample_size)], dim=3)
             bias = torch.cat([bias, log_weight.unsqueeze(2).masked_fill(in_own_block, float("-inf"))], dim=3)
-    with record_function("kdeformer.gather"):  # one gather each: the block's keys and the samples
-        queries = gather_rows(q, perm_q_pad).view(b, h, n_blocks, q_block, d)
-        keys, values = gather_rows(k, key_index), gather_rows(v, key_index)
-    return KDEBlocks(queries, keys, values, bias.unsqueeze(3), inverse)
+    return KDEBlocks(perm_q_pad.view(b, h, n_blocks, q_block), key_index, bias, inverse)
 
 
 def kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int,
-               generator: torch.Generator) -> torch.Tensor:
-    """The KDEformer estimate N / D (non-causal), all blocks in one fused attention call; (B, H, Nq, Dv)."""
+               generator: torch.Generator, kernel: str = "auto") -> torch.Tensor:
+    """The KDEformer estimate N / D (non-causal), all blocks in one fused attention call
+    (:func:`common.indexed_attention.indexed_attention` with ``kernel``: 'torch' gathers the blocks' rows and calls
+    SDPA, 'triton' reads them through the index lists); (B, H, Nq, Dv)."""
     blocks = kde_blocks(q, k, v, num_bits, bucket_size, sample_size, generator)
-    b, h, nb, rows, d = blocks.queries.shape
-    flat = lambda x: x.reshape(b * h, nb, x.shape[3], x.shape[4])
     with record_function("kdeformer.block_attention"):
-        out = F.scaled_dot_product_attention(flat(blocks.queries), flat(blocks.keys), flat(blocks.values),
-                                             attn_mask=flat(blocks.bias).to(q.dtype), scale=scale)
+        out = indexed_attention(q, k, v, blocks.key_index, blocks.bias, blocks.query_index, scale=scale,
+                                kernel=kernel)
     with record_function("kdeformer.unsort"):
-        return blocks.unsort(out.view(b, h, nb, rows, v.shape[-1]))
+        return blocks.unsort(out)
 
 
 def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int,
@@ -207,31 +206,39 @@ def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_s
     max-subtracted exponentials and sums in :func:`accumulation_dtype` (float32 for half-precision inputs)."""
     blocks = kde_blocks(q, k, v, num_bits, bucket_size, sample_size, generator)
     up = lambda t: t.to(accumulation_dtype(t.dtype))
-    logits = torch.einsum("bhnqd,bhnkd->bhnqk", up(blocks.queries), up(blocks.keys)) * scale + up(blocks.bias)
-    return from_logits(logits, up(blocks.values), "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
+    queries, keys = gather_rows(q, blocks.query_index), gather_rows(k, blocks.key_index)
+    logits = torch.einsum("bhnqd,bhnkd->bhnqk", up(queries), up(keys)) * scale + up(blocks.bias).unsqueeze(3)
+    values = up(gather_rows(v, blocks.key_index))
+    return from_logits(logits, values, "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
 BLOCK_BYTES = 2 ** 33  # the working memory a block of the causal path aims at (its gathered rows and mask)
+INDEX_BYTES = 64  # per index-list column: the index, its log-weight and the window search's int64 temporaries
 
 
-def rows_per_block(batch_heads: int, width: int, tile_rows: int, row_dim: int, itemsize: int) -> int:
+def rows_per_block(batch_heads: int, width: int, tile_rows: int, row_dim: int, itemsize: int,
+                   materialised: bool = True) -> int:
     """Query rows per block of :func:`causal_kde_output` so that the block takes about :data:`BLOCK_BYTES`: per row,
     a score row of ``width`` entries (the unfused CPU kernel's, in up to float64), and a 1 / ``tile_rows`` share of
     its chunk's ``width`` gathered keys, values and weighted values (``row_dim`` numbers each), their indices and
-    weights."""
-    per_row = batch_heads * width * (8 + (row_dim * itemsize + 12) / tile_rows)
-    return max(1, int(BLOCK_BYTES // per_row))
+    weights. ``materialised=False`` (the triton kernel, which gathers nothing and keeps no score row): a
+    1 / ``tile_rows`` share of :data:`INDEX_BYTES` per column."""
+    per_column = 8 + (row_dim * itemsize + 12) / tile_rows if materialised else INDEX_BYTES / tile_rows
+    return max(1, int(BLOCK_BYTES // (batch_heads * width * per_column)))
 
 
 def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_size: int, chunk_size: int,
-                      generator: torch.Generator, query_block: int | None = None) -> torch.Tensor:
+                      generator: torch.Generator, query_block: int | None = None,
+                      kernel: str = "auto") -> torch.Tensor:
     """Causal KDEformer (module docstring, "Causal attention"): diagonal chunks exact and block-causal, an LSH
     window of earlier keys, stratified residual samples of the earlier chunks, in one fused attention call per block
-    of query chunks; (B, H, Nq, Dv). The stages carry the same ``torch.profiler`` labels as :func:`kde_blocks`.
+    of query chunks (:func:`common.indexed_attention.indexed_attention`, ``diagonal=True``, with ``kernel``);
+    (B, H, Nq, Dv). The stages carry the same ``torch.profiler`` labels as :func:`kde_blocks`.
 
     Memory: everything before the block loop is O(Nk) per head (plus a (chunks x distinct codes) count table); a
-    block of ``query_block`` query rows (default: as many as keep its tiles' keys, values and mask near
-    :data:`BLOCK_BYTES`, :func:`rows_per_block`) is gathered, attended and written at a time."""
+    block of ``query_block`` query rows (default: as many as keep its tiles' index lists, and for the torch kernel
+    its gathered keys, values and mask, near :data:`BLOCK_BYTES`, :func:`rows_per_block`) is attended and written
+    at a time."""
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     dev = q.device
@@ -282,7 +289,8 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             per = math.ceil(2 * sample_size / n_strata)  # a query reads sample_size of them on average
             probs = residual_probabilities(v[:, :, : n_strata * C].reshape(b, h * n_strata, C, dv), generator)
             local = torch.multinomial(probs.view(b * h * n_strata, C), per, replacement=True, generator=generator)
-            weight = 1 / (torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(b, h, n_strata * per)
+            log_weight = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(
+                b, h, n_strata * per)  # log 1 / (p_j m_c')
             stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,), in increasing order
             samples = (local.view(b, h, n_strata, per) + (torch.arange(n_strata, device=dev) * C).view(-1, 1)).view(
                 b, h, n_strata * per)
@@ -290,9 +298,10 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
             sample_code = torch.gather(dense_k, -1, samples)  # (B, H, M)
             sample_offset = torch.gather(rank_s, -1, samples) - torch.gather(segment, -1, sample_code)
     out = torch.empty(b, h, n_qc * C, dv, dtype=q.dtype, device=dev)
-    dv_pad = dv + 1 + (-(dv + 1) % 8)  # the weighted values, their weights, zeros: a width the fused kernels take
-    v_one = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(b, h, nk, dv_pad - dv - 1)], dim=-1)  # [v, 1, 0]
-    rows = query_block or rows_per_block(b * h, groups * K + per * n_strata + C, C, d + 2 * dv_pad, q.element_size())
+    use = choose_kernel(kernel, q, k, v)
+    dv_pad = dv + 1 + (-(dv + 1) % 8)  # the torch kernel's weighted values [w v, w, 0...] (indexed_attention)
+    rows = query_block or rows_per_block(b * h, groups * K + per * n_strata + C, C, d + 2 * dv_pad, q.element_size(),
+                                         materialised=use == "torch")
     block = max(1, rows // C)  # query chunks per block
     for c0 in range(0, n_qc, block):
         c1 = min(n_qc, c0 + block)
@@ -312,7 +321,7 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
                 ranks.view(b, h, nc, groups * width) - torch.gather(below, -1, code_of)
             window = torch.gather(perm_k, -1, where.clamp(0, nk - 1).view(b, h, -1)).view(b, h, nc, groups * width)
             fresh = fresh.view(b, h, nc, groups * width)
-        keys_index, weights = [torch.where(fresh, window, safe)], [fresh.to(acc)]
+        keys_index, log_weights = [torch.where(fresh, window, safe)], [torch.where(fresh, 0.0, -math.inf).to(acc)]
         m_used = min(n_strata, first + c1 - 1) * per  # the strata before the block's last chunk
         if m_used > 0:
             with record_function("kdeformer.residual_sample"):
@@ -323,25 +332,17 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
                               (past_rank.unsqueeze(3) < lo_blk.unsqueeze(-1) + K)).any(3)
                 usable = (stratum[cols] * C < chunk_start[sl].view(nc, 1)) & ~in_windows  # (B, H, nc, M)
                 keys_index.append(torch.where(usable, samples[:, :, cols].unsqueeze(2), safe))
-                weights.append(torch.where(usable, weight[:, :, cols].unsqueeze(2), 0.0))
-        with record_function("kdeformer.gather"):
-            pad = -(sum(x.shape[-1] for x in weights) + C) % 16  # a mask width the fused kernels take as it is
-            keys_index += [safe.expand(b, h, nc, pad), own[sl].clamp_max(nk - 1).expand(b, h, nc, C)]
-            weights += [torch.zeros(1, 1, 1, 1, dtype=acc, device=dev).expand(b, h, nc, pad),
-                        torch.ones(1, 1, 1, 1, dtype=acc, device=dev).expand(b, h, nc, C)]
-            index, w = torch.cat(keys_index, dim=-1), torch.cat(weights, dim=-1).to(q.dtype).unsqueeze(-1)
-            L = index.shape[-1]  # the windows, the samples, padding, the own chunk: (B, H, nc, L)
-            # the own chunk last, block-causal: query slot r reads every column up to L - C + r (one (C, L) mask,
-            # the same for every chunk, head and batch element)
-            causal = torch.zeros(C, L, dtype=q.dtype, device=dev).masked_fill(
-                torch.ones(C, L, dtype=torch.bool, device=dev).triu(L - C + 1), float("-inf"))
-            q_rows = (own[sl] - (nk - nq)).clamp(0, nq - 1).expand(b, h, nc, C)
-            qt, kt, vw = gather_rows(q, q_rows), gather_rows(k, index), gather_rows(v_one, index) * w
+                log_weights.append(torch.where(usable, log_weight[:, :, cols].unsqueeze(2), -math.inf))
+        pad = -(sum(x.shape[-1] for x in log_weights) + C) % 16  # a mask width the fused kernels take as it is
+        keys_index += [safe.expand(b, h, nc, pad), own[sl].clamp_max(nk - 1).expand(b, h, nc, C)]
+        log_weights += [torch.full((1, 1, 1, 1), -math.inf, dtype=acc, device=dev).expand(b, h, nc, pad),
+                        torch.zeros(1, 1, 1, 1, dtype=acc, device=dev).expand(b, h, nc, C)]
+        # the windows, the samples, padding, the own chunk (block-causal, last): (B, H, nc, L)
+        index, lw = torch.cat(keys_index, dim=-1), torch.cat(log_weights, dim=-1)
+        q_rows = (own[sl] - (nk - nq)).clamp(0, nq - 1).view(1, 1, nc, C)
         with record_function("kdeformer.block_attention"):
-            o = F.scaled_dot_product_attention(qt.reshape(b * h, nc, C, d), kt.reshape(b * h, nc, L, d),
-                                               vw.reshape(b * h, nc, L, dv_pad), attn_mask=causal,
-                                               scale=scale).reshape(b, h, nc * C, dv_pad)
-            out[:, :, c0 * C:c1 * C] = (o[..., :dv].to(acc) / o[..., dv:dv + 1].to(acc)).to(q.dtype)
+            o = indexed_attention(q, k, v, index, lw, q_rows, diagonal=True, scale=scale, kernel=use)
+            out[:, :, c0 * C:c1 * C] = o.view(b, h, nc * C, dv)
     with record_function("kdeformer.unsort"):
         return out[:, :, slot_of_query]
 
@@ -351,7 +352,9 @@ class KDEformerAttention(AttentionMethod):
     """KDEformer attention (module docstring). Options: num_bits r (7), bucket_size (64), sample_size (64),
     chunk_size (causal: the exact block-causal diagonal chunks; default bucket_size), query_block (causal: query rows
     per fused call, rounded down to whole chunks; default None: about :data:`BLOCK_BYTES` of working memory per call,
-    so that memory grows like Nk (D + Dv) whatever the budget), seed.
+    so that memory grows like Nk (D + Dv) whatever the budget), kernel ('auto' | 'torch' | 'triton': how the tiles
+    are attended, :mod:`common.indexed_attention`; 'auto' = the Triton kernel for CUDA inputs it supports when no
+    gradient is needed, else torch; the same draws give the same estimate either way), seed.
 
     A bucket_size larger than the keys of a call (e.g. a short prompt while decoding) is clamped to Nk, which makes
     the call exact, and said once per instance (``warnings.warn``). sample_size may exceed Nk: the residual samples
@@ -364,8 +367,8 @@ class KDEformerAttention(AttentionMethod):
     supports_lse = True
 
     def __init__(self, num_bits: int = 7, bucket_size: int = 64, sample_size: int = 64,
-                 chunk_size: int | None = None, query_block: int | None = None, seed: int | None = None,
-                 check_finite: bool = True):
+                 chunk_size: int | None = None, query_block: int | None = None, kernel: str = "auto",
+                 seed: int | None = None, check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.num_bits = check_int(num_bits, "num_bits", "kdeformer", minimum=1)
         self.bucket_size = check_int(bucket_size, "bucket_size", "kdeformer", minimum=1)
@@ -374,6 +377,9 @@ class KDEformerAttention(AttentionMethod):
             chunk_size, "chunk_size", "kdeformer", minimum=1)
         self.query_block = None if query_block is None else check_int(query_block, "query_block", "kdeformer",
                                                                        minimum=1)
+        if kernel not in KERNELS:
+            raise ValueError(f"kdeformer: kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self._warned_clamp = False
 
     def _options(self, device):
@@ -394,8 +400,8 @@ class KDEformerAttention(AttentionMethod):
         self._warn_if_clamped(k.shape[2])
         if causal:
             return causal_kde_output(q, k, v, scale, self.num_bits, self.bucket_size, self.sample_size,
-                                     self.chunk_size, self.generator(q.device), self.query_block)
-        return kde_output(q, k, v, scale, *self._options(q.device))
+                                     self.chunk_size, self.generator(q.device), self.query_block, self.kernel)
+        return kde_output(q, k, v, scale, *self._options(q.device), kernel=self.kernel)
 
     def attend_lse(self, q, k, v, causal, scale):
         """(out, log of the estimated normaliser) for ``return_lse=True``, from :func:`kde_partial` (the same

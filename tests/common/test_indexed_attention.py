@@ -97,8 +97,7 @@ def test_auto_is_torch_on_the_cpu_and_bad_arguments_are_named():
 
 # --- the Triton kernel under the interpreter (CPU tensors) ---------------------------------------------------------
 
-INTERPRETER_SCRIPT = textwrap.dedent("""
-    import json, sys
+INTERPRETER_PRELUDE = textwrap.dedent("""
     import numpy as np
     import triton.runtime.interpreter as ti
     from triton.runtime.interpreter import _convert_float
@@ -118,13 +117,17 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
             b = ti.TensorHandle(_convert_float(b.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
         return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
     ti.InterpreterBuilder.create_dot = _create_dot
-
-    import torch
-    sys.path.insert(0, {root!r})
-    sys.path.insert(0, {tests!r})
-    from test_indexed_attention import CASES, run_case
-    print(json.dumps([run_case(**case) for case in CASES]))
 """)
+
+
+def run_under_interpreter(body: str, timeout: float = 120):
+    """Run ``body`` (Python source that prints one JSON line last) in a subprocess with TRITON_INTERPRET=1, the
+    shims above and the repository on the path; its parsed JSON."""
+    script = INTERPRETER_PRELUDE + f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 CASES = [  # small: the interpreter runs every program in numpy
     dict(dtype="float32", diagonal=False, weighted=False, query_index=False),
@@ -157,12 +160,12 @@ def run_case(dtype, diagonal, weighted, query_index, block_m=64, d=16, dv=16, m=
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 def test_triton_kernel_equals_the_reference_under_the_interpreter():
-    script = INTERPRETER_SCRIPT.format(root=str(ROOT), tests=str(Path(__file__).parent))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_under_interpreter(f"""
+        import json
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_indexed_attention import CASES, run_case
+        print(json.dumps([run_case(**case) for case in CASES]))
+    """)
     assert len(results) == len(CASES)
     for case, result in zip(CASES, results):
         assert result["dtype"] == f"torch.{case['dtype']}", result
