@@ -51,7 +51,7 @@ else
   LM_EXACT_ARGS="--max-iters 6000 --fit-time 125"; LM_METHOD_ARGS="--max-iters 2000 --fit-time 110"
   RECALL_N="--n 65536 16384 4096"; LM_N="--lm-n 4096"; LM_ONLY_N="--n 4096"
   EVAL="--batches 3 --batch-size 8 --row-time-limit 15"; LM_EVAL="--batches 3 --batch-size 4 --row-time-limit 12"
-  T_TRAIN=170; T_FT=80; B_E1=35; B_E2=30; B_E3=30; B_E4=80; B_E5=20; KILL_PAD=28
+  T_TRAIN=170; T_FT=80; B_E1=45; B_E2=30; B_E3=30; B_E4=80; B_E5=20; KILL_PAD=25
 fi
 date -u +"%H:%M:%S start"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null || true

@@ -116,3 +116,15 @@ def test_a_name_that_cannot_train_is_refused_clearly(monkeypatch, tmp_path):
         train_lm_script.main(["--quick", "--attention", "uniform", "--work-dir", str(tmp_path / "w"),
                               "--out", str(tmp_path / "x.pth")])
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_fit_max_iters_times_probe_runs_and_removes_them(tmp_path):
+    from long_context.training import fit_max_iters
+    from nanoGPT.train import TrainConfig
+    cfg = TrainConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, batch_size=2, max_iters=1000, eval_iters=1,
+                      attention="srf", attention_options={"nb_features": 8}, out_dir=str(tmp_path / "run"),
+                      progress=False)
+    fitted = fit_max_iters(cfg, seconds=0.5)
+    assert fitted["seconds_per_step"] > 0 and fitted["probe_seconds"] > 0
+    assert fitted["max_iters"] == int(min(1000, max(25, 0.5 / fitted["seconds_per_step"])))
+    assert list(tmp_path.iterdir()) == []  # the probes' scratch folder is gone; the run's own is not made
