@@ -268,7 +268,9 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
         # keys sorted by (code, position): the keys of one code form a segment in position order, so the keys of
         # that code before chunk c are the first past_by_code[c, code] of its segment
         perm_k = torch.sort(code_k, dim=-1, stable=True).indices
-        codes = torch.unique(code_k)  # the distinct codes (all heads), sorted: dense code = index in it
+        # the codes that index the count table, sorted (dense code = index in it): all 2^r when the table stays within
+        # 4 Nk entries per head (no host sync), else the distinct codes of the keys (torch.unique: a sync on CUDA)
+        codes = torch.arange(big, device=dev) if big <= 4 * C else torch.unique(code_k)
         dense_k = torch.searchsorted(codes, code_k)
         n_codes, n_key_chunks = codes.numel(), math.ceil(nk / C)
         key_chunk = torch.arange(nk, device=dev) // C

@@ -77,3 +77,21 @@ def test_auto_is_triton_on_cuda_without_gradients_and_torch_with_them():
         out = common.get_attention("kdeformer", **OPTIONS)(q_grad, k, v, causal=causal)
         out.float().sum().backward()
         assert torch.isfinite(q_grad.grad).all()
+
+
+@CUDA
+def test_the_triton_path_does_not_synchronise():
+    # at r = 7 bits and chunks of 64 the causal path's count table takes all 2^r codes (no torch.unique)
+    x = synthetic_qkv("clustered", 1, 2, 4096, 4096, 64, dtype=torch.bfloat16, seed=0)
+    q, k, v = (t.cuda() for t in (x.q, x.k, x.v))
+    attn = common.get_attention("kdeformer", bucket_size=64, sample_size=128, kernel="triton", check_finite=False,
+                                seed=0)
+    with torch.no_grad():
+        for causal in (False, True):
+            attn(q, k, v, causal=causal)  # warm-up: compilation, lazy initialisation
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                attn(q, k, v, causal=causal)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
