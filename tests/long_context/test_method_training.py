@@ -24,7 +24,7 @@ METHODS = {"knn_ivf_blocks": ("knn", {"index": "ivf_blocks", "nprobe": 2, "num_s
 def test_a_small_recall_task_trains_with_the_method(case):
     name, options = METHODS[case]
     cfg = RecallTrainConfig(lengths=(24,), pairs=1, queries=1, n_keys=4, n_values=4, n_distractors=4,
-                            key_curriculum=(), batch_size=32, max_iters=30, eval_interval=15, eval_batches=2,
+                            key_curriculum=(), batch_size=16, max_iters=20, eval_interval=10, eval_batches=2,
                             attention=name, attention_options=options)
     assert cfg.attention_options == {**options, "seed": 0}  # seeded: the run repeats
     model, history = train_recall(cfg, progress=False)
