@@ -182,15 +182,18 @@ def _kernel():
             end = L - M + m0 + BLOCK_M
         for n0 in range(0, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < L
-            idx = tl.load(KI + bi * sib + hi * sih + t * sit + cols * sil, mask=col_ok, other=0).to(tl.int64)
-            k = tl.load(K + bi * skb + hi * skh + idx[:, None] * skn + offs_d[None, :], mask=col_ok[:, None],
+            live = cols < L
+            if HAS_W:  # a column of log-weight -inf is never read (its index, key and value loads are masked off)
+                w = tl.load(LW + bi * swb + hi * swh + t * swt + cols * swl, mask=live, other=float("-inf"))
+                w = w.to(tl.float32)
+                live = live & (w > float("-inf"))
+            idx = tl.load(KI + bi * sib + hi * sih + t * sit + cols * sil, mask=live, other=0).to(tl.int64)
+            k = tl.load(K + bi * skb + hi * skh + idx[:, None] * skn + offs_d[None, :], mask=live[:, None],
                         other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # log2 units, float32
             if HAS_W:
-                w = tl.load(LW + bi * swb + hi * swh + t * swt + cols * swl, mask=col_ok, other=0.0)
-                s = s + w.to(tl.float32)[None, :] * LOG2E
-            visible = col_ok[None, :] & (rows[:, None] >= 0)
+                s = s + tl.where(live, w, 0.0)[None, :] * LOG2E
+            visible = live[None, :] & (rows[:, None] >= 0)
             if DIAGONAL:
                 visible = visible & (cols[None, :] - (L - M) <= rows[:, None])
             s = tl.where(visible, s, float("-inf"))
@@ -199,7 +202,7 @@ def _kernel():
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(V + bi * svb + hi * svh + idx[:, None] * svn + offs_dv[None, :], mask=col_ok[:, None],
+            vv = tl.load(V + bi * svb + hi * svh + idx[:, None] * svn + offs_dv[None, :], mask=live[:, None],
                          other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
             m_i = m_new

@@ -14,9 +14,11 @@ algorithm (Sec. 4, Alg. 2-3) approximates A [V, 1] (which gives both the numerat
 Implementation: both parts are one attention per block. Query block b attends to the keys
 [its ``bucket_size`` LSH keys ; the m sampled keys] with the additive log-weights
 [0 ; log(1 / (p_j m))], -inf for padding and for samples that fall in block b, i.e. exp(s_ij + log w_j) = w_j e^s_ij.
-All blocks go through one batched ``scaled_dot_product_attention`` over a (B*H, blocks, rows, D) layout, so
-there is no Python loop over blocks or queries and the per-row max subtraction of the fused softmax keeps float32
-from overflowing; float64 inputs are computed in float64 (the error experiments). :func:`kde_partial` gives the
+All blocks go through one fused call over index lists (:func:`common.indexed_attention.indexed_attention`: a
+batched ``scaled_dot_product_attention`` over the gathered (B*H, blocks, rows, D) layout, or the Triton kernel that
+reads the rows through the lists), so there is no Python loop over blocks or queries and the per-row max
+subtraction of the fused softmax keeps float32 from overflowing; float64 inputs are computed in float64 (the error
+experiments, torch kernel). :func:`kde_partial` gives the
 same estimate as separate sums (numerator, normaliser; :class:`common.partial_sums.PartialSums`), mergeable with
 other pieces, where the sums themselves are of interest (the unbiasedness test).
 
@@ -50,23 +52,28 @@ chunks holding queries form tiles.
 
 Layout (issue 13: on an H100 the gathers of keys and values per tile, then the per-row mask, were most of the time).
 One tile per chunk: its C queries in position order against the keys [the G windows ; the samples ; padding ; the
-chunk's own C keys]. The weights ride on the values: the value rows are [w_j v_j, w_j, 0...] (w_j = 1 for window and
-own keys, 1 / (p_j m_c') for a sample, 0 for a window slot already in an earlier window or beyond the past, for a
-sample in a window or of a stratum not before the chunk, and for padding; a weight-0 slot holds the chunk's first
-key, which every query of the chunk reads anyway, never a future key), so the SDPA output is
-[sum_j a_ij w_j v_j, sum_j a_ij w_j] / sum_j a_ij over the tile and out = its first Dv columns / column Dv; the only
-mask is the block-causal one of the own chunk, last, which is one (C, L) pattern (query slot r reads the columns up
-to L - C + r) broadcast over chunks, heads and batch. Nothing of size (queries x keys) is materialised, and a
-chunk's keys and samples are gathered once (before: per group of C / G queries, with a per-row mask).
+chunk's own C keys], given as an index list with log-weights log w_j (0 for window and own keys, log 1 / (p_j m_c')
+for a sample, -inf for a window slot already in an earlier window or beyond the past, for a sample in a window or of
+a stratum not before the chunk, and for padding; a -inf slot holds the chunk's first key, which every query of the
+chunk reads anyway, never a future key), the own chunk last and block-causal: one
+:func:`common.indexed_attention.indexed_attention` call with ``diagonal=True`` computes
+sum_j e^{s_ij} w_j v_j / sum_j e^{s_ij} w_j over every tile. Its ``kernel`` option (KDEformer's ``kernel``) picks
+how: 'torch' gathers the tiles' keys and values once and makes one SDPA call with the weights on the values,
+[w_j v_j, w_j], so that the only mask is one (C, L) block-causal pattern broadcast over chunks, heads and batch;
+'triton' reads the keys and values through the index list inside a flash-attention kernel (nothing gathered, -inf
+columns not read). The non-causal blocks go through the same call (``diagonal=False``, the log-weights as a bias).
+Nothing of size (queries x keys) is materialised.
 
 Memory (issue 13, n = 262,144 on one GPU): everything outside the tiles is O(Nk) per head; the tiles go through the
 fused call a block of query chunks at a time (``query_block`` rows, by default about :data:`BLOCK_BYTES` of gathered
-keys and values), each block reading only the sample columns of the strata before its last chunk. The key count L is
+keys and values for the torch kernel, of index lists for the triton kernel), each block reading only the sample
+columns of the strata before its last chunk. The key count L is
 padded to a multiple of 16 (the mask width the fused CUDA kernels take without a padded copy) and the weighted values
 to a multiple of 8 columns.
 
-Precision: for bfloat16 / float16 the weights are rounded to the input dtype with the values (about 0.4% of a
-weight) and the SDPA output's two parts are divided in float32.
+Precision: for bfloat16 / float16 the torch kernel rounds the weights to the input dtype with the values (about 0.4%
+of a weight) and divides the SDPA output's two parts in float32; the triton kernel adds the log-weights to the
+logits in float32.
 """
 from __future__ import annotations
 
