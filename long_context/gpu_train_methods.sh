@@ -59,7 +59,7 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null || tru
 # ---- 1. training: four lanes side by side on the one GPU (small models: each alone leaves it mostly idle) ----
 train_lm() {  # name, extra args...: train (fitted to its time), export the checkpoint even after a kill
   local name=$1; shift
-  timeout -s TERM "$T_TRAIN" $PY -m long_context.train_lm $DEV $LM_ARGS "$@" --work-dir "$WORK/$name" \
+  timeout -s TERM -k 20 "$T_TRAIN" $PY -m long_context.train_lm $DEV $LM_ARGS "$@" --work-dir "$WORK/$name" \
     --out "$CKPT/$name.pth" > "$DEST/train_$name.log" 2>&1
   local status=$?
   if [ $status -ne 0 ]; then
@@ -71,7 +71,7 @@ train_lm() {  # name, extra args...: train (fitted to its time), export the chec
   echo "$name: exit $status; $(grep -h 'ms per step' "$DEST/train_$name.log" | tail -n 1)"
 }
 train_recall() {  # method, options
-  timeout -s TERM "$T_FT" $PY -m long_context.train_recall $DEV $RECALL_FT --init "$INIT" --attention "$1" \
+  timeout -s TERM -k 20 "$T_FT" $PY -m long_context.train_recall $DEV $RECALL_FT --init "$INIT" --attention "$1" \
     --attention-options "$2" --out "$CKPT/recall_long_$1.pth" > "$DEST/train_recall_$1.log" 2>&1
   echo "recall_long_$1: exit $?; $(grep -h '^iter=' "$DEST/train_recall_$1.log" | tail -n 1)"
 }
@@ -86,7 +86,7 @@ ls -la "$CKPT"
 # ---- 2. evaluation, one stage at a time (attention times are measured alone on the GPU) ----
 evaluate() {  # stage name, time budget, args...
   local name=$1 budget=$2; shift 2
-  timeout "$((budget + KILL_PAD))" $PY -m long_context.evaluate $DEV --time-budget "$budget" "$@" \
+  timeout -k 10 "$((budget + KILL_PAD))" $PY -m long_context.evaluate $DEV --time-budget "$budget" "$@" \
     --out "$DEST/eval_$name" > "$DEST/eval_$name.log" 2>&1
   echo "eval_$name: exit $?; $(tail -n 1 "$DEST/eval_$name.log")"
   timeout 30 $PY -m long_context.plot --csv "$DEST/eval_$name/long_context_eval.csv" --out "$DEST/eval_$name" \
@@ -97,9 +97,15 @@ evaluate() {  # stage name, time budget, args...
 # that evaluate both models)
 evaluate recall_exact "$B_E1" --model recall --recall-checkpoint "$RECALL_EXACT" $RECALL_N $EVAL \
   --methods tree --extra knn "$KNN_RECALL" --extra srf "$SRF_RECALL"
-evaluate knn "$B_E2" --model lm recall --recall-checkpoint "$CKPT/recall_long_knn.pth" \
+trained_models() {  # the models trained with method $1 whose checkpoint exists (a failed training skips its model)
+  local models=""
+  [ -f "$CKPT/lm_$1.pth" ] && models="lm"
+  [ -f "$CKPT/recall_long_$1.pth" ] && models="$models recall"
+  echo "${models:-none}"
+}
+evaluate knn "$B_E2" --model $(trained_models knn) --recall-checkpoint "$CKPT/recall_long_knn.pth" \
   --lm-checkpoint "$CKPT/lm_knn.pth" $RECALL_N $LM_N $EVAL --methods exact
-evaluate srf "$B_E3" --model lm recall --recall-checkpoint "$CKPT/recall_long_srf.pth" \
+evaluate srf "$B_E3" --model $(trained_models srf) --recall-checkpoint "$CKPT/recall_long_srf.pth" \
   --lm-checkpoint "$CKPT/lm_srf.pth" $RECALL_N $LM_N $EVAL --methods srf --budgets mid
 evaluate lm_exact_long "$B_E4" --model lm --lm-checkpoint "$CKPT/lm_exact_long.pth" $LM_ONLY_N $LM_EVAL \
   --extra knn "$KNN_LM" --extra srf "$SRF_LM" --sweep first last

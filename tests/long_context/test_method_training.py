@@ -13,6 +13,7 @@ from long_context import train_recall as train_recall_script
 from long_context.checkpoints import load_model
 from long_context.evaluation import evaluate_model, trained_attention
 from long_context.training import RecallTrainConfig, attention_options, recall_metric, train_recall
+from nanoGPT.model import GPT
 
 # the device indexes knn trains with on a GPU (faiss is CPU-only): a routed block index and an exact top-k
 METHODS = {"knn_ivf_blocks": ("knn", {"index": "ivf_blocks", "nprobe": 2, "num_samples": 8}),
@@ -128,3 +129,21 @@ def test_fit_max_iters_times_probe_runs_and_removes_them(tmp_path):
     assert fitted["seconds_per_step"] > 0 and fitted["probe_seconds"] > 0
     assert fitted["max_iters"] == int(min(1000, max(25, 0.5 / fitted["seconds_per_step"])))
     assert list(tmp_path.iterdir()) == []  # the probes' scratch folder is gone; the run's own is not made
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(METHODS))
+def test_cuda_bf16_training_steps_with_the_method(case):
+    """The GPU script's training path: the method's forward and backward on CUDA tensors under bf16 autocast
+    (knn through its device indexes), finite loss and gradients, the weights move."""
+    name, options = METHODS[case]
+    cfg = RecallTrainConfig(lengths=(256,), key_curriculum=(), batch_size=4, max_iters=3, eval_interval=3,
+                            eval_batches=1, attention=name, attention_options=options, device="cuda",
+                            dtype="bfloat16")
+    model = GPT(cfg.model_config())
+    before = [p.detach().clone() for p in model.parameters()]
+    model, history = train_recall(cfg, model, progress=False)
+    assert all(torch.isfinite(torch.tensor(row["loss_n256"])) for row in history)
+    assert next(model.parameters()).device.type == "cuda" and model.layer_attention_names() == [name, name]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p.detach().cpu()) for a, p in zip(before, model.parameters()))
