@@ -110,7 +110,8 @@ class KNNAttention(AttentionMethod):
                  gradient: str | None = None, eps: float | None = None, delta: float = 0.05,
                  tail_slack: float | str | None = None, k_max: int | None = None, tail_ratio: float = 0.05,
                  dv_estimator: str = "scatter", dv_walks: int | None = None, cell_size: int | None = None,
-                 causal_layout: str = "segments", seed: int | None = None, check_finite: bool = True):
+                 causal_layout: str = "segments", static_shapes: bool | None = None, seed: int | None = None,
+                 check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         self.k = None if k is None else check_int(k, "k", "knn", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", "knn", minimum=1)
@@ -154,15 +155,16 @@ class KNNAttention(AttentionMethod):
         self.tail_ratio = tail_ratio
         self.dv_estimator = check_choice(dv_estimator, "dv_estimator", "knn", DV_ESTIMATORS)
         self.dv_walks = None if dv_walks is None else check_int(dv_walks, "dv_walks", "knn", minimum=1)
+        self.static_shapes = static_shapes
         self.last_times = SearchTimes()
         self._warned_clamp = False
 
     # --- the estimators on a chunk of queries ---------------------------------------------------
-    def _estimate(self, q, k, v, hits, counts, local, num, scale, return_lse=False):
+    def _estimate(self, q, k, v, hits, counts, local, num, scale, return_lse=False, static_ratio=None):
         top = retrieved_set(q, k, hits, counts, scale, local)
         gen = self.generator(q.device)
         if self.estimator == "gumbel":
-            samples = lazy_gumbel_sample(q, k, top, num, scale, gen, self.tail_slack)[0]
+            samples = lazy_gumbel_sample(q, k, top, num, scale, gen, self.tail_slack, static_ratio)[0]
             if self.eps is not None:
                 return median_of_means(v, samples, median_of_means_sizes(self.eps, self.delta)[0])
             return expectation_estimate(v, samples)
@@ -182,12 +184,14 @@ class KNNAttention(AttentionMethod):
         sums = exact_part.merge(tail_part)
         return output_and_lse(sums, q.dtype) if return_lse else sums.output()
 
-    def _samples(self, q, k, hits, counts, local, num, scale, rows=None):
-        """l samples of every query's softmax row, or one sample of each query in ``rows`` (B, H, R)."""
+    def _samples(self, q, k, hits, counts, local, num, scale, rows=None, static_ratio=None):
+        """l samples of every query's softmax row, or one sample of each query in ``rows`` (B, H, R); the static
+        layout of lazy Gumbel sampling with ``static_ratio`` (see :meth:`_attend`)."""
         top = retrieved_set(q, k, hits, counts, scale, local)
         if rows is not None:
             q, top, num = q.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])), top.select(rows), 1
-        return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device), self.tail_slack)[0]
+        return lazy_gumbel_sample(q, k, top, num, scale, self.generator(q.device), self.tail_slack,
+                                  static_ratio)[0]
 
     def _attend_ivf_blocked(self, q, k, v, num, scale):
         nlist = self.index_options.nlist or 4 * default_budget(k.shape[2])
@@ -258,6 +262,17 @@ class KNNAttention(AttentionMethod):
                 raise ValueError("knn: index='ivf_blas' is not available with causal=True (its k-means cells are "
                                  "built from all keys, future ones included); use 'flat', 'hnsw' or 'torch'")
             return self._attend_ivf_blocked(q, k, v, num, scale)
+        static = self.static_shapes if self.static_shapes is not None else q.device.type != "cpu"
+        gumbel = self.estimator == "gumbel" or self.gradient == "sampled"
+        if static and gumbel and self.index not in EXACT_INDEX_TYPES:
+            raise ValueError(f"knn: estimator={self.estimator!r} / gradient={self.gradient!r} with static shapes "
+                             f"(the default off the CPU) needs an exact index ('torch' or 'flat'), got "
+                             f"index={self.index!r}: the widened Gumbel cutoff of an approximate index lets up to the "
+                             "whole tail beat it, so no static candidate capacity short of the tail is exact "
+                             "(README, 'Host synchronisation'); use index='torch', or CPU tensors")
+        # lazy Gumbel sampling with static shapes: |T_i| / h_i <= (Nk - k) / k for these exact indexes (a row with
+        # fewer hits has retrieved its whole prefix outside its own block: an empty tail)
+        ratio = (nk - top_k) / top_k if static and gumbel else None
         counts = allowed_key_counts(nq, nk, causal, q.device)
         local = None
         if causal:
@@ -281,12 +296,14 @@ class KNNAttention(AttentionMethod):
             qc, hc, cc, lc = q[:, :, sl], hits[:, :, sl], counts[sl], None if local is None else local[sl]
             if sampled:
                 outs.append(SampledGradientAttention.apply(
-                    qc, k, v, lambda a, b, c, hc=hc, cc=cc, lc=lc: self._estimate(a, b, c, hc, cc, lc, num, scale),
-                    lambda a, b, rows=None, hc=hc, cc=cc, lc=lc: self._samples(a, b, hc, cc, lc, num, scale, rows),
+                    qc, k, v, lambda a, b, c, hc=hc, cc=cc, lc=lc: self._estimate(a, b, c, hc, cc, lc, num, scale,
+                                                                                  static_ratio=ratio),
+                    lambda a, b, rows=None, hc=hc, cc=cc, lc=lc: self._samples(a, b, hc, cc, lc, num, scale, rows,
+                                                                                ratio),
                     scale, None if self.dv_estimator == "scatter" else self.dv_walks or num * qc.shape[2],
                     self.generator(q.device)))
             else:
-                outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale, return_lse))
+                outs.append(self._estimate(qc, k, v, hc, cc, lc, num, scale, return_lse, ratio))
         if return_lse:
             return torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
         return torch.cat(outs, dim=2)

@@ -80,13 +80,16 @@ def test_the_watch_catches_host_reads(monkeypatch):
     assert run_watched(lambda: (x * 2).topk(3).indices.sort().values, "cpu", monkeypatch)[1] == []
 
 
-# (options, causal) of every knn path that must stay on the device
-ESTIMATORS = ("topk", "topk_uniform_tail", "adaptive")
+# (options, causal) of every knn path that must stay on the device: every estimator x device index x causal mode
+# that the options accept (the others are refused: test_refused_device_paths), and the sampled gradients
+ESTIMATORS = ("topk", "topk_uniform_tail", "adaptive", "gumbel")
 DEVICE_PATHS = ([({"index": "ivf_blocks", "estimator": e}, False) for e in ESTIMATORS[:2]]
                 + [({"index": "ivf_blocks", "estimator": e, **layout}, True) for e in ESTIMATORS[:2]
                    for layout in ({"causal_block": 32}, {"causal_layout": "mask"})]
                 + [({"index": "torch", "estimator": e, "k": 6}, c) for e in ESTIMATORS for c in (False, True)]
-                + [({"index": "ivf_torch", "estimator": e, "k": 6, "nlist": 6}, False) for e in ESTIMATORS])
+                + [({"index": "torch", "estimator": e, "k": 6, "gradient": "sampled", "dv_estimator": dv}, c)
+                   for e, dv in (("adaptive", "scatter"), ("topk_uniform_tail", "walk")) for c in (False, True)]
+                + [({"index": "ivf_torch", "estimator": e, "k": 6, "nlist": 6}, False) for e in ESTIMATORS[:3]])
 
 
 def _qkv(device, dtype=torch.float32):
@@ -97,16 +100,48 @@ def _qkv(device, dtype=torch.float32):
 def _path_id(case):
     options, causal = case
     layout = "-mask" if options.get("causal_layout") == "mask" else "-segments" if "causal_block" in options else ""
-    return f"{options['index']}-{options['estimator']}-{'causal' if causal else 'full'}{layout}"
+    grad = f"-sampled-{options['dv_estimator']}" if "dv_estimator" in options else ""
+    return f"{options['index']}-{options['estimator']}-{'causal' if causal else 'full'}{layout}{grad}"
+
+
+def _knn(options):
+    # static_shapes=True: the layout knn takes off the CPU by default (lazy Gumbel sampling with static capacity)
+    return common.get_attention("knn", seed=0, check_finite=False, num_samples=8, static_shapes=True, **options)
 
 
 @pytest.mark.parametrize("case", DEVICE_PATHS, ids=_path_id)
 def test_device_paths_read_nothing_back_on_cpu(case, monkeypatch):
     options, causal = case
     q, k, v = _qkv("cpu")
-    attn = common.get_attention("knn", seed=0, check_finite=False, num_samples=8, **options)
+    attn = _knn(options)
     out, found = run_watched(lambda: attn(q, k, v, causal=causal), "cpu", monkeypatch)
     assert found == [] and out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", DEVICE_PATHS, ids=_path_id)
+def test_device_backward_reads_nothing_back_on_cpu(case, monkeypatch):
+    """The backward of every device path (autograd through the estimator and the routed attention, or the sampled
+    gradient estimators of Sec. 5 with their lazy Gumbel samples and random walks) reads nothing back either."""
+    options, causal = case
+    inputs = tuple(t.requires_grad_() for t in _qkv("cpu"))
+    attn = _knn(options)
+    out = attn(*inputs, causal=causal)
+    _, found = run_watched(lambda: out.backward(torch.ones_like(out)), "cpu", monkeypatch)
+    assert found == [] and all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+def test_refused_device_paths():
+    """What has no sync-free device path is refused by name: gumbel / sampled gradients with the approximate
+    ivf_torch under static shapes (the widened cutoff has no static capacity), per-query estimators with
+    ivf_blocks (no per-query lists)."""
+    q, k, v = _qkv("cpu")
+    for options, match in (({"index": "ivf_torch", "estimator": "gumbel", "nlist": 6}, "exact index"),
+                           ({"index": "ivf_torch", "estimator": "adaptive", "gradient": "sampled", "nlist": 6},
+                            "exact index"),
+                           ({"index": "ivf_blocks", "estimator": "gumbel"}, "per-query"),
+                           ({"index": "ivf_blocks", "estimator": "adaptive"}, "per-query")):
+        with pytest.raises(ValueError, match=match):
+            _knn(options)(q.clone().requires_grad_(), k, v)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -117,16 +152,25 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("case", DEVICE_PATHS, ids=_path_id)
 def test_cuda_device_paths_never_synchronise_nor_leave_the_device(case, dtype, monkeypatch):
     options, causal = case
-    q, k, v = _qkv("cuda", dtype)
-    attn = common.get_attention("knn", seed=0, check_finite=False, num_samples=8, **options)
-    attn(q, k, v, causal=causal)  # warm-up: lazy CUDA initialisation may synchronise once
+    inputs = tuple(t.requires_grad_() for t in _qkv("cuda", dtype))
+    attn = common.get_attention("knn", seed=0, check_finite=False, num_samples=8, **options)  # default: static
+    attn(*inputs, causal=causal).sum().backward()  # warm-up: lazy CUDA initialisation may synchronise once
     torch.cuda.synchronize()
+
+    def forward_backward():
+        with torch.no_grad():
+            fast = attn(*inputs, causal=causal)  # the no-autograd path (ivf_blocks: the fused kernels' lse)
+        out = attn(*inputs, causal=causal)
+        out.backward(torch.ones_like(out))
+        return fast, out
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, found = run_watched(lambda: attn(q, k, v, causal=causal), q.device, monkeypatch)
+        (fast, out), found = run_watched(forward_backward, inputs[0].device, monkeypatch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert found == [] and out.device == q.device and out.dtype == dtype and torch.isfinite(out).all()
+    assert found == [] and out.device == inputs[0].device and out.dtype == dtype and torch.isfinite(out).all()
+    assert fast.dtype == dtype and torch.isfinite(fast).all()
+    assert all(t.grad.device == t.device and torch.isfinite(t.grad).all() for t in inputs)
 
 
 @needs_cuda

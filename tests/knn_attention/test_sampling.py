@@ -6,8 +6,8 @@ import torch
 
 from common.attention import allowed_key_counts, attention_weights
 from knn_attention.index import IndexOptions, causal_local_keys, causal_top_k_indices, top_k_indices
-from knn_attention.softmax_expectation import (expectation_estimate, lazy_gumbel_sample, retrieved_set,
-                                               sample_tail_uniform)
+from knn_attention.softmax_expectation import (candidate_capacity, expectation_estimate, lazy_gumbel_sample,
+                                               retrieved_set, sample_tail_uniform)
 
 
 def _setup(n, d=8, top_k=None, sharp=1.0, causal=False, seed=0):
@@ -24,9 +24,16 @@ def _setup(n, d=8, top_k=None, sharp=1.0, causal=False, seed=0):
     return q, k, top
 
 
-def test_samples_follow_softmax_total_variation():
+def _ratio(static, n, top_k):
+    """The static layout's bound of |T_i| / h_i for an exact index with top_k hits (None: the host layout)."""
+    return (n - top_k) / top_k if static else None
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["host", "static"])
+def test_samples_follow_softmax_total_variation(static):
     q, k, top = _setup(40, sharp=1.5)
-    samples, _ = lazy_gumbel_sample(q, k, top, 40000, 8 ** -0.5, torch.Generator().manual_seed(1))
+    samples, _ = lazy_gumbel_sample(q, k, top, 40000, 8 ** -0.5, torch.Generator().manual_seed(1),
+                                    static_ratio=_ratio(static, 40, 7))
     probs = attention_weights(q, k)[0, 0]
     for i in range(4):
         freq = torch.bincount(samples[0, 0, i], minlength=40).double() / 40000
@@ -35,9 +42,11 @@ def test_samples_follow_softmax_total_variation():
         assert tv < 0.03, (i, tv)
 
 
-def test_causal_samples_follow_prefix_softmax():
+@pytest.mark.parametrize("static", [False, True], ids=["host", "static"])
+def test_causal_samples_follow_prefix_softmax(static):
     q, k, top = _setup(12, top_k=3, causal=True, sharp=2.0)
-    samples, _ = lazy_gumbel_sample(q, k, top, 30000, 8 ** -0.5, torch.Generator().manual_seed(2))
+    samples, _ = lazy_gumbel_sample(q, k, top, 30000, 8 ** -0.5, torch.Generator().manual_seed(2),
+                                    static_ratio=_ratio(static, 12, 3))
     probs = attention_weights(q, k, causal=True)[0, 0]
     for i in range(4):
         assert samples[0, 0, i].max().item() <= i + 8
@@ -45,15 +54,32 @@ def test_causal_samples_follow_prefix_softmax():
         assert 0.5 * (freq - probs[i]).abs().sum().item() < 0.03
 
 
-def test_score_evaluations_grow_like_sqrt_n():
+@pytest.mark.parametrize("static", [False, True], ids=["host", "static"])
+def test_score_evaluations_grow_like_sqrt_n(static):
     evals = {}
     for n in (256, 1024, 4096, 16384):
         q, k, top = _setup(n, d=16, seed=n)
-        _, ev = lazy_gumbel_sample(q, k, top, 64, 0.25, torch.Generator().manual_seed(0))
+        _, ev = lazy_gumbel_sample(q, k, top, 64, 0.25, torch.Generator().manual_seed(0),
+                                   static_ratio=_ratio(static, n, math.ceil(math.sqrt(n))))
         evals[n] = ev.double().mean().item() / 64 + top.top_size.double().mean().item() * (1 - 1 / 64)
     slope = math.log(evals[16384] / evals[256]) / math.log(64)
     assert 0.3 < slope < 0.7, (evals, slope)  # sqrt(n): slope 0.5; dense sampling: slope 1
     assert evals[16384] < 0.05 * 16384
+
+
+def test_static_capacity_bounds_the_candidate_count():
+    """candidate_capacity(S, r, failure) bounds N ~ Poisson(r Gamma(S)), the count the static layout must hold
+    (softmax_expectation.candidate_capacity): simulated overflow rate <= failure at a loose failure = 0.01, and
+    W close to the mean S r when S is large (the static layout's cost over the host layout's)."""
+    g = torch.Generator().manual_seed(0)
+    for segments, ratio in ((1, 10.0), (16, 3.0), (400, 5.0)):
+        w = candidate_capacity(segments, ratio, failure=0.01)
+        hazard = ratio * torch._standard_gamma(torch.full((20000,), float(segments), dtype=torch.float64),
+                                               generator=g)
+        over = (torch.poisson(hazard, generator=g) > w).double().mean().item()
+        assert over <= 0.01, (segments, ratio, w, over)
+    assert candidate_capacity(10 ** 6, 10.0) < 1.02 * 10 ** 7
+    assert candidate_capacity(1, 10.0) > candidate_capacity(1, 10.0, failure=0.01)
 
 
 def test_tail_samples_uniform_outside_top_set():
