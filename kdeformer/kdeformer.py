@@ -297,7 +297,9 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
         with record_function("kdeformer.residual_sample"):
             per = math.ceil(2 * sample_size / n_strata)  # a query reads sample_size of them on average
             probs = residual_probabilities(v[:, :, : n_strata * C].reshape(b, h * n_strata, C, dv), generator)
-            local = torch.multinomial(probs.view(b * h * n_strata, C), per, replacement=True, generator=generator)
+            # at least 2 draws: torch.multinomial checks its input on the host (a sync on CUDA) for a single draw
+            local = torch.multinomial(probs.view(b * h * n_strata, C), max(per, 2), replacement=True,
+                                      generator=generator)[:, :per]
             log_weight = -torch.log(torch.gather(probs.view(b * h * n_strata, C), -1, local) * per).view(
                 b, h, n_strata * per)  # log 1 / (p_j m_c')
             stratum = torch.arange(n_strata, device=dev).repeat_interleave(per)  # (M,), in increasing order
