@@ -19,8 +19,10 @@ keeps every shape static and spends the work in one fused attention kernel
    (``causal_layout``):
 
    * ``'segments'`` (the default): positions are cut into segments of L = ``causal_block`` tokens (default
-     :func:`default_segment`, about Nk / 16). Queries are blocked within their segment (ordered by coarse cell,
-     cell, position, so that a block holds similar queries), and only the keys *before* the query block's segment
+     :func:`default_segment`, about Nk / 16). Queries are blocked within their segment by coarse cell (L / (4
+     block) k-means groups of the centroids, each group of a segment padded to whole blocks, then ordered by cell
+     and position: a block holds one kind of query; the static padding bound adds at most a quarter of the query
+     blocks), and only the keys *before* the query block's segment
      are routed: S_b is the keys of its chosen blocks before the segment, the draws of step 4 come from the keys
      before the segment outside S_b. The keys of the query's own segment up to its position join S_i exactly
      (as the own block of the per-query causal indexes, ``index.causal_top_k_indices``). Every routed key is
@@ -66,7 +68,7 @@ Causal: no future key or value is ever read (weight exactly 0), but the cells an
 so which past keys a query reads depends on future keys (as with Reformer's buckets; ``ivf`` / ``ivf_torch`` refuse
 causal for that reason, this index accepts it and says so). Cost of the ``'segments'`` layout over the non-causal
 call: the own segments, Nq L / 2 exact scores per head (about 1/16 of exact causal attention at the default L), and
-the query blocks padded per segment (at most Nk / L blocks more).
+the query blocks padded per segment and coarse cell (at most a quarter more).
 """
 from __future__ import annotations
 
@@ -106,9 +108,9 @@ class BlockOptions:
 
 def default_segment(n_keys: int, block: int) -> int:
     """The causal segment L of the ``'segments'`` layout for Nk keys: the power of two nearest Nk / 16 (the exact
-    local part then costs about 1/16 of exact causal attention), at least 32 blocks (a segment must hold enough
-    queries of each cell to fill query blocks with one kind of query: shorter segments route worse)."""
-    return max(32 * block, 1 << max(0, round(math.log2(max(1, n_keys / 16)))))
+    local part then costs about 1/16 of exact causal attention), at least 64 blocks (a segment holds L / (4 block)
+    >= 16 query groups of whole blocks: shorter segments mix kinds of queries in a block and route worse)."""
+    return max(64 * block, 1 << max(0, round(math.log2(max(1, n_keys / 16)))))
 
 
 def block_options(n_keys: int, nlist: int | None = None, nprobe: int | None = None, block: int | None = None,
@@ -159,14 +161,15 @@ class Routing:
     segment: int = 0
 
 
-def _segment_query_blocks(query_cell: torch.Tensor, segment_of: torch.Tensor, n_segments: int, block: int):
-    """Query blocks of the ``'segments'`` layout: queries (G, Nq) ordered by (segment, cell, position) and cut into
-    blocks that never straddle two segments (each segment padded to whole blocks; a block may hold several cells).
-    Returns (slots (G, S) query ids with -1 pads, segment of each block (G, S / block), slot of each query)."""
+def _segment_query_blocks(query_cell: torch.Tensor, group: torch.Tensor, n_groups: int, block: int):
+    """Query blocks of the ``'segments'`` layout: queries (G, Nq) ordered by (group, cell, position) and cut into
+    blocks that never straddle two groups (each group, a coarse cell within a segment, padded to whole blocks; a
+    block may hold several cells of its group). Returns (slots (G, S) query ids with -1 pads, group of each block
+    (G, S / block), slot of each query)."""
     by_cell = torch.argsort(query_cell, dim=-1, stable=True)
-    slots, block_segment, dest = _group_into_chunks(segment_of.gather(1, by_cell), n_segments, block)
+    slots, block_group, dest = _group_into_chunks(group.gather(1, by_cell), n_groups, block)
     slots = torch.where(slots >= 0, by_cell.gather(1, slots.clamp_min(0)), -1)
-    return slots, block_segment, torch.empty_like(dest).scatter_(1, by_cell, dest)
+    return slots, block_group, torch.empty_like(dest).scatter_(1, by_cell, dest)
 
 
 @torch.no_grad()
@@ -192,13 +195,14 @@ def route(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, opts: Bl
     query_positions = causal_query_positions(nq, nk, dev)
     if segmented:  # query blocks within one segment each, ordered by cell inside it
         n_segments = -(-nk // opts.segment)
-        # cells in the order of coarser cells (k-means of the centroids), so that a block mixing cells mixes near ones
-        n_coarse = max(1, min(nlist, opts.segment // (2 * opts.block)))
+        # query groups: coarse cells (k-means of the centroids) within a segment, each padded to whole blocks
+        n_coarse = max(1, min(nlist, opts.segment // (4 * opts.block)))
         coarse = _nearest_centroid(centroids, kmeans(centroids, n_coarse, opts.iterations, opts.points_per_centroid,
                                                      index_generator or generator))
-        order = coarse.gather(1, query_cell) * nlist + query_cell
-        query_slots, block_segment, query_slot = _segment_query_blocks(
-            order, (query_positions // opts.segment).expand(g, nq), n_segments, opts.block)
+        group = (query_positions // opts.segment).expand(g, nq) * n_coarse + coarse.gather(1, query_cell)
+        query_slots, block_group, query_slot = _segment_query_blocks(query_cell, group, n_segments * n_coarse,
+                                                                     opts.block)
+        block_segment = block_group // n_coarse
     else:
         query_slots, _, query_slot = _group_into_chunks(query_cell, nlist, opts.block)
     key_blocks, query_ids = key_slots.view(g, -1, opts.block), query_slots.view(g, -1, opts.block)

@@ -42,7 +42,7 @@ from common.cli import script_parser
 from common.data import InputSpec, make_input, synthetic_qkv
 from common.gpu_benchmark import device_name, exact_rows, failure_message, failure_status, sample_rows
 
-from .block_routing import block_options, route, routed_attention
+from .block_routing import block_options, default_segment, route, routed_attention
 from .forward_pass import KNNAttention, ivf_blocks_budgets
 
 FIELDS = ["table", "n", "causal", "input", "dtype", "device", "config", "options", "status", "message", "fwd_ms",
@@ -54,13 +54,15 @@ def configs(n: int, causal: bool = False) -> list[tuple[str, dict]]:
     """(label, knn options): the budget ``common.gpu_benchmark`` runs (``mid``: the middle of
     ``KNNAttention.budgets(n)``, which are :func:`ivf_blocks_budgets` from ``LONG_N`` keys on; at smaller n, as
     with --quick, the ivf_blocks budgets all the same), the same with estimator (a), the smallest budget; causal,
-    these run the default ``'segments'`` layout, and ``mid-mask`` / ``low-mask`` the earlier ``'mask'`` layout
-    (``block_routing.py``), the old path timed beside the new."""
+    these run the default ``'segments'`` layout, ``mid-L2`` the same with segments twice the default length, and
+    ``mid-mask`` / ``low-mask`` the earlier ``'mask'`` layout (``block_routing.py``), the old path beside the new."""
     budgets = ivf_blocks_budgets(n)
     mid = budgets[len(budgets) // 2]
     rows = [("mid", mid), ("mid-topk", {**mid, "estimator": "topk", "num_samples": None}), ("low", budgets[0])]
     if causal:
-        rows += [("mid-mask", {**mid, "causal_layout": "mask"}), ("low-mask", {**budgets[0], "causal_layout": "mask"})]
+        longer = 2 * default_segment(n, block_options(n).block)
+        rows += [("mid-L2", {**mid, "causal_block": longer}), ("mid-mask", {**mid, "causal_layout": "mask"}),
+                 ("low-mask", {**budgets[0], "causal_layout": "mask"})]
     return rows
 
 

@@ -48,7 +48,7 @@ def test_gpu_check_runs_on_the_cpu_at_tiny_n(tmp_path):
                            "--no-pytest", "--no-profile", "--out", str(tmp_path)])
     timed = [r for r in rows if r["table"] == "timing" and r["config"] != "exact"]
     assert {r["config"] for r in timed if not r["causal"]} == {"mid", "mid-topk", "low"}
-    assert {r["config"] for r in timed if r["causal"]} == {"mid", "mid-topk", "low", "mid-mask", "low-mask"}
+    assert {r["config"] for r in timed if r["causal"]} == {"mid", "mid-topk", "low", "mid-L2", "mid-mask", "low-mask"}
     assert all(r["status"] == "ok" and r["fwd_ms"] > 0 and r["rel_fro"] >= 0 for r in timed)
     errors = [r for r in rows if r["table"] == "error"]
     assert {r["input"] for r in errors} == {"clustered", "clustered_concentrated", "gaussian"}
