@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from common.attention import AttentionMethod, causal_query_positions
@@ -26,7 +27,8 @@ from common.registry import register
 from common.validation import check_choice, check_int
 
 from .mass_estimators import METHODS, MassEstimator
-from .tree import EXPANSION_RULES, HeapSummaries, PrefixSummaries, Summaries, combine, descend
+from .tree import (EXPANSION_RULES, HeapSummaries, PrefixSummaries, Summaries, combine, descend, raise_descent_flags,
+                   round_bound)
 
 BUD_VALUES = ("count", "report")
 BLOCK_BYTES = 2 ** 34  # the buds' summaries of one block of queries (``TreeAttention``, option query_block)
@@ -45,8 +47,11 @@ def _check_tree_options(method: str, P: int, L: int | None, e: float | None = No
         raise ValueError(f"tree: number_of_terms_exponent must be in (0, 1], got {e}")
 
 
-def number_of_terms(l: torch.Tensor, e: float) -> torch.Tensor:
-    """T = ceil(l^e) buds for a query with l visible keys (a tiny slack keeps l^1 = l exact in floating point)."""
+def number_of_terms(l, e: float):
+    """T = ceil(l^e) buds for a query with l visible keys (a tiny slack keeps l^1 = l exact in floating point), of a
+    tensor l on its device or of a numpy array (the host's copy of the positions, :class:`TreeAttention`)."""
+    if isinstance(l, np.ndarray):
+        return np.maximum(np.ceil(l.astype(np.float64) ** e - 1e-9), 1).astype(np.int64)
     return torch.ceil(l.double() ** e - 1e-9).long().clamp_min(1)
 
 
@@ -91,9 +96,18 @@ class TreeAttention(AttentionMethod):
     e in (0, 1], parallelism P (power of two), R (random features), base (time-decay), bud_value ('count' or
     'report'), expansions ('needed': T buds exactly, or 'P': the report's P expansions per round, ``tree.py``),
     query_block (queries per descent: bounds the memory, O(B H query_block (T + P) D); default None: as many as
-    keep a block's buds' sums near :data:`BLOCK_BYTES`, so that memory grows like Nq (D + Dv) whatever T), seed.
-    Non-causal calls treat every query as sitting after all keys. Runs on the inputs' device (the descent included;
-    no host copy).
+    keep a block's buds' sums near :data:`BLOCK_BYTES`, so that memory grows like Nq (D + Dv) whatever T),
+    early_exit (``tree.descend``: None, the default, stops a descent once no query needs a round on CPU tensors
+    and runs the bound's rounds elsewhere; True: stop early on every device, one host read per round, a sync on
+    CUDA; False: never), seed. Non-causal calls treat every query as sitting after all keys.
+
+    Runs on the inputs' device, the descent included, and reads nothing back to the host on a GPU unless asked:
+    the bud capacity and the rounds of each block (``tree.round_bound``) come from the query positions, which the
+    host knows; the descent's failure flags (a nan or inf mass, a descent that did not end) stay on the device and
+    are read once per call, after the last block, only under ``check_finite=True`` (the base class reads the
+    inputs and output then anyway). With ``check_finite=False`` and the default ``early_exit`` a CUDA call never
+    synchronises (tests/tree_attention/test_no_host_sync.py); a nan mass is then not raised: those buds are drawn
+    like buds of mass 0, and the output stays finite.
 
     Precision: float16 / bfloat16 inputs are computed in float32 (features, masses, sums, the softmax over buds,
     max-subtracted by ``torch.softmax``) and the output is cast back to the input dtype; float32 and float64 stay
@@ -106,7 +120,8 @@ class TreeAttention(AttentionMethod):
 
     def __init__(self, method: str = "alignment", number_of_terms_exponent: float = 0.5, parallelism: int = 4,
                  R: int = 64, base: float = 0.9, bud_value: str = "count", expansions: str = "needed",
-                 query_block: int | None = None, seed: int | None = None, check_finite: bool = True):
+                 query_block: int | None = None, early_exit: bool | None = None, seed: int | None = None,
+                 check_finite: bool = True):
         super().__init__(seed=seed, check_finite=check_finite)
         _check_tree_options(method, parallelism, None, number_of_terms_exponent)
         self.method, self.number_of_terms_exponent, self.parallelism = method, number_of_terms_exponent, parallelism
@@ -114,6 +129,9 @@ class TreeAttention(AttentionMethod):
         self.bud_value = check_choice(bud_value, "bud_value", "tree", BUD_VALUES)
         self.expansions = check_choice(expansions, "expansions", "tree", EXPANSION_RULES)
         self.query_block = None if query_block is None else check_int(query_block, "query_block", "tree", minimum=1)
+        if early_exit is not None and not isinstance(early_exit, bool):
+            raise ValueError(f"tree: early_exit must be None, True or False, got {early_exit!r}")
+        self.early_exit = early_exit
         self.last_inner_products = None
         MassEstimator(method, 1, 1.0, R, base)  # validates R / base now, not at the first call
 
@@ -141,36 +159,45 @@ class TreeAttention(AttentionMethod):
             return (result[0].to(q.dtype), result[1]) if return_lse else result.to(q.dtype)
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
         positions = causal_query_positions(nq, nk, q.device) if causal else torch.full((nq,), nk - 1, device=q.device)
+        # the same positions on the host (numpy: no torch op), for the sizes and round counts: no device read
+        host_positions = np.arange(nq) + (nk - nq) if causal else np.full(nq, nk - 1)
+        host_terms = number_of_terms(host_positions + 1, self.number_of_terms_exponent)
         n_terms = number_of_terms(positions + 1, self.number_of_terms_exponent)
         if self.method == "tree-less":
-            return self._tree_less(q, k, v, positions, n_terms, scale, return_lse)
+            return self._tree_less(q, k, v, positions, n_terms, int(host_terms.max()), scale, return_lse)
         L = 1 << max(0, math.ceil(math.log2(nk)))
         P = min(self.parallelism, L)
         generator = self.generator(q.device)
         estimator = MassEstimator(self.method, d, scale, self.R, self.base, generator)
         summaries_all = PrefixSummaries(k, v, L, positions, estimator)
         outputs, inner_products = [], []
+        flags = torch.zeros(2, dtype=torch.bool, device=q.device)  # a nan / inf mass, a descent that did not end
+        bounds = round_bound(host_positions, host_terms, L, P)
         # the buds' key and value sums (and their differences, quotients) of a block: a few (T + P)(D + Dv) per query
-        rows = self.query_block or max(1, BLOCK_BYTES // (q.shape[0] * q.shape[1] * (int(n_terms.max()) + P) * (
+        rows = self.query_block or max(1, BLOCK_BYTES // (q.shape[0] * q.shape[1] * (int(host_terms.max()) + P) * (
             d + v.shape[-1]) * q.element_size() * 4))
         for i in range(0, nq, rows):  # independent queries: one descent per block
             block = slice(i, i + rows)
             summaries = summaries_all.for_queries(positions[block])
+            rounds = int(bounds[block].max())
             with torch.no_grad():  # the descent is discrete; gradients flow through the buds' summaries below
                 buds, inner = descend(summaries, estimator, q[:, :, block].detach(), positions[block],
-                                      n_terms[block], L, P, generator, expansions=self.expansions)
+                                      n_terms[block], L, P, generator, expansions=self.expansions,
+                                      early_exit=self.early_exit, cap=int(host_terms[block].max()), rounds=rounds,
+                                      flags=flags)
             s = summaries(buds.clamp_min(0))
             outputs.append(combine(q[:, :, block], s, (buds >= 0) & (s.count > 0), scale, self.bud_value,
                                    return_lse))
             inner_products.append(inner)
         self.last_inner_products = torch.cat(inner_products, 1)
+        if self.check_finite:  # one read per call, where the caller allows reads
+            raise_descent_flags(flags, self.method, int(bounds.max()))
         if return_lse:
             return torch.cat([o for o, _ in outputs], 2), torch.cat([lse for _, lse in outputs], 2)
         return torch.cat(outputs, 2)
 
-    def _tree_less(self, q, k, v, positions, n_terms, scale, return_lse=False):
-        """Buds: the T - 1 most recent keys, and one bud with all older keys."""
-        window = int(n_terms.max())
+    def _tree_less(self, q, k, v, positions, n_terms, window, scale, return_lse=False):
+        """Buds: the T - 1 most recent keys, and one bud with all older keys (``window``: max T, from the host)."""
         offsets = torch.arange(window, device=q.device)  # bud j < T - 1: the key at t - j; bud T - 1: [0, t - T + 2)
         recent = positions.view(-1, 1) - offsets
         valid_recent = (offsets < (n_terms - 1).view(-1, 1)) & (recent >= 0)

@@ -22,17 +22,18 @@ Two round rules (``expansions``): 'needed' (ours, the default) expands min(P, T 
 exactly T buds (or all its l leaves); 'P' (the report's code) expands P buds per round while there are fewer than
 T, so it ends with T to T + P - 1 buds.
 
-Rounds are bounded (:func:`max_rounds`): a round that expands min(need, P) buds adds that many minus those whose
-right child is empty, and those (nodes holding position t) are at most one per level, log2 L in all; a round with
-fewer eligible buds than it needs expands all of them, so the shallowest eligible bud goes down one level, at most
-log2 L times. So at most ceil((T + log2 L) / P) + 2 log2 L + 2 rounds, whatever the estimates; the loop runs over
-rounds (levels), batched over the batch and the queries with tensor ops on the inputs' device, with no host
-round-trip inside it except the early exit: one boolean read per round (is any query still descending?), on by
-default on every device since issue 13: a descent ends after about T / P + a few rounds, 3-4x fewer than the bound
-(7 of 31 at T = 64, P = 16; 14 of 43 at T = 223), and each round at long n is milliseconds of device work, against
-microseconds for the read. ``early_exit=False`` runs the bound's rounds with no host read at all. Round r works on
-the first min(T + P, P (r + 1)) bud columns only (a round adds at most P buds), about half the (query, bud) pairs
-of working on all T + P columns every round.
+Rounds are bounded per query (:func:`round_bound`, with its proof): at most floor((T - s0) / P) + E + d + 1, d the
+levels below the starting level, s0 the starting buds, E <= d - 1 the nodes on the path to t whose right child is
+empty (a round that expands min(need, P) buds adds that many minus those; a round with fewer eligible buds than it
+needs expands all of them, so the shallowest eligible bud goes down one level, at most d times), whatever the
+estimates. At T = 363, P = 16, L = 2^17 that is 46 rounds for the last block of queries (the earlier, looser bound
+ceil((T + log2 L) / P) + 2 log2 L + 2 gave 60); a descent ends after about T / P + a few. The loop runs over
+rounds (levels), batched over the batch and the queries with tensor ops on the inputs' device. Host reads:
+``early_exit`` stops the loop once no query needs another round, one boolean read per round (3-4x fewer rounds;
+on by default for CPU tensors only, where the read is no synchronisation); without it the bound's rounds run and
+nothing is read (the default on a GPU). The rounds after a query is done change none of its buds, so both give
+the same buds. Round r works on the first min(T + P, P (r + 1)) bud columns only (a round adds at most P buds),
+about half the (query, bud) pairs of working on all T + P columns every round.
 
 Inner products. The report keeps each bud's alignment q . sum_k: a starting bud costs one inner product, and an
 expansion costs one (the right child's; the left child's alignment is the parent's minus the right child's; an
@@ -47,6 +48,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.attention import gather_rows
@@ -193,17 +195,56 @@ def starting_buds(positions: torch.Tensor, L: int, P: int) -> torch.Tensor:
 EXPANSION_RULES = ("needed", "P")
 
 
-def max_rounds(max_terms: int, L: int, P: int) -> int:
-    """A bound on the rounds of a descent to at most ``max_terms`` buds over L leaves (module docstring):
-    ceil((T + log2 L) / P) rounds that expand min(need, P) buds, log2 L + 1 more that end on an empty right child,
-    log2 L with fewer eligible buds than needed."""
-    depth = int(math.log2(L))
-    return -(-(max_terms + depth) // P) + 2 * depth + 2
+def round_bound(positions, n_terms, L: int, P: int) -> np.ndarray:
+    """Per query, a bound on the rounds in which its descent expands buds, under either round rule (module
+    docstring): floor((T - s0) / P) + E + d + 1 where T > s0, else 0. positions, n_terms: host arrays (numpy or
+    CPU tensors) of the query positions t and their T; returns an int64 numpy array: host arithmetic, no torch op,
+    so :class:`TreeAttention` sizes its descents from the positions (which the host knows) without a device read.
+
+    d: the levels between the starting level and the leaves (its nodes hold 2^d positions); s0 = floor(t / 2^d) + 1
+    starting buds; E: the nodes on the path to leaf t below the start whose right child is empty (t in their left
+    half) and that hold more than one visible key, i.e. the zero bits of t among its d lowest above its lowest set
+    bit. Proof: a round with at least m = min(need, P) eligible buds expands m of them and gains m minus its
+    empty-right expansions; a round with fewer expands every eligible bud, so the shallowest eligible bud
+    (at depth <= d - 1: it holds two keys) goes down a level: at most d such rounds. Rounds that expand P buds gain
+    T - s0 at most in all, so there are at most floor((T - s0 + E1) / P) of them; a round of the 'needed' rule
+    that expands need < P buds ends the descent unless one of its expansions had an empty right child (E2 of them);
+    E1 + E2 <= E. So at most floor((T - s0) / P) + E + 1 + d rounds; the 'P' rule's are fewer (its rounds before
+    the last gain at most T - 1 - s0)."""
+    t = np.asarray(positions, dtype=np.int64).reshape(-1)
+    log2 = lambda x: np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 x), exact: as floor_log2
+    cover = log2(np.maximum(t, 1)) + (t > 0)  # ceil(log2 l), l = t + 1
+    d = cover - log2(np.minimum(P, np.left_shift(1, cover)))  # levels below the start level
+    s0 = np.right_shift(t, d) + 1
+    k = np.arange(1, max(int(math.log2(L)), 1) + 1).reshape(1, -1)  # node sizes 2^k below the start
+    node_t = t.reshape(-1, 1)
+    empty_right = ((np.right_shift(node_t, k - 1) & 1) == 0) & ((node_t & (np.left_shift(1, k) - 1)) >= 1) & (
+        k <= d.reshape(-1, 1))
+    expand = np.maximum(np.asarray(n_terms, dtype=np.int64).reshape(-1) - s0, 0)
+    return np.where(expand > 0, expand // P + empty_right.sum(-1) + d + 1, 0)
+
+
+def resolve_early_exit(early_exit: bool | None, device) -> bool:
+    """``early_exit=None`` (auto): on for CPU tensors (reading a flag from host memory costs no synchronisation),
+    off on any other device (no host read: the descent runs its :func:`round_bound` rounds)."""
+    return torch.device(device).type == "cpu" if early_exit is None else bool(early_exit)
+
+
+def raise_descent_flags(flags: torch.Tensor, method: str, rounds: int) -> None:
+    """Raise for a descent's device flags (2,) bool: [a nan or +inf mass estimate, a query not done after the
+    bound's rounds]. Reads them on the host (one read): call it only where a read is allowed."""
+    invalid, unfinished = (bool(x) for x in flags.cpu())
+    if invalid:
+        raise NonFiniteError(f"tree: the {method!r} attention-mass estimate is nan or inf (overflow of "
+                             f"its features at these scores); use method='alignment' or rescale q and k")
+    if unfinished:
+        raise RuntimeError(f"tree: the descent did not end within its bound of {rounds} rounds (a bug: please report)")
 
 
 def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_terms: torch.Tensor, L: int, P: int,
             generator: torch.Generator, verbose: bool = False, expansions: str = "needed",
-            early_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            early_exit: bool | None = None, cap: int | None = None, rounds: int | None = None,
+            flags: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Buds (B, n, cap) (node ids, -1 = none) of each query after the descent, and the inner products (node
     evaluations q . sum) that it spent, (B, n) (module docstring).
 
@@ -212,16 +253,26 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
     (``estimator.score_source``: q . sum_k or phi(q) . sum phi(k)); an expansion evaluates the right child and
     gets the left one by subtraction. ``expansions``: 'needed' expands min(P, T - buds) buds per round (T buds
     exactly), 'P' expands P per round while there are fewer than T buds (the report's code: T to T + P - 1 buds).
-    The loop runs at most :func:`max_rounds` rounds; ``early_exit`` (default: on) stops as soon as no query needs
-    another round, which asks the device whether any does (a host read of one boolean per round; off: the bound's
-    rounds, no host read).
-    A NaN or +inf mass estimate raises ``common.validation.NonFiniteError`` naming the method.
+
+    Host reads. ``cap`` (the bud columns beyond P: max T) and ``rounds`` (:func:`round_bound`'s maximum) are host
+    integers: pass them (``TreeAttention`` computes them from the positions on the host) or they are read from
+    ``n_terms`` / ``positions`` (a host read each). The loop runs ``rounds`` rounds; ``early_exit`` stops as soon as
+    no query needs another round, which asks the device whether any does: a host read of one boolean per round,
+    3-4x fewer rounds (None: on for CPU tensors, off elsewhere, :func:`resolve_early_exit`). The rounds it skips
+    change no bud; they only draw random numbers, so on and off give the same buds, and the generator ends further
+    on without it. A NaN or +inf mass estimate, or a query not done after ``rounds`` rounds (a bug), sets a device
+    flag: with ``flags`` ((2,) bool on the device) they are or-ed into it and nothing is read (the caller raises
+    later, :func:`raise_descent_flags`); without, they raise here (``common.validation.NonFiniteError`` naming the
+    method; RuntimeError), one host read.
     """
     if expansions not in EXPANSION_RULES:
         raise ValueError(f"tree: expansions must be one of {EXPANSION_RULES}, got {expansions!r}")
     b, h, n, _ = q.shape
     device = q.device
-    cap = int(n_terms.max()) + P
+    early_exit = resolve_early_exit(early_exit, device)
+    cap = (int(n_terms.max()) if cap is None else cap) + P
+    if rounds is None:
+        rounds = int(round_bound(positions.cpu(), n_terms.cpu(), L, P).max())
     source = estimator.score_source
     query, log_offset = None, 0.0
     if source == "k":
@@ -241,14 +292,13 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         scores[..., :P] = evaluate(buds[:, :, :P])
     used = torch.full((b, n), P, dtype=torch.long, device=device)
     inner_products = (buds[:, :, :P] >= 0).sum(-1)
-    target = n_terms.view(1, n).expand(b, n)
+    target = n_terms.view(1, n).expand(b, n).clamp_max(cap - P)  # (a host cap below a device T: never exceeded)
     invalid = torch.zeros((), dtype=torch.bool, device=device)
     heads_index = lambda idx: idx.unsqueeze(1).expand(-1, h, -1, -1)
     column = torch.arange(P, device=device)
     if verbose:
         print(f"query at position {int(positions[0])} (l = {int(positions[0]) + 1} keys), T = {int(n_terms[0])}; "
               f"starting buds: {buds[0, 0, :P][buds[0, 0, :P] >= 0].tolist()}")
-    rounds = max_rounds(cap - P, L, P)
     for round_ in range(rounds + 1):
         width = min(cap, P * (round_ + 1))  # a round adds at most P buds: the later columns are still empty
         nodes = buds[:, :, :width].clone()
@@ -296,11 +346,11 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         if verbose:
             _print_round(nodes[0, 0], summaries, log_pm[0, 0], parent[0, 0][chosen[0, 0]],
                          right[0, 0][chosen[0, 0]], buds[0, 0, :cap], q)
-    if invalid:
-        raise NonFiniteError(f"tree: the {estimator.method!r} attention-mass estimate is nan or inf (overflow of "
-                             f"its features at these scores); use method='alignment' or rescale q and k")
-    if active.any():
-        raise RuntimeError(f"tree: the descent did not end within its bound of {rounds} rounds (a bug: please report)")
+    found = torch.stack([invalid, active.any()])
+    if flags is None:
+        raise_descent_flags(found, estimator.method, rounds)
+    else:
+        flags |= found
     return buds[:, :, :cap], inner_products
 
 
@@ -309,7 +359,8 @@ def _print_round(nodes, summaries, log_pm, expanded_nodes, right_children, new_b
     live = nodes >= 0
     sum_k = summaries.sums(nodes.clamp_min(0).view(1, 1, -1), "k")[0, :, 0]  # (H, c, D)
     align = torch.einsum("hd,hcd->hc", q[0, :, 0], sum_k)  # q . sum of the bud's keys
-    pm = torch.exp(log_pm - log_pm.max()) if torch.isfinite(log_pm).any() else torch.zeros_like(log_pm)
+    finite = torch.isfinite(log_pm)  # every pm 0 (all -inf): zeros, without asking the device which case it is
+    pm = torch.where(finite, torch.exp(log_pm - torch.where(finite, log_pm, float("-inf")).max()), 0.0)
     pm = pm / pm.sum().clamp_min(1e-300)
     print("start sampling")
     print(f"  buds: {nodes[live].tolist()}")

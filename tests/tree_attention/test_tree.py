@@ -10,7 +10,7 @@ from common.data import synthetic_qkv
 from tree_attention.mass_estimators import METHODS, MassEstimator
 from common.validation import NonFiniteError
 from tree_attention.np_attention import TreeAttention, attention_kernel, number_of_terms, report_example
-from tree_attention.tree import HeapSummaries, PrefixSummaries, descend, max_rounds, node_span, starting_buds
+from tree_attention.tree import HeapSummaries, PrefixSummaries, descend, node_span, starting_buds
 
 TREE_METHODS = [m for m in METHODS if m != "tree-less"]
 CONTRACT_ESTIMATORS = ("alignment", "RandomFourierFeatures", "FAVOR+")  # tree's estimators in tests/contract
@@ -383,7 +383,7 @@ def test_round_rules_needed_hits_T_report_overshoots_by_less_than_P(method, P):
 @pytest.mark.parametrize("rule", ["needed", "P"])
 @pytest.mark.parametrize("method", TREE_METHODS)
 def test_fixed_rounds_equal_early_exit(method, rule):
-    """Without the early exit the descent runs its max_rounds bound: the extra rounds change nothing (and the
+    """Without the early exit the descent runs its round_bound rounds: the extra rounds change nothing (and the
     bound holds, or descend raises)."""
     x = synthetic_qkv("clustered", 1, 2, 32, 32, 8, dtype=torch.float64)
     est = MassEstimator(method, 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
@@ -393,28 +393,6 @@ def test_fixed_rounds_equal_early_exit(method, rule):
     runs = [descend(summaries, est, x.q, positions, T, 32, 4, torch.Generator().manual_seed(1), expansions=rule,
                     early_exit=flag) for flag in (True, False)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
-def test_descent_loop_has_no_host_round_trip(monkeypatch):
-    """Host reads (item, bool, int, tolist, cpu, numpy) are counted while the descent runs its fixed rounds (as
-    it does on a GPU): the count does not grow with the number of rounds."""
-    x = synthetic_qkv("clustered", 1, 2, 64, 64, 8, dtype=torch.float64)
-    est = MassEstimator("FAVOR+", 8, 8 ** -0.5, R=16, generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(64)
-    summaries = PrefixSummaries(x.k, x.v, 64, positions, est)
-    calls = []
-    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **kw: (calls.append(_n), _o(self, *a, **kw))[1])
-    counts = []
-    for e in (0.3, 0.9):  # few rounds, many rounds
-        calls.clear()
-        descend(summaries, est, x.q, positions, number_of_terms(positions + 1, e), 64, 2,
-                torch.Generator().manual_seed(1), early_exit=False)
-        counts.append(len(calls))
-    monkeypatch.undo()
-    assert max_rounds(int(number_of_terms(torch.tensor([64]), 0.9)), 64, 2) > max_rounds(4, 64, 2) + 10
-    assert counts[0] == counts[1] <= 3, calls
 
 
 def test_query_blocks_change_only_the_random_stream():
