@@ -49,6 +49,9 @@ keeps every shape static and spends the work in one fused attention kernel
    of 16) in one batched attention call per chunk, the weights entering as two extra head dimensions (0 for S_b,
    log w_s for a draw, a huge negative number for a dropped draw, a key not allowed or padding), so that the
    flash kernel runs without a mask; only the ``'mask'`` layout (and float16, non-causal) pass an additive mask.
+   Non-causal without autograd, when triton imports and the head sizes suit it (CUDA; 16, 32, 64 or 128), the
+   query blocks instead read their keys through ``common.indexed_attention``'s Triton kernel: no gathered copy of
+   the keys and values (the gathers were most of the time on an H100), the log weights added in float32.
    The softmax over that row is exactly N_i / D_i of estimator (b) (or (a) without draws), merged with the own
    segment's exact sums in the ``'segments'`` layout; outputs are put back in query order.
 
@@ -80,6 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from common.attention import attention_with_lse, causal_query_positions
+from common.indexed_attention import triton_indexed_attention, triton_supports
 from common.partial_sums import PartialSums
 from common.validation import check_int
 
@@ -416,6 +420,20 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: 
     return out, lse.reshape(b, h, total)[:, :, lead:lead + nq]
 
 
+def _indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, routing: Routing) -> torch.Tensor:
+    """Step 5 non-causal by ``common.indexed_attention``'s Triton kernel: each query block's keys are read through
+    its index list (no gathered copy), the log weights added in float32; (B, H, Nq, Dv) in q's dtype."""
+    b, h, nq, _ = q.shape
+    g, dv = b * h, v.shape[-1]
+    n_query_blocks, block = routing.query_ids.shape[1:]
+    out = triton_indexed_attention(q, k, v, routing.key_ids.clamp_min(0).view(b, h, n_query_blocks, -1),
+                                   routing.bias.view(b, h, n_query_blocks, -1),
+                                   routing.query_ids.clamp_min(0).view(b, h, n_query_blocks, block), scale=scale,
+                                   block_m=min(128, max(64, block)))
+    return out.reshape(g, n_query_blocks * block, dv).gather(
+        1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                      routing: Routing) -> torch.Tensor:
     """Step 5: each query block attends its routed keys; (B, H, Nq, Dv) in q's dtype, differentiable in q, k, v.
@@ -432,6 +450,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     n_query_blocks, block = routing.query_ids.shape[1:]
     width = routing.key_ids.shape[-1]
     segmented = causal and routing.segment > 0
+    if not causal and not _needs_grad(q, k, v) and triton_supports(q, k, v) is None:
+        return _indexed(q, k, v, scale, routing)
     query_rows = _flat_index(routing.query_ids, nq).reshape(g * n_query_blocks, block)
     bias = routing.bias.reshape(g * n_query_blocks, 1, width)
     n_key_blocks, n_chosen = routing.key_blocks.shape[1], routing.chosen.shape[-1]

@@ -198,3 +198,41 @@ def test_long_n_budgets_route_blocks_and_grow():
     assert [b["index"] for b in budgets] == ["ivf_blocks"] * 3
     assert budgets[0]["nprobe"] < budgets[1]["nprobe"] < budgets[2]["nprobe"]
     assert all("index" not in b for b in KNNAttention.budgets(LONG_N - 1))
+
+
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _triton_importable(), reason="triton is not importable")
+def test_triton_path_equals_the_sdpa_path_under_the_interpreter():
+    """Non-causal without autograd, the routed attention reads keys through common.indexed_attention's Triton kernel
+    (no gathered copy); under the interpreter (CPU tensors) it equals the differentiable SDPA path for one routing,
+    float32 / bfloat16 / float16, Dv != D, padded query blocks."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "common"))
+    from test_indexed_attention import run_under_interpreter
+    errors = run_under_interpreter("""
+        import json, torch
+        from common.data import synthetic_qkv
+        from knn_attention.block_routing import block_options, route, routed_attention
+        errors = {}
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = synthetic_qkv("clustered", 1, 2, 200, head_dim=16, value_dim=32, seed=0)
+            q, k, v = (t.to(dtype) for t in (x.q, x.k, x.v))
+            r = route(q, k, False, 0.25, block_options(200, nlist=4, nprobe=2, block=16, num_samples=20),
+                      torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                fast = routed_attention(q, k, v, False, 0.25, r)
+            ref = routed_attention(q.clone().requires_grad_(), k, v, False, 0.25, r).detach()
+            errors[str(dtype)] = [((fast.float() - ref.float()).norm() / ref.float().norm()).item(), str(fast.dtype)]
+        print(json.dumps(errors))
+    """)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2), ("float16", 2e-3)):
+        error, got = errors[f"torch.{dtype}"]
+        assert got == f"torch.{dtype}" and error < tol, (dtype, error)
