@@ -7,6 +7,7 @@ from common.attention import causal_query_positions
 from common.data import synthetic_qkv
 from knn_attention.device_index import blocked_top_k, build_device_cells, ivf_top_k
 from knn_attention.index import IndexOptions, causal_top_k_indices
+from tests.sync_watch import sync_debug_errors
 
 NEG_INF = float("-inf")
 
@@ -153,17 +154,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_equals_cpu_and_stays_on_the_device(dtype):
     x = synthetic_qkv("clustered", 2, 2, 300, 400, 32, seed=6, dtype=dtype)
     qc, kc = x.q.cuda(), x.k.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any copy to the host (or other synchronisation) raises
-    try:
+    with sync_debug_errors():  # any copy to the host (or other synchronisation) raises
         found = {}
         for causal, block in ((False, None), (True, None), (True, 32)):
             found[causal, block] = (
                 blocked_top_k(qc, kc, 20, causal=causal, causal_block=block, key_block=64),
                 ivf_top_k(qc, kc, 20, nprobe=10 ** 6, causal=causal, causal_block=block),
                 ivf_top_k(qc, kc, 20, nprobe=8, causal=causal, causal_block=block))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for (causal, block), results in found.items():
         for result in results:
             assert all(t.device == qc.device for t in result)

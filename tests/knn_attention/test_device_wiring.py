@@ -9,6 +9,7 @@ import common
 from common.data import synthetic_qkv
 from knn_attention.device_index import blocked_top_k
 from knn_attention.index import IndexOptions, causal_top_k_indices, top_k_indices
+from tests.sync_watch import sync_debug_errors
 
 ESTIMATORS = ("topk", "topk_uniform_tail", "adaptive")
 
@@ -104,12 +105,8 @@ def _gpu_run(index, causal, estimator):
     q, k, v = (t.cuda() for t in (x.q, x.k, x.v))
     attn = make()
     attn(q, k, v, causal=causal)  # warm-up: lazy CUDA initialisation may synchronise once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_debug_errors():
         out = attn(q, k, v, causal=causal)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda" and out.dtype == q.dtype
     return out.cpu(), make()(x.q, x.k, x.v, causal=causal)
 

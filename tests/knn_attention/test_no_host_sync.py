@@ -1,69 +1,19 @@
 """knn's device paths never read a value back to the host nor copy a tensor off its device (issue 13).
 
-On any device, :class:`HostReads` watches every aten op of a forward: an op that must read device memory on the
+On any device, ``tests.sync_watch.HostReads`` (shared with the other packages' tests) watches every aten op: an op that must read device memory on the
 host (``.item()``, ``int(t)``, ``bool(t)``: ``_local_scalar_dense``; ``nonzero``, ``unique``, ``masked_select``,
 ``bincount``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``: data-dependent shapes), a copy
 to another device, or a result of one or more dimensions on another device is recorded, and ``.tolist()`` /
 ``.numpy()`` (which read memory without an op) raise. The control test shows it catches each of them. With CUDA
-the same paths also run under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronisation.
+the same paths also run under ``torch.cuda.set_sync_debug_mode("error")`` (``tests.sync_watch.sync_debug_errors``),
+which raises on any synchronisation.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 from common.data import synthetic_qkv
-
-aten = torch.ops.aten
-HOST_READ_OPS = {aten._local_scalar_dense, aten.nonzero, aten.unique_dim, aten._unique, aten._unique2,
-                 aten.unique_consecutive, aten.masked_select, aten.bincount}
-
-
-class HostReads(TorchDispatchMode):
-    """Records every host read / device change of the ops run under it (module docstring) in ``self.found``."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.device, self.found = torch.device(device), []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func.overloadpacket
-        flat = [a for a in args if isinstance(a, torch.Tensor)] + [
-            t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-        if func in HOST_READ_OPS or packet in HOST_READ_OPS:
-            self.found.append(str(func))
-        if packet in (aten.index, aten.index_put, aten.index_put_) and any(
-                t.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for t in a
-                if isinstance(t, torch.Tensor)):
-            self.found.append(f"{func} with a boolean mask")
-        if packet == aten.repeat_interleave and "output_size" not in kwargs and func != aten.repeat_interleave.self_int:
-            self.found.append(f"{func} without output_size")
-        if packet in (aten._to_copy, aten.copy_) and any(t.device != self.device for t in flat):
-            self.found.append(f"{func} from another device")
-        out = func(*args, **kwargs)
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        for t in outs:
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.device != self.device:
-                self.found.append(f"{func} returned a tensor on {t.device}")
-        return out
-
-
-def _no_memory_reads(monkeypatch):
-    for name in ("tolist", "numpy", "__array__"):
-        def refuse(self, *a, name=name, **k):
-            raise AssertionError(f"Tensor.{name} read device memory on the host")
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-
-
-def run_watched(fn, device, monkeypatch):
-    """fn() under :class:`HostReads` with ``.tolist()`` / ``.numpy()`` refused; returns (result, what it found)."""
-    with monkeypatch.context() as m:
-        _no_memory_reads(m)
-        with HostReads(device) as watch:
-            result = fn()
-    return result, watch.found
-
+from tests.sync_watch import run_watched, sync_debug_errors
 
 def test_the_watch_catches_host_reads(monkeypatch):
     x = torch.arange(6.0)
@@ -155,7 +105,6 @@ def test_cuda_device_paths_never_synchronise_nor_leave_the_device(case, dtype, m
     inputs = tuple(t.requires_grad_() for t in _qkv("cuda", dtype))
     attn = common.get_attention("knn", seed=0, check_finite=False, num_samples=8, **options)  # default: static
     attn(*inputs, causal=causal).sum().backward()  # warm-up: lazy CUDA initialisation may synchronise once
-    torch.cuda.synchronize()
 
     def forward_backward():
         with torch.no_grad():
@@ -163,11 +112,8 @@ def test_cuda_device_paths_never_synchronise_nor_leave_the_device(case, dtype, m
         out = attn(*inputs, causal=causal)
         out.backward(torch.ones_like(out))
         return fast, out
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_debug_errors():
         (fast, out), found = run_watched(forward_backward, inputs[0].device, monkeypatch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert found == [] and out.device == inputs[0].device and out.dtype == dtype and torch.isfinite(out).all()
     assert fast.dtype == dtype and torch.isfinite(fast).all()
     assert all(t.grad.device == t.device and torch.isfinite(t.grad).all() for t in inputs)
