@@ -42,7 +42,7 @@ from common.bench import _sync, time_within
 from common.cli import write_table
 from common.data import InputSpec, make_input
 from common.gpu_benchmark import device_name, failure_message, failure_status, time_limit
-from common.indexed_attention import indexed_attention
+from common.indexed_attention import indexed_attention, triton_indexed_attention
 from common.registry import budget_options, get_attention
 
 CELLS = ((131072, True), (262144, True), (131072, False), (16384, True))
@@ -198,12 +198,17 @@ def gather_table(n: int = 131072, rows: int = 3 * 131072, *, heads: int = 8, hea
     return "\n".join(lines)
 
 
+KERNEL_CONFIGS = ((64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                  (128, 32, 4, 2), (64, 64, 4, 3))  # (block_m, block_n, num_warps, num_stages) of the kernel table
+
+
 def kernel_table(n: int = 131072, chunk: int = 256, width: int = 2304, *, heads: int = 8, head_dim: int = 64,
                  dtype=torch.bfloat16, device="cuda", repeats: int = 5, seed: int = 0) -> str:
     """Median times of :func:`common.indexed_attention.indexed_attention` on the shape of causal KDEformer's tiles at
     the middle budget (n / ``chunk`` tiles of ``chunk`` query rows, ``width`` random key indices each with random
     log-weights, the last ``chunk`` the tile's own keys, block-causal): the torch kernel (gathers + SDPA) and the
-    Triton kernel at both row blocks, with the largest difference to the torch kernel's output."""
+    Triton kernel at each launch configuration of :data:`KERNEL_CONFIGS`, with the largest difference to the torch
+    kernel's output."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
@@ -215,10 +220,14 @@ def kernel_table(n: int = 131072, chunk: int = 256, width: int = 2304, *, heads:
     lines = [f"## indexed_attention: {tiles} tiles x {chunk} rows x {width} keys (own chunk last, block-causal), "
              f"H = {heads}, D = {head_dim}, {dtype}, {device}"]
     ref = None
-    for label, kernel, block_m in (("torch", "torch", 64), ("triton block_m=64", "triton", 64),
-                                   ("triton block_m=128", "triton", 128)):
+    runs = [("torch", lambda: indexed_attention(q, k, v, index, log_weight, diagonal=True, kernel="torch"))]
+    for block_m, block_n, warps, stages in KERNEL_CONFIGS:
+        runs.append((f"triton block_m={block_m} block_n={block_n} num_warps={warps} num_stages={stages}",
+                     lambda c=(block_m, block_n, warps, stages): triton_indexed_attention(
+                         q, k, v, index, log_weight, diagonal=True, block_m=c[0], block_n=c[1], num_warps=c[2],
+                         num_stages=c[3])))
+    for label, fn in runs:
         try:
-            fn = lambda: indexed_attention(q, k, v, index, log_weight, diagonal=True, kernel=kernel, block_m=block_m)
             out, t, _ = timed(fn, device, repeats, time.perf_counter() + 10)
             ref = out.float() if ref is None else ref
             lines.append(f"{label}: {1e3 * t:.3f} ms, max |out - torch| = {(out.float() - ref).abs().max().item():.3g}")

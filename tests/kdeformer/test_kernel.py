@@ -58,8 +58,8 @@ CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available())
 def test_triton_kernel_gives_the_torch_estimate_on_cuda(dtype, tol):
     # bfloat16 / float16: the torch kernel rounds the log-weights (non-causal) or the weights (causal) to the input
     # dtype, the triton kernel adds them in float32
-    for n, d, options in ((1024, 64, OPTIONS), (4096, 64, dict(bucket_size=128, sample_size=256, seed=0)),
-                          (2048, 128, dict(bucket_size=64, sample_size=64, chunk_size=128, seed=0))):
+    for n, d, options in ((1024, 64, OPTIONS), (2048, 128, dict(bucket_size=64, sample_size=64, chunk_size=128,
+                                                                  seed=0))):
         result = kernel_differences(n, d, dtype, "cuda", options, nq=n // 3)
         assert all(diff < tol for diff in result.values()), (n, d, result)
 
