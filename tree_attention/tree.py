@@ -230,6 +230,18 @@ def resolve_early_exit(early_exit: bool | None, device) -> bool:
     return torch.device(device).type == "cpu" if early_exit is None else bool(early_exit)
 
 
+def _generator_offset(generator: torch.Generator) -> int | None:
+    """The position of a counter-based generator (CUDA's Philox), None for one without (the CPU's Mersenne Twister).
+
+    A descent moves such a generator to its start plus 4 (rounds)(B n cap), at least what its rounds can draw
+    (a CUDA draw of N numbers advances the offset by at most 4 N), so that the early exit, which draws fewer,
+    leaves it where the full rounds do: later blocks and calls then draw the same numbers with it or without."""
+    try:
+        return generator.get_offset()
+    except RuntimeError:
+        return None
+
+
 def raise_descent_flags(flags: torch.Tensor, method: str, rounds: int) -> None:
     """Raise for a descent's device flags (2,) bool: [a nan or +inf mass estimate, a query not done after the
     bound's rounds]. Reads them on the host (one read): call it only where a read is allowed."""
@@ -259,8 +271,9 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
     ``n_terms`` / ``positions`` (a host read each). The loop runs ``rounds`` rounds; ``early_exit`` stops as soon as
     no query needs another round, which asks the device whether any does: a host read of one boolean per round,
     3-4x fewer rounds (None: on for CPU tensors, off elsewhere, :func:`resolve_early_exit`). The rounds it skips
-    change no bud; they only draw random numbers, so on and off give the same buds, and the generator ends further
-    on without it. A NaN or +inf mass estimate, or a query not done after ``rounds`` rounds (a bug), sets a device
+    change no bud; they only draw random numbers, so on and off give the same buds. A CUDA generator is then moved
+    to a position that does not depend on the rounds run (:func:`_generator_offset`), so the next descent draws the
+    same numbers either way; the CPU's generator cannot jump and ends further on without the early exit. A NaN or +inf mass estimate, or a query not done after ``rounds`` rounds (a bug), sets a device
     flag: with ``flags`` ((2,) bool on the device) they are or-ed into it and nothing is read (the caller raises
     later, :func:`raise_descent_flags`); without, they raise here (``common.validation.NonFiniteError`` naming the
     method; RuntimeError), one host read.
@@ -273,6 +286,7 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
     cap = (int(n_terms.max()) if cap is None else cap) + P
     if rounds is None:
         rounds = int(round_bound(positions.cpu(), n_terms.cpu(), L, P).max())
+    start_offset = _generator_offset(generator)
     source = estimator.score_source
     query, log_offset = None, 0.0
     if source == "k":
@@ -346,6 +360,8 @@ def descend(summaries, estimator, q: torch.Tensor, positions: torch.Tensor, n_te
         if verbose:
             _print_round(nodes[0, 0], summaries, log_pm[0, 0], parent[0, 0][chosen[0, 0]],
                          right[0, 0][chosen[0, 0]], buds[0, 0, :cap], q)
+    if start_offset is not None:  # the generator where the bound's rounds leave it at most, early exit or not
+        generator.set_offset(start_offset + 4 * rounds * b * n * cap)
     found = torch.stack([invalid, active.any()])
     if flags is None:
         raise_descent_flags(found, estimator.method, rounds)

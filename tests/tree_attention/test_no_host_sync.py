@@ -162,6 +162,20 @@ def test_cuda_default_never_synchronises_nor_leaves_the_device(method, dtype, ca
 
 
 @needs_cuda
+@pytest.mark.parametrize("method", ["alignment", "RandomFourierFeatures"])
+def test_cuda_early_exit_on_off_same_output_over_blocks_and_calls(method):
+    """On CUDA each descent leaves the Philox generator at a position independent of the rounds it ran, so the
+    early exit and the default (off) give the same outputs over several query blocks and repeated calls."""
+    q, k, v = _qkv(n=300, device="cuda")
+    modules = [TreeAttention(method=method, number_of_terms_exponent=0.6, parallelism=4, R=16, query_block=64, seed=0,
+                             early_exit=flag) for flag in (True, None)]
+    for _ in range(2):
+        (on, off) = (m(q, k, v, causal=True) for m in modules)
+        assert torch.equal(on, off)
+        assert torch.equal(modules[0].last_inner_products, modules[1].last_inner_products)
+
+
+@needs_cuda
 def test_cuda_several_query_blocks_never_synchronise(monkeypatch):
     q, k, v = _qkv(n=300, device="cuda")
     attn = common.get_attention("tree", number_of_terms_exponent=0.6, parallelism=4, query_block=64, seed=0,
