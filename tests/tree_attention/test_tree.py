@@ -426,9 +426,13 @@ def test_cuda_descent_stays_on_the_device(method):
 def test_speed_script_writes_time_cost_and_error(tmp_path):
     import csv
     from tree_attention import speed
-    speed.main(["--n", "64", "128", "--repeats", "1", "--out", str(tmp_path)])
+    speed.main(["--n", "64", "128", "--repeats", "1", "--P", "4", "--early_exit", "auto", "off", "--out",
+                str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "tree_speed_cpu_float32.csv").open()))
-    assert [int(r["n"]) for r in rows] == [64, 128]
+    assert [(int(r["n"]), r["early_exit"]) for r in rows] == [(64, "auto (on)"), (64, "off"), (128, "auto (on)"),
+                                                              (128, "off")]
+    bounds = [int(r["rounds_bound"]) for r in rows]
+    assert 0 < bounds[0] == bounds[1] < bounds[2] == bounds[3]  # the longer sequence's last block: more rounds
     for r in rows:
         assert float(r["tree_ms"]) > 0 and float(r["exact_ms"]) > 0 and r["output_device"] == "cpu"
         assert 1 <= float(r["inner_products_mean"]) < float(r["exact_inner_products_mean"])
