@@ -332,10 +332,11 @@ def _augmented(x: torch.Tensor, width: int, fill: float | None = None) -> torch.
     """x (B, H, N, C) -> (B H N + 1, width) rows: x, then two columns ``fill`` (zeros if None), then zeros; the
     last row (the pad target of :func:`_flat_index`) all zeros."""
     rows = x.reshape(-1, x.shape[-1])
-    extra = rows.new_zeros(rows.shape[0], width - rows.shape[1])
+    out = rows.new_zeros(rows.shape[0] + 1, width)  # written once (no concatenated copies)
+    out[:-1, :rows.shape[1]] = rows
     if fill is not None:
-        extra[:, :2] = fill
-    return torch.cat([torch.cat([rows, extra], 1), rows.new_zeros(1, width)])
+        out[:-1, rows.shape[1]:rows.shape[1] + 2] = fill
+    return out
 
 
 # A dropped key's weight column: finite (an infinite one would make 0 * inf = nan in the kernels' backward),
