@@ -41,19 +41,22 @@ DEFAULT_CHECKPOINTS = {"recall": RECALL_LONG_CHECKPOINT, "lm": LM_CHECKPOINT}
 
 
 def provenance() -> dict:
-    """The git commit of the working tree (and whether the code of long_context/ and nanoGPT/ differed from it),
-    the machine and the time, for a manifest."""
+    """The git commit of the working tree (whether the code of long_context/ and nanoGPT/ differed from it, and
+    which tracked files anywhere did: a model trained with a method depends on that method's package too), the
+    machine and the time, for a manifest."""
     here = Path(__file__).resolve().parent
     git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=here).stdout
     try:
         commit = git("rev-parse", "HEAD").strip() or None
         dirty = bool(git("status", "--porcelain", "--", str(here), str(here.parent / "nanoGPT")).strip())
+        changed = sorted(line.split()[-1] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                         if line.strip())
     except (OSError, subprocess.SubprocessError):
-        commit = dirty = None
+        commit = dirty = changed = None
     machine = platform.node() + f" ({platform.machine()}, torch {torch.__version__}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
-    return {"git_commit": commit, "uncommitted_changes": dirty, "machine": machine + ")",
+    return {"git_commit": commit, "uncommitted_changes": dirty, "changed_files": changed, "machine": machine + ")",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
 
 

@@ -36,8 +36,10 @@ def parse_args(argv=None):
     parser.set_defaults(out=ASSETS)
     parser.add_argument("--model", nargs="+", choices=("recall", "lm"),
                         help="models to evaluate (default: each whose checkpoint exists)")
-    parser.add_argument("--recall-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["recall"])
-    parser.add_argument("--lm-checkpoint", type=Path, default=DEFAULT_CHECKPOINTS["lm"])
+    parser.add_argument("--recall-checkpoint", type=Path, nargs="+", default=[DEFAULT_CHECKPOINTS["recall"]],
+                        help="recall checkpoint(s), each evaluated in turn (the CSV's checkpoint column)")
+    parser.add_argument("--lm-checkpoint", type=Path, nargs="+", default=[DEFAULT_CHECKPOINTS["lm"]],
+                        help="LM checkpoint(s), each evaluated in turn")
     parser.add_argument("--n", type=int, nargs="+", help="sequence lengths (default: recall 1024 4096, lm 1024)")
     parser.add_argument("--lm-n", type=int, nargs="+", help="the LM's lengths when they differ from --n")
     parser.add_argument("--methods", nargs="+",
@@ -76,11 +78,10 @@ def main(argv=None) -> list[dict]:
     csv_path = Path(args.out) / CSV_NAME
     rows: list[dict] = []
     paths = {"recall": args.recall_checkpoint, "lm": args.lm_checkpoint}
-    kinds = args.model or [kind for kind, path in paths.items() if Path(path).is_file()]
+    kinds = args.model or [kind for kind, files in paths.items() if all(Path(f).is_file() for f in files)]
     for kind in set(paths) - set(kinds) if args.model is None else ():
         print(f"no {kind} checkpoint at {paths[kind]}: not evaluated (train it: see long_context/README.md)")
-    for kind in kinds:
-        path = paths[kind]
+    for kind, path in ((kind, path) for kind in kinds for path in paths[kind]):
         try:
             model, info = load_model(path, kind, args.device)
         except CheckpointError as err:

@@ -147,3 +147,31 @@ def test_cuda_bf16_training_steps_with_the_method(case):
     assert next(model.parameters()).device.type == "cuda" and model.layer_attention_names() == [name, name]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p.detach().cpu()) for a, p in zip(before, model.parameters()))
+
+
+def test_evaluate_runs_each_checkpoint_given(tmp_path, tiny_lm_path):
+    other = tmp_path / "other.pth"
+    other.write_bytes(tiny_lm_path.read_bytes())
+    rows = evaluate_script.main(["--model", "lm", "--lm-checkpoint", str(tiny_lm_path), str(other), "--n", "32",
+                                 "--methods", "exact", "--extra", "srf", '{"nb_features": 8}', "--batches", "1",
+                                 "--batch-size", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert [(r["checkpoint"], r["method"], r["status"]) for r in rows] == [
+        ("lm.pth", "exact", "ok"), ("lm.pth", "srf", "ok"), ("other.pth", "exact", "ok"), ("other.pth", "srf", "ok")]
+    assert rows[0]["metric"] == rows[2]["metric"]  # the same weights, the same seeded windows
+
+
+def test_committed_method_trained_checkpoints_run_their_method():
+    """The GPU-trained checkpoints (long_context/gpu_train_methods.sh): they load running the method they were
+    trained with, their manifest says so, and on the CPU they recall with it far above chance (1/8) at n = 1024
+    (the srf-trained one reproduces its GPU training-time accuracy: srf is deterministic given its projection)."""
+    from long_context.checkpoints import CHECKPOINT_DIR
+    for name, method in (("recall_long_knn.pth", "knn"), ("recall_long_srf.pth", "srf"), ("lm_knn.pth", "knn")):
+        model, info = load_model(CHECKPOINT_DIR / name)
+        assert model.layer_attention_names() == [method] * model.config.n_layer
+        assert info["manifest"]["trained_attention"]["name"] == method
+        assert trained_attention(model) == (method, info["manifest"]["trained_attention"]["options"])
+        if info["kind"] == "recall":
+            accuracy = recall_metric(model, info["task"].with_length(1024), 2, 8, seed=10_000)["accuracy"]
+            assert accuracy > 0.5, (name, accuracy)
+            if method == "srf":
+                assert accuracy == info["manifest"]["final"]["accuracy_n1024"]
