@@ -54,7 +54,7 @@ CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available())
 
 
 @CUDA
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2e-2), ("float16", 5e-3)])
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 2e-2), ("float16", 5e-3)])  # float32: the kernel test
 def test_triton_kernel_gives_the_torch_estimate_on_cuda(dtype, tol):
     # bfloat16 / float16: the torch kernel rounds the log-weights (non-causal) or the weights (causal) to the input
     # dtype, the triton kernel adds them in float32
@@ -80,7 +80,7 @@ def test_auto_is_triton_on_cuda_without_gradients_and_torch_with_them():
 
 
 @CUDA
-def test_the_triton_path_does_not_synchronise():
+def test_the_triton_path_does_not_synchronise_on_cuda():
     # at r = 7 bits and chunks of 64 the causal path's count table takes all 2^r codes (no torch.unique)
     x = synthetic_qkv("clustered", 1, 2, 4096, 4096, 64, dtype=torch.bfloat16, seed=0)
     q, k, v = (t.cuda() for t in (x.q, x.k, x.v))
