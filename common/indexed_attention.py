@@ -25,7 +25,7 @@ Two implementations of the same sums:
   materialised: 2 L (D + Dv) numbers per tile.
 - ``kernel='triton'`` (:func:`triton_indexed_attention`, CUDA; CPU tensors under ``TRITON_INTERPRET=1``): a flash
   attention forward kernel that loads each block of BLOCK_N keys and values through the index list (no gathered
-  copy), logits and the online softmax (running max, rescaled sums) in float32 (``tl.dot`` with float32
+  copy; a column of log-weight -inf is not read), logits and the online softmax (running max, rescaled sums) in float32 (``tl.dot`` with float32
   accumulation; IEEE float32 products for float32 inputs), the log-weights added in float32, the output divided once
   at the end and rounded to the input dtype. Inputs bfloat16, float16 or float32; D and Dv in {16, 32, 64, 128}.
   Forward only (no autograd).
