@@ -258,8 +258,12 @@ def auto_takes_fla(causal: bool, device_type: str, dtype: torch.dtype, n_feature
 
 
 def resolve_backend(backend: str, q: torch.Tensor, causal: bool, name: str = "linear_attention",
-                    argument: str = "backend") -> str:
+                    argument: str = "backend", n_features: int | None = None) -> str:
     """'torch' or 'fla' for ``backend`` in :data:`BACKENDS` and query features ``q``.
+
+    ``n_features`` is the number of features 'auto' compares with :data:`FLA_AUTO_MAX_FEATURES`: by default
+    ``q.shape[-1]`` (``q`` holds the features); a caller that resolves before its feature map (``q`` the raw
+    queries, whose last dimension is the head size) must pass its feature count.
 
     'auto' is 'fla' for causal bfloat16 features (at most :data:`FLA_AUTO_MAX_FEATURES`) on a CUDA device when
     ``fla`` is importable, else 'torch': the
@@ -273,7 +277,8 @@ def resolve_backend(backend: str, q: torch.Tensor, causal: bool, name: str = "li
     if backend == "fla":
         _check_fla(name, q, argument)
         return "fla"
-    if backend == "auto" and auto_takes_fla(causal, q.device.type, q.dtype, q.shape[-1]) and fla_available():
+    m = q.shape[-1] if n_features is None else n_features
+    if backend == "auto" and auto_takes_fla(causal, q.device.type, q.dtype, m) and fla_available():
         return "fla"
     return "torch"
 

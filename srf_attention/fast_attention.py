@@ -166,7 +166,7 @@ class FastAttention(nn.Module):
             check_flash_available(q.device)
             core = "flash"
         else:
-            core = resolve_backend(attn_fn, q, causal, "FastAttention", "attn_fn")
+            core = resolve_backend(attn_fn, q, causal, "FastAttention", "attn_fn", n_features=self.projection.shape[0])
         self._fused(q)
         if self.redraw_on_call and self.training:
             self.redraw_()

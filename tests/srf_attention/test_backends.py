@@ -35,6 +35,17 @@ def test_auto_is_the_torch_path_on_the_cpu(name):
     assert default.attn_fn == default.feature_kernel == "auto"
 
 
+@pytest.mark.parametrize("name", ["srf", "performer"])
+def test_auto_compares_the_feature_count_not_the_head_size(name, monkeypatch):
+    """'auto' decides on the number of random features m, not on the head size d of the raw queries (it compared d
+    until the long-context run on the H100: with d = 32 and m = 128 'auto' took fla's kernels, which faulted)."""
+    asked = []
+    monkeypatch.setattr(la, "auto_takes_fla", lambda causal, device_type, dtype, n_features: asked.append(n_features))
+    x = synthetic_qkv("gaussian", 1, 2, 8, 8, 32, dtype=torch.bfloat16)
+    common.get_attention(name, nb_features=128, seed=0)(x.q, x.k, x.v, causal=True)
+    assert asked == [128]
+
+
 def test_gpu_only_choices_refuse_on_the_cpu_naming_the_alternative_and_change_nothing(monkeypatch):
     x = synthetic_qkv("gaussian", 1, 1, 8, 8, 8)
     fast = FastAttention(8, 8, causal=True, seed=0).train().redraw_on_call_(True)
