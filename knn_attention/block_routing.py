@@ -452,7 +452,11 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     width = routing.key_ids.shape[-1]
     segmented = causal and routing.segment > 0
     if not causal and not _needs_grad(q, k, v) and triton_supports(q, k, v) is None:
-        return _indexed(q, k, v, scale, routing)
+        try:
+            return _indexed(q, k, v, scale, routing)
+        except Exception as err:  # noqa: BLE001 - an optional kernel (compilation, launch): the SDPA path is the same
+            warnings.warn(f"knn: ivf_blocks could not use the Triton indexed-attention kernel ({type(err).__name__}: "
+                          f"{err}); using the gathered SDPA path")
     query_rows = _flat_index(routing.query_ids, nq).reshape(g * n_query_blocks, block)
     bias = routing.bias.reshape(g * n_query_blocks, 1, width)
     n_key_blocks, n_chosen = routing.key_blocks.shape[1], routing.chosen.shape[-1]

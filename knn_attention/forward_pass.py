@@ -96,7 +96,9 @@ class KNNAttention(AttentionMethod):
     tail_block (queries sharing tail draws with 'ivf_blas'), gradient ('autograd' | 'sampled'), eps and delta
     (median of means for 'gumbel'), tail_slack (widened Gumbel cutoff), k_max and tail_ratio ('adaptive'),
     dv_estimator ('scatter' | 'walk': dV of gradient='sampled' by the paper's random walks, ``dv_walks`` per column
-    of G, default l Nq), seed.
+    of G, default l Nq), causal_layout ('segments' | 'mask': the causal layout of 'ivf_blocks', ``block_routing``;
+    causal_block is then its segment), static_shapes (lazy Gumbel sampling without host reads; default: off the
+    CPU; ``softmax_expectation.lazy_gumbel_sample``), seed.
     Half precision (float16, bfloat16) is computed in float32 (:meth:`attend`).
     ``last_times`` holds the index build / search seconds of the last call.
     """

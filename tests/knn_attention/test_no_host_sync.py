@@ -164,3 +164,25 @@ def test_cuda_kernel_log_sum_exp_equals_the_tiled_reference(causal, dtype):
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert ((out.double().cpu() - want_out).norm() / want_out.norm()).item() < tol
     assert (lse.double().cpu() - want_lse).abs().max().item() < tol * want_lse.abs().max().item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_triton_path_equals_the_sdpa_path(dtype):
+    """Non-causal without autograd, ivf_blocks reads its keys through common.indexed_attention's Triton kernel (when
+    triton imports): no fallback warning, and the same output as the differentiable SDPA path for one routing."""
+    import warnings
+    from common.indexed_attention import triton_available
+    from knn_attention.block_routing import block_options, route, routed_attention
+    if not triton_available():
+        pytest.skip("triton is not importable")
+    x = synthetic_qkv("clustered", 1, 4, 2048, head_dim=64, seed=3)
+    q, k, v = (t.to("cuda", dtype) for t in (x.q, x.k, x.v))
+    r = route(q, k, False, 0.125, block_options(2048, num_samples=45), torch.Generator("cuda").manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            fast = routed_attention(q, k, v, False, 0.125, r)
+    ref = routed_attention(q.clone().requires_grad_(), k, v, False, 0.125, r).detach()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert fast.dtype == dtype and ((fast.float() - ref.float()).norm() / ref.float().norm()).item() < tol
