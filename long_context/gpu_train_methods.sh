@@ -18,6 +18,11 @@
 #   eval_lm_exact_long/: the 3x LM with every causal method (tree included), 3 budgets, the layer sweep, and knn /
 #     srf at the LM's training options, n = 4096; eval_lm_exact/: lm_exact.pth with knn / srf at those options;
 #   each eval_*/: long_context_eval.csv, long_context_{pareto,layers}.png, the logs; train_*.log, loss curves.
+# Its run on the H100 (2026-11-25 15:10 UTC) made the committed recall_long_{knn,srf}.pth, lm_knn.pth and
+# assets/long_context/gpu/methods/. Two of its parts did not serve: lm_exact_long reached 1,186 steps (four lanes
+# sharing the GPU: fewer than lm_exact.pth's 2,000; not kept) and lm_srf faulted in fla's kernels (srf's 'auto'
+# took them at 128 features). gpu_lm_methods.sh redoes the LM part: srf alone with attn_fn='torch', and exact LMs
+# with the steps of each method-trained LM.
 set -uo pipefail
 : "${OUT:?set OUT to the output folder}"
 DEST="$OUT/long_context"
