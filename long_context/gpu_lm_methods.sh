@@ -4,8 +4,8 @@
 # (issue 14); < 4 min on an H100. Every stage has a time limit and leaves its checkpoint when it hits it.
 #   OUT=/some/dir bash long_context/gpu_lm_methods.sh       # writes ONE file: $OUT/longctx_lm_methods.tar.gz
 #   TINY=1 OUT=/tmp/x bash long_context/gpu_lm_methods.sh   # the same stages at tiny sizes on the CPU (a check)
-# srf runs with attn_fn='torch': its 'auto' took fla's chunk kernels at 128 features (it compares the head size,
-# 32, with its 64-feature limit), which faulted in training (illegal memory access, run of 15:10 UTC).
+# srf runs with attn_fn='torch': its 'auto' took fla's chunk kernels at 128 features (it compared the head size,
+# 32, with its 64-feature limit; fixed in 55a3535), which faulted in training (illegal memory access, 15:10 UTC).
 # The archive holds long_context/: ckpt/lm_srf.pth, ckpt/lm_exact_steps<S>.pth (S = the steps of lm_knn.pth and of
 # lm_srf.pth) with manifests; eval/long_context_eval.csv + figures (lm_exact.pth, lm_knn.pth, lm_srf.pth and the
 # exact baselines, each with exact, its own method ('trained'), tree mid and knn / srf at the LM training options);
@@ -85,7 +85,8 @@ if [ "$T_CHECK" -gt 0 ]; then
 import time, torch, common
 from common.linear_attention import resolve_backend
 q = torch.randn(16, 4, 4096, 32, device="cuda", dtype=torch.bfloat16)
-print("resolve_backend('auto', q of head size 32, causal) ->", resolve_backend("auto", q, True), flush=True)
+print("resolve_backend('auto', q of head size 32, causal, 128 features) ->",
+      resolve_backend("auto", q, True, n_features=128), flush=True)
 for attn_fn, m in (("torch", 128), ("fla", 64), ("fla", 128)):
     x = [torch.randn(16, 4, 4096, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     method = common.get_attention("srf", nb_features=m, attn_fn=attn_fn, seed=0)
