@@ -429,8 +429,7 @@ def _indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ro
     n_query_blocks, block = routing.query_ids.shape[1:]
     out = triton_indexed_attention(q, k, v, routing.key_ids.clamp_min(0).view(b, h, n_query_blocks, -1),
                                    routing.bias.view(b, h, n_query_blocks, -1),
-                                   routing.query_ids.clamp_min(0).view(b, h, n_query_blocks, block), scale=scale,
-                                   block_m=min(128, max(64, block)))
+                                   routing.query_ids.clamp_min(0).view(b, h, n_query_blocks, block), scale=scale)
     return out.reshape(g, n_query_blocks * block, dv).gather(
         1, routing.query_slot.unsqueeze(-1).expand(g, nq, dv)).view(b, h, nq, dv)
 
