@@ -151,11 +151,14 @@ def exact_fp32_time(exact, q, k, v, causal: bool, *, repeats: int, row_time_limi
 
 
 def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: torch.Tensor | None,
-            reference: torch.Tensor | None, deadline: float) -> dict:
+            reference: torch.Tensor | None, deadline: float, peak=lambda: None) -> dict:
     """Time one method's forward (and forward + backward) on one input and score its output on ``rows``.
 
     The warm-up call is also the scored one. If the warm-up shows that ``repeats`` timed calls would pass the
-    ``deadline`` (a ``time.perf_counter`` value), fewer are made (at least one) and ``fwd_repeats`` says so."""
+    ``deadline`` (a ``time.perf_counter`` value), fewer are made (at least one) and ``fwd_repeats`` says so.
+    ``peak()`` reads the peak memory: ``peak_mem_bytes`` is that of forward + backward, or of the forward alone
+    when the backward fails (out of memory, time): the forward's measurement is kept and ``message`` says why the
+    forward + backward cell is empty."""
     device = q.device
     result = {}
     with torch.no_grad():
@@ -176,9 +179,16 @@ def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: t
                 t.grad = None
             attn(qg, kg, vg, causal=causal).backward(grad)
 
-        _, timing = time_within(step, repeats=repeats, deadline=deadline, device=device)
-        result["fwd_bwd_time_s"] = timing.median_s
-    return result
+        forward_peak = peak()
+        try:
+            _, timing = time_within(step, repeats=repeats, deadline=deadline, device=device)
+            result["fwd_bwd_time_s"] = timing.median_s
+        except Exception as err:  # noqa: BLE001 - the backward's failure empties its cell, not the row
+            del qg, kg, vg, grad
+            _free(device)
+            return {**result, "peak_mem_bytes": forward_peak,
+                    "message": f"forward + backward {failure_status(err)}: {failure_message(err)}"}
+    return {**result, "peak_mem_bytes": peak()}
 
 
 def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: str = "clustered", heads: int = 8,
@@ -229,7 +239,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                     exact = get_attention("exact").to(device)
                     deadline = time.perf_counter() + row_time_limit
                     ref = measure(exact, q, k, v, causal=causal, repeats=repeats, fwd_bwd=causal, rows=rows_idx,
-                                  reference=reference, deadline=deadline)
+                                  reference=reference, deadline=deadline, peak=lambda: _peak_bytes(device, baseline))
             except Exception as err:  # noqa: BLE001 - the run goes on; the row says what happened
                 add({**cell, "method": "exact", "options": {}, "status": failure_status(err), "message": failure_message(err)})
                 for name in others:
@@ -243,8 +253,8 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
             exact_times = {"exact_fwd_time_s": ref["fwd_time_s"], "exact_fp32_time_s": fp32,
                            "exact_fwd_bwd_time_s": ref.get("fwd_bwd_time_s")}
             add({**cell, "method": "exact", "options": {}, "status": "ok", **ref, **exact_times,
-                 "fwd_ratio_to_exact": 1.0, "fwd_bwd_ratio_to_exact": 1.0 if causal else None,
-                 "error_rows": rows_idx.numel(), "peak_mem_bytes": _peak_bytes(device, baseline)})
+                 "fwd_ratio_to_exact": 1.0, "fwd_bwd_ratio_to_exact": 1.0 if ref.get("fwd_bwd_time_s") else None,
+                 "error_rows": rows_idx.numel()})
             for name, (label, options) in [(m, b) for m in others for b in chosen_budgets(m, n, seed, budget)]:
                 baseline = _free(device)
                 row = {**cell, "method": name, "budget": label, "options": options, **exact_times}
@@ -257,15 +267,16 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                         attn = get_attention(name, **options).to(device)
                         result = measure(attn, q, k, v, causal=causal, repeats=repeats, fwd_bwd=fwd_bwd,
                                          rows=rows_idx, reference=reference,
-                                         deadline=time.perf_counter() + row_time_limit)
+                                         deadline=time.perf_counter() + row_time_limit,
+                                         peak=lambda: _peak_bytes(device, baseline))
                 except Exception as err:  # noqa: BLE001 - OOM, an error or the time limit: a row, not an abort
                     failed[name, causal, label] = f"{failure_status(err)} at n={n}"
                     add({**row, "status": failure_status(err), "message": failure_message(err)})
                     continue
                 add({**row, "status": "ok", **result, "error_rows": rows_idx.numel(),
                      "fwd_ratio_to_exact": result["fwd_time_s"] / ref["fwd_time_s"],
-                     "fwd_bwd_ratio_to_exact": (result["fwd_bwd_time_s"] / ref["fwd_bwd_time_s"]) if fwd_bwd else None,
-                     "peak_mem_bytes": _peak_bytes(device, baseline)})
+                     "fwd_bwd_ratio_to_exact": (result["fwd_bwd_time_s"] / ref["fwd_bwd_time_s"])
+                     if result.get("fwd_bwd_time_s") and ref.get("fwd_bwd_time_s") else None})
                 del attn
         del q, k, v, x
         _free(device)

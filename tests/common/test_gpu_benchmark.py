@@ -69,6 +69,44 @@ def test_a_failing_method_is_a_row_and_is_not_run_again(tmp_path, monkeypatch):
     assert by[32, "performer"]["status"] == "ok" and by[32, "performer"]["fwd_time_s"] > 0
 
 
+def test_a_backward_that_fails_keeps_the_forward_measurement(monkeypatch):
+    """On the H100 the causal backward of knn / tree / uniform ran out of memory at 131,072 and took the forward's
+    measurement with it; now the row keeps its forward time and error and says why the fwd + bwd cell is empty."""
+    real = gpu_benchmark.get_attention
+
+    class ForwardOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out):
+            return out.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.30 GiB")
+
+    class BackwardFails(torch.nn.Module):
+        def __init__(self, attn):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, q, k, v, causal):
+            return ForwardOnly.apply(self.attn(q, k, v, causal=causal))
+
+    def get_attention(name, **options):
+        attn = real(name, **options)
+        return BackwardFails(attn) if name == "uniform" else attn
+
+    monkeypatch.setattr(gpu_benchmark, "get_attention", get_attention)
+    rows = gpu_benchmark.run_benchmark((16, 32), (True,), ["uniform"], heads=1, head_dim=8, dtype=torch.float32,
+                                       device="cpu", repeats=1, error_rows=8)
+    uniform = [r for r in rows if r["method"] == "uniform"]
+    assert [r["n"] for r in uniform] == [16, 32]  # not skipped at the larger n
+    for row in uniform:
+        assert row["status"] == "ok" and row["fwd_time_s"] > 0 and math.isfinite(row["rel_fro"])
+        assert row.get("fwd_bwd_time_s") is None and row["fwd_bwd_ratio_to_exact"] is None
+        assert row["message"].startswith("forward + backward oom: OutOfMemoryError")
+    assert all(r["fwd_bwd_time_s"] > 0 for r in rows if r["method"] == "exact")
+
+
 def test_a_row_past_its_time_limit_is_a_timeout_row():
     rows = gpu_benchmark.run_benchmark((16,), (True,), ["performer"], heads=1, head_dim=8, dtype=torch.float32,
                                        device="cpu", repeats=1, error_rows=8, row_time_limit=1e-6)
