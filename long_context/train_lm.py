@@ -18,7 +18,6 @@ lr 2e-3 with 100 warm-up steps and cosine decay to 1e-4. See :mod:`long_context.
 """
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from nanoGPT.configurator import load_config
 from nanoGPT.train import TrainConfig
 
 from .checkpoints import LM_CHECKPOINT
-from .training import LM_DEFAULTS, attention_options, export_lm, train_lm
+from .training import LM_DEFAULTS, add_attention_arguments, attention_from_args, export_lm, train_lm
 
 QUICK = dict(block_size=128, n_layer=2, n_head=2, n_embd=32, batch_size=2, max_iters=4, eval_interval=2,
              eval_iters=1, warmup_iters=1)
@@ -55,11 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other nanoGPT.train config key (repeatable)")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--attention", default="exact", help="the method trained with (any trainable causal one)")
-    parser.add_argument("--attention-options", default="{}", metavar="JSON",
-                        help="its options, a JSON object (updates --attention-budget's)")
-    parser.add_argument("--attention-budget", choices=("low", "mid", "high"),
-                        help="start from the method's declared budget at the block size")
+    add_attention_arguments(parser, "the block size")
     return parser.parse_args(argv)
 
 
@@ -70,13 +65,7 @@ def main(argv=None):
         values["block_size"] = args.block_size
     if args.max_iters is not None:
         values["max_iters"] = args.max_iters
-    try:
-        options = json.loads(args.attention_options)
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"long_context.train_lm: --attention-options must be a JSON object ({err})") from None
-    if not isinstance(options, dict):
-        raise SystemExit(f"long_context.train_lm: --attention-options must be a JSON object, got {options!r}")
-    options = attention_options(args.attention, options, args.attention_budget, values["block_size"], args.seed)
+    options = attention_from_args(args, values["block_size"], "long_context.train_lm")
     overrides = [f"--{k}={v!r}" for k, v in values.items()] + [f"--{kv}" for kv in args.set]
     overrides += [f"--out_dir={args.work_dir}", f"--device={args.device}", f"--dtype={args.dtype}",
                   f"--seed={args.seed}", f"--threads={args.threads}", f"--attention={args.attention}",

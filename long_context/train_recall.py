@@ -19,7 +19,6 @@ every evaluation too, so a run killed from outside leaves its last one. See :mod
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from common.cli import script_parser
 
 from .checkpoints import RECALL_CHECKPOINT, load_model
-from .training import RecallTrainConfig, attention_options, save_recall, train_recall
+from .training import RecallTrainConfig, add_attention_arguments, attention_from_args, save_recall, train_recall
 
 SCRIPT_FIELDS = ("seed", "device", "dtype", "attention", "attention_options")
 
@@ -43,11 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--init", type=Path, help="fine-tune this recall checkpoint instead of starting anew")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    parser.add_argument("--attention", default="exact", help="the method trained with (any trainable causal one)")
-    parser.add_argument("--attention-options", default="{}", metavar="JSON",
-                        help="its options, a JSON object (updates --attention-budget's), e.g. '{\"k\": 32}'")
-    parser.add_argument("--attention-budget", choices=("low", "mid", "high"),
-                        help="start from the method's declared budget at the largest training length")
+    add_attention_arguments(parser, "the largest training length")
     parser.add_argument("--weights", choices=("float16", "float32"), default="float16",
                         help="the stored parameters' dtype")
     for f in dataclasses.fields(RecallTrainConfig):
@@ -77,14 +72,8 @@ def main(argv=None):
         given = getattr(args, f.name, None)
         if given is not None and f.name not in SCRIPT_FIELDS:
             values[f.name] = tuple(given) if isinstance(given, list) else given
-    try:
-        options = json.loads(args.attention_options)
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"long_context.train_recall: --attention-options must be a JSON object ({err})") from None
-    if not isinstance(options, dict):
-        raise SystemExit(f"long_context.train_recall: --attention-options must be a JSON object, got {options!r}")
     lengths = values.get("lengths", RecallTrainConfig.lengths)
-    options = attention_options(args.attention, options, args.attention_budget, max(lengths), args.seed)
+    options = attention_from_args(args, max(lengths), "long_context.train_recall")
     cfg = RecallTrainConfig(**values, attention=args.attention, attention_options=options, seed=args.seed,
                             device=args.device, dtype=args.dtype)
     command = "python -m long_context.train_recall " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))

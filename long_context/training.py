@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -62,6 +63,28 @@ def attention_options(name: str, options: dict | None = None, budget: str | None
         (_, resolved), = chosen_budgets(name, n, seed, budget)
     resolved.update(options or {})
     return common.method_options(name, resolved, seed)
+
+
+def add_attention_arguments(parser, budget_at: str) -> None:
+    """The training scripts' ``--attention``, ``--attention-options`` and ``--attention-budget`` (declared at
+    ``budget_at``, e.g. 'the block size'); read back by :func:`attention_from_args`."""
+    parser.add_argument("--attention", default="exact", help="the method trained with (any trainable causal one)")
+    parser.add_argument("--attention-options", default="{}", metavar="JSON",
+                        help="its options, a JSON object (updates --attention-budget's), e.g. '{\"k\": 32}'")
+    parser.add_argument("--attention-budget", choices=("low", "mid", "high"),
+                        help=f"start from the method's declared budget at {budget_at}")
+
+
+def attention_from_args(args, n: int, script: str) -> dict:
+    """The options :func:`attention_options` resolves from a training script's arguments (budget at ``n``
+    keys); a malformed ``--attention-options`` exits naming ``script``."""
+    try:
+        options = json.loads(args.attention_options)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{script}: --attention-options must be a JSON object ({err})") from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"{script}: --attention-options must be a JSON object, got {options!r}")
+    return attention_options(args.attention, options, args.attention_budget, n, args.seed)
 
 
 def recall_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
