@@ -165,7 +165,8 @@ def test_committed_method_trained_checkpoints_run_their_method():
     trained with, their manifest says so, and on the CPU they recall with it far above chance (1/8) at n = 1024
     (the srf-trained one reproduces its GPU training-time accuracy: srf is deterministic given its projection)."""
     from long_context.checkpoints import CHECKPOINT_DIR
-    for name, method in (("recall_long_knn.pth", "knn"), ("recall_long_srf.pth", "srf"), ("lm_knn.pth", "knn")):
+    for name, method in (("recall_long_knn.pth", "knn"), ("recall_long_srf.pth", "srf"), ("lm_knn.pth", "knn"),
+                         ("lm_srf.pth", "srf")):
         model, info = load_model(CHECKPOINT_DIR / name)
         assert model.layer_attention_names() == [method] * model.config.n_layer
         assert info["manifest"]["trained_attention"]["name"] == method
