@@ -112,8 +112,8 @@ INTERPRETER_PRELUDE = textwrap.dedent("""
         int(np.zeros(1))
     except TypeError:
         patch_tensor = ti._patch_lang_tensor
-        def _patch_lang_tensor(tensor):
-            patch_tensor(tensor)
+        def _patch_lang_tensor(tensor, *args, **kwargs):  # (tensor) in 3.5.1, (tensor, scope) in later versions
+            patch_tensor(tensor, *args, **kwargs)
             tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
         ti._patch_lang_tensor = _patch_lang_tensor
     if hasattr(ti, "_convert_float") and hasattr(getattr(ti, "InterpreterBuilder", None), "create_dot"):
