@@ -137,8 +137,6 @@ def random_matrix(feature_type: str, nb_features: int, head_dim: int, generator=
     return makers[feature_type](nb_features, head_dim, generator=generator, dtype=dtype, device=device, norm=norm)
 
 
-
-
 def positive_random_features(x: torch.Tensor, projection: torch.Tensor, scale: float,
                              offset: str | torch.Tensor = "row") -> tuple[torch.Tensor, torch.Tensor]:
     """phi(x) * exp(-c) for x of shape (..., N, d) and projection W of shape (m, d); returns (features, c).
