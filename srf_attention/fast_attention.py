@@ -16,7 +16,7 @@ Three ways of running it, as the package README promises:
   The linear-attention core (``attn_fn``): ``'torch'``, plain PyTorch (``common.linear_attention``, the reference
   and the CPU path); ``'fla'``, flash-linear-attention's fused Triton chunk kernels behind the same interface
   (``common.linear_attention.fla_chunk_linear_attention``, optional, CUDA); ``'auto'`` (default), ``'fla'`` for causal
-  bfloat16 on CUDA when it is installed, else ``'torch'``; ``'flash'``, our own Triton kernel
+  bfloat16 on CUDA when it is installed and m <= 64 (``FLA_AUTO_MAX_FEATURES``), else ``'torch'``; ``'flash'``, our own Triton kernel
   (``flash_linear_attention.py``). The feature map (``feature_kernel``): ``'auto'`` (default: the fused kernel
   on CUDA where it fits, else PyTorch), ``'torch'`` (``common.random_features``) or ``'triton'``
   (``triton_features.py``: one fused kernel, CUDA). Those that cannot run where asked refuse clearly, naming ``'torch'``.
