@@ -2,6 +2,7 @@
 block is read, the tail unbiased, error falling with the budget, causal masking, options, gradients, and (with CUDA)
 the same under sync debug mode "error" on the GPU."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -161,7 +162,9 @@ def test_kernel_log_sum_exp_equals_the_tiled_reference(causal, nq, nk, dv):
     v = torch.randn(2, 3, nk, dv, generator=g, dtype=torch.float64)
     if causal:
         q, k, v = q[:, :, :nq], k[:, :, :nq], v[:, :, :nq]
-    out, lse = attention_lse(q, k, v, 0.4, causal)
+    with warnings.catch_warnings():  # a fallback to attention_with_lse (it warns) would compare it with itself
+        warnings.filterwarnings("error", message="knn: ivf_blocks could not take the log-sum-exp")
+        out, lse = attention_lse(q, k, v, 0.4, causal)
     want_out, want_lse = common.attention_with_lse(q, k, v, 0.4, causal)
     torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-12)
@@ -218,15 +221,19 @@ def test_triton_path_equals_the_sdpa_path_under_the_interpreter():
     sys.path.insert(0, str(Path(__file__).parents[1] / "common"))
     from test_indexed_attention import run_under_interpreter
     errors = run_under_interpreter("""
-        import json, torch
+        import json, torch, warnings
         from common.data import synthetic_qkv
+        from common.indexed_attention import triton_supports
         from knn_attention.block_routing import block_options, route, routed_attention
+        # the kernel's fallback to the SDPA path (it warns) would compare that path with itself
+        warnings.filterwarnings("error", message="knn: ivf_blocks could not use the Triton")
         errors = {}
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = synthetic_qkv("clustered", 1, 2, 200, head_dim=16, value_dim=32, seed=0)
             q, k, v = (t.to(dtype) for t in (x.q, x.k, x.v))
             r = route(q, k, False, 0.25, block_options(200, nlist=4, nprobe=2, block=16, num_samples=20),
                       torch.Generator().manual_seed(0))
+            assert triton_supports(q, k, v) is None, triton_supports(q, k, v)
             with torch.no_grad():
                 fast = routed_attention(q, k, v, False, 0.25, r)
             ref = routed_attention(q.clone().requires_grad_(), k, v, False, 0.25, r).detach()
