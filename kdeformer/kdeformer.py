@@ -219,7 +219,7 @@ def kde_partial(q, k, v, scale: float, num_bits: int, bucket_size: int, sample_s
     return from_logits(logits, values, "bhnqk,bhnkv->bhnqv").map_queries(blocks.unsort)
 
 
-BLOCK_BYTES = 2 ** 33  # the working memory a block of the causal path aims at (its gathered rows and mask)
+BLOCK_BYTES = 2 ** 33  # the working memory a block of the causal path aims at (:func:`rows_per_block`)
 INDEX_BYTES = 64  # per index-list column: the index, its log-weight and the window search's int64 temporaries
 
 
@@ -242,10 +242,10 @@ def causal_kde_output(q, k, v, scale: float, num_bits: int, bucket_size: int, sa
     of query chunks (:func:`common.indexed_attention.indexed_attention`, ``diagonal=True``, with ``kernel``);
     (B, H, Nq, Dv). The stages carry the same ``torch.profiler`` labels as :func:`kde_blocks`.
 
-    Memory: everything before the block loop is O(Nk) per head (plus a (chunks x distinct codes) count table); a
-    block of ``query_block`` query rows (default: as many as keep its tiles' index lists, and for the torch kernel
-    its gathered keys, values and mask, near :data:`BLOCK_BYTES`, :func:`rows_per_block`) is attended and written
-    at a time."""
+    Memory: everything before the block loop is O(Nk) per head (plus a (chunks x codes) count table: all 2^r
+    codes, or the distinct ones when 2^r > 4 C); a block of ``query_block`` query rows (default: as many as keep its
+    tiles' index lists, and for the torch kernel its gathered keys, values and mask, near :data:`BLOCK_BYTES`,
+    :func:`rows_per_block`) is attended and written at a time."""
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     dev = q.device
