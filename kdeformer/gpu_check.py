@@ -41,7 +41,7 @@ from common import metrics
 from common.bench import _sync, time_within
 from common.cli import write_table
 from common.data import InputSpec, make_input
-from common.gpu_benchmark import device_name, failure_message, failure_status, time_limit
+from common.gpu_benchmark import _free, _peak_bytes, device_name, failure_message, failure_status, time_limit
 from common.indexed_attention import indexed_attention, triton_indexed_attention
 from common.registry import budget_options, get_attention
 
@@ -54,15 +54,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 FIELDS = ["n", "causal", "method", "budget", "kernel", "options", "status", "message", "time_s", "ratio_to_exact",
           "exact_time_s", "repeats", "peak_mem_bytes", "rel_fro", "inner_products_per_query", "dtype", "device",
           "torch"]
-
-
-def _reset(device) -> int:
-    """Free cached CUDA memory and restart the peak count; the memory still allocated (0 on the CPU)."""
-    if device.type != "cuda":
-        return 0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device)
 
 
 def timed(fn, device, repeats: int, deadline: float) -> tuple[object, float, int]:
@@ -103,13 +94,13 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
         q, k, v = x.q, x.k, x.v
         reference = None
         try:
-            base = _reset(device)
+            base = _free(device)
             with torch.no_grad():
                 out, t_exact, reps = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), device,
                                            repeats, stop_at)
                 if n <= error_max_n:
                     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-            peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+            peak = _peak_bytes(device, base)
             add({**cell, "method": "exact", "options": {}, "status": "ok", "time_s": t_exact, "ratio_to_exact": 1.0,
                  "exact_time_s": t_exact, "repeats": reps, "peak_mem_bytes": peak,
                  "rel_fro": None if reference is None else metrics.relative_frobenius_error(out.float(), reference)})
@@ -127,12 +118,12 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
                 continue
             attn = None
             try:
-                base = _reset(device)
+                base = _free(device)
                 attn = get_attention(name, **options)
                 with torch.no_grad(), time_limit(row_time_limit):
                     out, t, reps = timed(lambda: attn(q, k, v, causal=causal), device, repeats,
                                          min(stop_at, time.perf_counter() + row_time_limit))
-                peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+                peak = _peak_bytes(device, base)
                 inner = getattr(attn, "last_inner_products", None)
                 add({**row, "status": "ok", "time_s": t, "repeats": reps, "peak_mem_bytes": peak,
                      "ratio_to_exact": None if t_exact is None else t / t_exact,
@@ -145,9 +136,9 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
                 add({**row, "status": failure_status(err), "message": failure_message(err)})
             finally:
                 del attn
-                _reset(device)
+                _free(device)
         del q, k, v, x, reference
-        _reset(device)
+        _free(device)
     return rows
 
 
@@ -281,7 +272,7 @@ def main(argv=None) -> list[dict]:
                                             seed=args.seed))
             except Exception as err:  # noqa: BLE001 - a profile that fails says why and the check goes on
                 tables.append(f"## {name} n={n} causal={causal}: {failure_message(err)}")
-            _reset(torch.device(args.device))
+            _free(torch.device(args.device))
         try:
             tables.append(gather_table(1024 if args.quick else 131072, 3072 if args.quick else 3 * 131072,
                                        dtype=DTYPES[args.dtype], device=args.device))
