@@ -11,45 +11,19 @@
 # exact baselines, each with exact, its own method ('trained'), tree mid and knn / srf at the LM training options);
 # the logs and loss curves; srf_backend_check.log (CUDA only, last: srf fwd+bwd at the LM's shape with attn_fn
 # torch, fla at 64 and at 128 features, under CUDA_LAUNCH_BLOCKING=1).
-set -uo pipefail
-: "${OUT:?set OUT to the output folder}"
-DEST="$OUT/long_context"
-CKPT="$DEST/ckpt"
-mkdir -p "$CKPT"
-PY="${PYTHON:-python}"
 WORK="${WORK:-/tmp/long_context_lm_methods_work}"
-LM_EXACT=long_context/checkpoints/lm_exact.pth
+source "$(dirname "$0")/gpu_common.sh"
 LM_KNN=long_context/checkpoints/lm_knn.pth
 if [ "${TINY:-0}" = "1" ]; then
-  DEV="--device cpu --dtype float32 --threads 1"
-  LM_ARGS="--quick"; SRF_FIT="--fit-time 5"
-  KNN_LM='{"index":"ivf_blocks","nprobe":2,"num_samples":8}'; SRF_LM='{"nb_features":16,"attn_fn":"torch"}'
+  SRF_FIT="--fit-time 5"; SRF_LM='{"nb_features":16,"attn_fn":"torch"}'
   EVAL="--n 128 --batches 1 --batch-size 1 --row-time-limit 10"
   T_SRF=90; T_EXACT=60; B_EVAL=40; T_CHECK=0
 else
-  DEV="--device cuda --dtype bfloat16 --threads 4"
-  # lm_exact.pth's recipe (16 x 4,096 characters a step, lr 2e-3, 100 warm-up steps, cosine over max_iters)
-  LM_ARGS="--block-size 4096 --set batch_size=16 --set eval_interval=500"; SRF_FIT="--max-iters 2000 --fit-time 55"
-  KNN_LM='{"index":"ivf_blocks","nprobe":8,"num_samples":64}'; SRF_LM='{"nb_features":128,"attn_fn":"torch"}'
+  SRF_FIT="--max-iters 2000 --fit-time 55"; SRF_LM='{"nb_features":128,"attn_fn":"torch"}'
   EVAL="--n 4096 --batches 3 --batch-size 4 --row-time-limit 12"
   T_SRF=95; T_EXACT=45; B_EVAL=30; T_CHECK=30
 fi
-date -u +"%H:%M:%S start"
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null || true
 
-train_lm() {  # name, time limit, extra args...: train, export the checkpoint even after a kill
-  local name=$1 limit=$2; shift 2
-  timeout -s TERM -k 20 "$limit" $PY -m long_context.train_lm $DEV $LM_ARGS "$@" --work-dir "$WORK/$name" \
-    --out "$CKPT/$name.pth" > "$DEST/train_$name.log" 2>&1
-  local status=$?
-  if [ $status -ne 0 ]; then
-    echo "train_lm exited with $status: exporting the last checkpoint" >> "$DEST/train_$name.log"
-    $PY -m long_context.train_lm $DEV $LM_ARGS "$@" --work-dir "$WORK/$name" --out "$CKPT/$name.pth" --export-only \
-      >> "$DEST/train_$name.log" 2>&1
-  fi
-  cp "$WORK/$name/loss_curve.csv" "$DEST/${name}_loss_curve.csv" 2>/dev/null
-  echo "$name: exit $status; $(grep -h 'ms per step' "$DEST/train_$name.log" | tail -n 1)"
-}
 steps_of() {  # the steps a checkpoint's training ran (its manifest)
   $PY -c "import json, sys; print(json.load(open(sys.argv[1] + '.json'))['final']['iter'])" "$1" 2>/dev/null
 }

@@ -23,66 +23,41 @@
 # sharing the GPU: fewer than lm_exact.pth's 2,000; not kept) and lm_srf faulted in fla's kernels (srf's 'auto'
 # took them at 128 features). gpu_lm_methods.sh redoes the LM part: srf alone with attn_fn='torch', and exact LMs
 # with the steps of each method-trained LM.
-set -uo pipefail
-: "${OUT:?set OUT to the output folder}"
-DEST="$OUT/long_context"
-CKPT="$DEST/ckpt"
-mkdir -p "$CKPT"
-PY="${PYTHON:-python}"
 WORK="${WORK:-/tmp/long_context_methods_work}"
+source "$(dirname "$0")/gpu_common.sh"
 INIT=long_context/checkpoints/recall_exact.pth
 RECALL_EXACT=long_context/checkpoints/recall_long.pth
-LM_EXACT=long_context/checkpoints/lm_exact.pth
 if [ "${TINY:-0}" = "1" ]; then
-  DEV="--device cpu --dtype float32 --threads 1"
   KNN_RECALL='{"index":"ivf_blocks","nprobe":2,"num_samples":8}'; SRF_RECALL='{"nb_features":32}'
-  KNN_LM='{"index":"ivf_blocks","nprobe":2,"num_samples":8}'; SRF_LM='{"nb_features":16}'
+  SRF_LM='{"nb_features":16}'
   RECALL_FT="--lengths 64 96 --max-iters 6 --eval-interval 3 --eval-batches 1 --batch-size 4 --time-limit 20"
-  LM_ARGS="--quick"; LM_EXACT_ARGS="--max-iters 12 --fit-time 10"; LM_METHOD_ARGS="--fit-time 10"
+  LM_EXACT_ARGS="--max-iters 12 --fit-time 10"; LM_METHOD_ARGS="--fit-time 10"
   RECALL_N="--n 256 128"; LM_N="--lm-n 128"; LM_ONLY_N="--n 128"
   EVAL="--batches 1 --batch-size 2 --row-time-limit 10"; LM_EVAL="--batches 1 --batch-size 1 --row-time-limit 10"
   T_TRAIN=120; T_FT=60; B_E1=25; B_E2=20; B_E3=20; B_E4=25; B_E5=15; KILL_PAD=40
 else
-  DEV="--device cuda --dtype bfloat16 --threads 4"
-  # knn on the GPU trains with its routed device index (faiss is CPU-only): the mid budget it declares at 16,384
-  # keys for the recall model (nprobe 8 key blocks per query block), the same form at the LM's block of 4,096;
+  # knn: the mid budget it declares at 16,384 keys for the recall model (the LM's form is in gpu_common.sh);
   # srf: its mid budget at the largest training length
   KNN_RECALL='{"index":"ivf_blocks","nprobe":8,"num_samples":128}'; SRF_RECALL='{"nb_features":256}'
-  KNN_LM='{"index":"ivf_blocks","nprobe":8,"num_samples":64}'; SRF_LM='{"nb_features":128}'
+  SRF_LM='{"nb_features":128}'
   # the fine-tune of recall_long.pth (600 steps of 8 sequences at n = 1024, 4096, 16384), with a time limit
   RECALL_FT="--lengths 1024 4096 16384 --batch-size 8 --max-iters 600 --learning-rate 1e-3 --warmup-iters 50 --eval-interval 200 --eval-batches 2 --time-limit 55"
-  # lm_exact.pth's run (2,000 steps of 16 x 4,096 characters); the exact one 3x as long, each fitted to its time
-  LM_ARGS="--block-size 4096 --set batch_size=16 --set eval_interval=500"
+  # lm_exact.pth's run (2,000 steps); the exact one 3x as long, each fitted to its time
   LM_EXACT_ARGS="--max-iters 6000 --fit-time 125"; LM_METHOD_ARGS="--max-iters 2000 --fit-time 110"
   RECALL_N="--n 65536 16384 4096"; LM_N="--lm-n 4096"; LM_ONLY_N="--n 4096"
   EVAL="--batches 3 --batch-size 8 --row-time-limit 15"; LM_EVAL="--batches 3 --batch-size 4 --row-time-limit 12"
   T_TRAIN=170; T_FT=80; B_E1=45; B_E2=30; B_E3=30; B_E4=80; B_E5=20; KILL_PAD=25
 fi
-date -u +"%H:%M:%S start"
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null || true
 
 # ---- 1. training: four lanes side by side on the one GPU (small models: each alone leaves it mostly idle) ----
-train_lm() {  # name, extra args...: train (fitted to its time), export the checkpoint even after a kill
-  local name=$1; shift
-  timeout -s TERM -k 20 "$T_TRAIN" $PY -m long_context.train_lm $DEV $LM_ARGS "$@" --work-dir "$WORK/$name" \
-    --out "$CKPT/$name.pth" > "$DEST/train_$name.log" 2>&1
-  local status=$?
-  if [ $status -ne 0 ]; then
-    echo "train_lm exited with $status: exporting the last checkpoint" >> "$DEST/train_$name.log"
-    $PY -m long_context.train_lm $DEV $LM_ARGS "$@" --work-dir "$WORK/$name" --out "$CKPT/$name.pth" --export-only \
-      >> "$DEST/train_$name.log" 2>&1
-  fi
-  cp "$WORK/$name/loss_curve.csv" "$DEST/${name}_loss_curve.csv" 2>/dev/null
-  echo "$name: exit $status; $(grep -h 'ms per step' "$DEST/train_$name.log" | tail -n 1)"
-}
 train_recall() {  # method, options
   timeout -s TERM -k 20 "$T_FT" $PY -m long_context.train_recall $DEV $RECALL_FT --init "$INIT" --attention "$1" \
     --attention-options "$2" --out "$CKPT/recall_long_$1.pth" > "$DEST/train_recall_$1.log" 2>&1
   echo "recall_long_$1: exit $?; $(grep -h '^iter=' "$DEST/train_recall_$1.log" | tail -n 1)"
 }
-train_lm lm_exact_long $LM_EXACT_ARGS &
-train_lm lm_knn $LM_METHOD_ARGS --attention knn --attention-options "$KNN_LM" &
-train_lm lm_srf $LM_METHOD_ARGS --attention srf --attention-options "$SRF_LM" &
+train_lm lm_exact_long "$T_TRAIN" $LM_EXACT_ARGS &
+train_lm lm_knn "$T_TRAIN" $LM_METHOD_ARGS --attention knn --attention-options "$KNN_LM" &
+train_lm lm_srf "$T_TRAIN" $LM_METHOD_ARGS --attention srf --attention-options "$SRF_LM" &
 { train_recall knn "$KNN_RECALL"; train_recall srf "$SRF_RECALL"; } &
 wait
 date -u +"%H:%M:%S training done"
