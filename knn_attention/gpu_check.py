@@ -26,8 +26,6 @@ tables of one knn call at the largest n, non-causal and causal) and, with ``--py
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import subprocess
 import sys
@@ -38,7 +36,7 @@ import torch
 
 from common import get_attention, metrics
 from common.bench import _sync, time_callable
-from common.cli import script_parser
+from common.cli import script_parser, write_table
 from common.data import InputSpec, make_input, synthetic_qkv
 from common.gpu_benchmark import device_name, exact_rows, failure_message, failure_status, sample_rows
 
@@ -188,12 +186,7 @@ def _line(r: dict) -> str:
 
 
 def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "knn_gpu.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (json.dumps(r[k]) if k == "options" else r.get(k)) for k in FIELDS})
+    write_table(rows, out / "knn_gpu.csv", FIELDS)
     header = ("| table | n | causal | input | config | knn ms | exact ms | exact / knn | rel. Frobenius err "
               "| route ms | attend ms | peak MiB | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     (out / "knn_gpu.md").write_text(header + "\n".join(_line(r) for r in rows) + "\n")
