@@ -13,10 +13,10 @@ receives), by default the FIRST layer (layer 0): the layer sweeps of ``long_cont
 whose attention the models' quality depends on (the recall model keeps 100% with any method in its last layer and
 falls to chance with almost any method in its first; the LM's perplexity rises most from layer 0). The heads are
 the model's. The model runs on the requested device (``InputSpec.device``; loaded once per device) in float32 and
-the q/k/v are then cast to the requested dtype, so a comparison at n = 65,536 on a GPU captures there. Importing this module registers both sources
-with ``common.data.register_source`` (``common`` finds it by its file name and never imports this package); they
-are not in a comparison's default inputs (``in_default=False``), since their checkpoints may be absent in a
-fresh clone of a fork, and ``--inputs recall lm`` asks for them.
+the q/k/v are then cast to the requested dtype, so a comparison at n = 65,536 on a GPU captures there.
+Importing this module registers both sources with ``common.data.register_source`` (``common`` finds it by its file
+name and never imports this package); they are not in a comparison's default inputs (``in_default=False``), since
+their checkpoints may be absent in a fresh clone of a fork, and ``--inputs recall lm`` asks for them.
 """
 from __future__ import annotations
 
