@@ -229,6 +229,18 @@ def candidate_capacity(segments: int, ratio: float, failure: float = STATIC_FAIL
     return hi
 
 
+def _candidate_scores(q, k, row: torch.Tensor, cand: torch.Tensor, scale: float) -> torch.Tensor:
+    """float64 scores scale q_row . k_cand of candidates (M,): ``row`` flat ids over (B, H, Nq), ``cand`` key ids
+    of the row's head; scored in pieces of ``_SCORE_CHUNK`` candidates (O(chunk d) memory)."""
+    nq, nk = q.shape[2], k.shape[2]
+    q_flat, k_flat = q.detach().reshape(-1, q.shape[-1]), k.detach().reshape(-1, k.shape[-1])
+    key_id = (row // nq) * nk + cand
+    return torch.cat([
+        torch.einsum("md,md->m", q_flat.index_select(0, row[i:i + _SCORE_CHUNK]),
+                     k_flat.index_select(0, key_id[i:i + _SCORE_CHUNK]))
+        for i in range(0, row.numel(), _SCORE_CHUNK)]).double() * scale
+
+
 def _static_tail_winner(q, k, top: RetrievedSet, threshold, num_samples: int, scale: float, generator,
                         ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 3 with static shapes for every sample of every row at once: (best tail value (R,), its key (R,),
@@ -261,13 +273,7 @@ def _static_tail_winner(q, k, top: RetrievedSet, threshold, num_samples: int, sc
                                (seg[1:] != seg[:-1]) | (cell[1:] != cell[:-1])])
     row = seg // num_samples
     cand = _tail_rank_to_index_flat(top, row, cell, k.shape[2])
-    head = row // nq
-    q_flat, k_flat = q.detach().reshape(b * h * nq, -1), k.detach().reshape(-1, k.shape[-1])
-    key_id = head * k.shape[2] + cand
-    cand_scores = torch.cat([  # scored in pieces of _SCORE_CHUNK candidates: O(chunk d) memory
-        torch.einsum("md,md->m", q_flat.index_select(0, row[i:i + _SCORE_CHUNK]),
-                     k_flat.index_select(0, key_id[i:i + _SCORE_CHUNK]))
-        for i in range(0, width, _SCORE_CHUNK)]).double() * scale
+    cand_scores = _candidate_scores(q, k, row, cand, scale)
     u2 = torch.rand(width, generator=generator, device=dev, dtype=torch.float64)
     p_beat = -torch.expm1(-rate.gather(0, seg))
     gumbel = -torch.log(-torch.log1p(-p_beat * u2.clamp_min(1e-300)))  # G | G > B
@@ -329,13 +335,7 @@ def lazy_gumbel_sample(q, k, top: RetrievedSet, num_samples: int, scale: float, 
         if group.numel() == 0:
             return winner, evaluations
         cand = _tail_rank_to_index_flat(top, row, ranks, k.shape[2])
-        head = row // nq
-        q_flat, k_flat, key_id = q.detach().reshape(b * h * nq, -1), k.detach().reshape(-1, k.shape[-1]), \
-            head * k.shape[2] + cand
-        cand_scores = torch.cat([  # scored in pieces of _SCORE_CHUNK candidates: O(chunk d) memory
-            torch.einsum("md,md->m", q_flat.index_select(0, row[i:i + _SCORE_CHUNK]),
-                         k_flat.index_select(0, key_id[i:i + _SCORE_CHUNK]))
-            for i in range(0, row.numel(), _SCORE_CHUNK)]).double() * scale
+        cand_scores = _candidate_scores(q, k, row, cand, scale)
         u2 = torch.rand(cand.shape, generator=generator, device=dev, dtype=torch.float64)
         gumbel = -torch.log(-torch.log1p(-p_beat.reshape(-1)[group] * u2.clamp_min(1e-300)))  # G | G > B
         value = cand_scores + gumbel
