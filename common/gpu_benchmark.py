@@ -122,12 +122,12 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _peak_bytes(device, baseline: int) -> int | None:
-    """Peak CUDA memory since the last :func:`_free`, above ``baseline`` (the inputs'); None on the CPU."""
+def peak_bytes(device, baseline: int) -> int | None:
+    """Peak CUDA memory since the last :func:`free_memory`, above ``baseline`` (the inputs'); None on the CPU."""
     return torch.cuda.max_memory_allocated(device) - baseline if torch.device(device).type == "cuda" else None
 
 
-def _free(device) -> int:
+def free_memory(device) -> int:
     """Release cached CUDA memory, restart the peak count; return the memory still allocated (0 on the CPU)."""
     if torch.device(device).type != "cuda":
         return 0
@@ -147,7 +147,7 @@ def exact_fp32_time(exact, q, k, v, causal: bool, *, repeats: int, row_time_limi
     except Exception:  # noqa: BLE001 - out of memory or time: the column stays empty
         return None
     finally:
-        _free(device)
+        free_memory(device)
 
 
 def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: torch.Tensor | None,
@@ -185,7 +185,7 @@ def measure(attn, q, k, v, *, causal: bool, repeats: int, fwd_bwd: bool, rows: t
             result["fwd_bwd_time_s"] = timing.median_s
         except Exception as err:  # noqa: BLE001 - the backward's failure empties its cell, not the row
             del qg, kg, vg, grad
-            _free(device)
+            free_memory(device)
             return {**result, "peak_mem_bytes": forward_peak,
                     "message": f"forward + backward {failure_status(err)}: {failure_message(err)}"}
     return {**result, "peak_mem_bytes": peak()}
@@ -232,21 +232,21 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
         for causal in causal_modes:
             cell = {"n": n, "causal": causal}
             others = [m for m in registered_methods(causal=causal) if m != "exact" and (not methods or m in methods)]
-            baseline = _free(device)
+            baseline = free_memory(device)
             try:  # the reference values and times of this cell: exact in float32 on the sampled rows, exact timed
                 with time_limit(row_time_limit):
                     reference = exact_rows(q, k, v, rows_idx, causal)
                     exact = get_attention("exact").to(device)
                     deadline = time.perf_counter() + row_time_limit
                     ref = measure(exact, q, k, v, causal=causal, repeats=repeats, fwd_bwd=causal, rows=rows_idx,
-                                  reference=reference, deadline=deadline, peak=lambda: _peak_bytes(device, baseline))
+                                  reference=reference, deadline=deadline, peak=lambda: peak_bytes(device, baseline))
             except Exception as err:  # noqa: BLE001 - the run goes on; the row says what happened
                 add({**cell, "method": "exact", "options": {}, "status": failure_status(err), "message": failure_message(err)})
                 for name in others:
                     for label, options in chosen_budgets(name, n, seed, budget):
                         add({**cell, "method": name, "budget": label, "options": options, "status": "skipped",
                              "message": "no exact reference in this cell"})
-                _free(device)
+                free_memory(device)
                 continue
             fp32 = exact_fp32_time(exact, q, k, v, causal, repeats=max(1, min(repeats, ref["fwd_repeats"])),
                                    row_time_limit=row_time_limit, device=device)
@@ -256,7 +256,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                  "fwd_ratio_to_exact": 1.0, "fwd_bwd_ratio_to_exact": 1.0 if ref.get("fwd_bwd_time_s") else None,
                  "error_rows": rows_idx.numel()})
             for name, (label, options) in [(m, b) for m in others for b in chosen_budgets(m, n, seed, budget)]:
-                baseline = _free(device)
+                baseline = free_memory(device)
                 row = {**cell, "method": name, "budget": label, "options": options, **exact_times}
                 if (name, causal, label) in failed or time.perf_counter() > stop_at:
                     add({**row, "status": "skipped", "message": failed.get((name, causal, label), spent)})
@@ -268,7 +268,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                         result = measure(attn, q, k, v, causal=causal, repeats=repeats, fwd_bwd=fwd_bwd,
                                          rows=rows_idx, reference=reference,
                                          deadline=time.perf_counter() + row_time_limit,
-                                         peak=lambda: _peak_bytes(device, baseline))
+                                         peak=lambda: peak_bytes(device, baseline))
                 except Exception as err:  # noqa: BLE001 - OOM, an error or the time limit: a row, not an abort
                     failed[name, causal, label] = f"{failure_status(err)} at n={n}"
                     add({**row, "status": failure_status(err), "message": failure_message(err)})
@@ -279,7 +279,7 @@ def run_benchmark(ns=NS, causal_modes=(False, True), methods=None, *, source: st
                      if result.get("fwd_bwd_time_s") and ref.get("fwd_bwd_time_s") else None})
                 del attn
         del q, k, v, x
-        _free(device)
+        free_memory(device)
     return rows
 
 

@@ -41,7 +41,7 @@ from common import metrics
 from common.bench import _sync, time_within
 from common.cli import write_table
 from common.data import InputSpec, make_input
-from common.gpu_benchmark import _free, _peak_bytes, device_name, failure_message, failure_status, time_limit
+from common.gpu_benchmark import device_name, failure_message, failure_status, free_memory, peak_bytes, time_limit
 from common.indexed_attention import indexed_attention, triton_indexed_attention
 from common.registry import budget_options, get_attention
 
@@ -94,11 +94,11 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
         q, k, v = x.q, x.k, x.v
         reference = None
         try:
-            base = _free(device)
+            base = free_memory(device)
             with torch.no_grad():
                 out, t_exact, reps = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), device,
                                            repeats, stop_at)
-                peak = _peak_bytes(device, base)  # before the float32 reference, which is not exact's own memory
+                peak = peak_bytes(device, base)  # before the float32 reference, which is not exact's own memory
                 if n <= error_max_n:
                     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
             add({**cell, "method": "exact", "options": {}, "status": "ok", "time_s": t_exact, "ratio_to_exact": 1.0,
@@ -118,12 +118,12 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
                 continue
             attn = None
             try:
-                base = _free(device)
+                base = free_memory(device)
                 attn = get_attention(name, **options)
                 with torch.no_grad(), time_limit(row_time_limit):
                     out, t, reps = timed(lambda: attn(q, k, v, causal=causal), device, repeats,
                                          min(stop_at, time.perf_counter() + row_time_limit))
-                peak = _peak_bytes(device, base)
+                peak = peak_bytes(device, base)
                 inner = getattr(attn, "last_inner_products", None)
                 add({**row, "status": "ok", "time_s": t, "repeats": reps, "peak_mem_bytes": peak,
                      "ratio_to_exact": None if t_exact is None else t / t_exact,
@@ -136,9 +136,9 @@ def run_check(cells=CELLS, methods=METHODS, *, dtype=torch.bfloat16, device="cud
                 add({**row, "status": failure_status(err), "message": failure_message(err)})
             finally:
                 del attn
-                _free(device)
+                free_memory(device)
         del q, k, v, x, reference
-        _free(device)
+        free_memory(device)
     return rows
 
 
@@ -272,7 +272,7 @@ def main(argv=None) -> list[dict]:
                                             seed=args.seed))
             except Exception as err:  # noqa: BLE001 - a profile that fails says why and the check goes on
                 tables.append(f"## {name} n={n} causal={causal}: {failure_message(err)}")
-            _free(torch.device(args.device))
+            free_memory(torch.device(args.device))
         try:
             tables.append(gather_table(1024 if args.quick else 131072, 3072 if args.quick else 3 * 131072,
                                        dtype=DTYPES[args.dtype], device=args.device))
